@@ -1,0 +1,283 @@
+"""Read and write llama2.c checkpoints: v0 (legacy fp32), v1 (fp32) and v2 (Q8_0).
+
+The file format is the spec: `layout()` lists every tensor in file order, and both the reader
+(named read-only views into one np.memmap) and the writer walk that one list. Every header
+field and the exact file size are checked before a single view is made, because the Numba
+kernels do not bounds-check: a bad file must never reach them.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .atomic import atomic_write
+from .config import CheckpointError, ModelConfig
+
+MAGIC = 0x616B3432  # "ak42" as a little-endian uint32
+V1_HEADER_BYTES = 256
+V0_HEADER_BYTES = 7 * 4
+LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+FP32, Q8 = "fp32", "q8"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of the file: `name`, its layer (None for whole/stacked tensors), kind, shape."""
+
+    name: str
+    layer: int | None
+    kind: str  # FP32 or Q8
+    shape: tuple[int, ...]
+
+    def nbytes(self, group_size: int) -> int:
+        n = int(np.prod(self.shape, dtype=np.int64))
+        return 4 * n if self.kind == FP32 else n + 4 * (n // group_size)
+
+
+@dataclass(frozen=True)
+class QuantizedMatrix:
+    """Q8_0 matrix: int8 values q (rows, cols) and one fp32 scale per group of `group_size`."""
+
+    q: np.ndarray  # (rows, cols) int8
+    s: np.ndarray  # (rows * cols // group_size,) float32
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape
+
+    def dequantize(self) -> np.ndarray:
+        return (self.q.reshape(-1, self.group_size) * self.s[:, None]).reshape(self.q.shape)
+
+
+@dataclass
+class TransformerWeights:
+    """run.c's TransformerWeights. Per-layer fields index by layer: `w.wq[l]` is layer l's matrix
+    (a slice of one stacked array for fp32 files, a QuantizedMatrix for Q8_0 files)."""
+
+    token_embedding_table: Any  # (vocab_size, dim)
+    rms_att_weight: np.ndarray  # (n_layers, dim)
+    wq: Sequence  # (n_layers, dim, dim)
+    wk: Sequence  # (n_layers, kv_dim, dim)
+    wv: Sequence  # (n_layers, kv_dim, dim)
+    wo: Sequence  # (n_layers, dim, dim)
+    rms_ffn_weight: np.ndarray  # (n_layers, dim)
+    w1: Sequence  # (n_layers, hidden_dim, dim)
+    w2: Sequence  # (n_layers, dim, hidden_dim)
+    w3: Sequence  # (n_layers, hidden_dim, dim)
+    rms_final_weight: np.ndarray  # (dim,)
+    wcls: Any  # (vocab_size, dim); the embedding table itself when shared
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: ModelConfig
+    weights: TransformerWeights
+    file_size: int
+    mmap: np.memmap = field(repr=False)
+
+
+def layout(config: ModelConfig) -> list[Entry]:
+    """Every tensor of a checkpoint in file order, as llama2.c's export.py writes them."""
+    c = config
+    L, D, V = c.n_layers, c.dim, c.vocab_size
+    shapes = c.matrix_shapes()
+    norms = [Entry("rms_att_weight", None, FP32, (L, D)), Entry("rms_ffn_weight", None, FP32, (L, D)),
+             Entry("rms_final_weight", None, FP32, (D,))]
+    if c.version == 0:
+        entries = [Entry("token_embedding_table", None, FP32, (V, D)), norms[0]]
+        entries += [Entry(n, None, FP32, (L, *shapes[n])) for n in ("wq", "wk", "wv", "wo")]
+        entries.append(norms[1])
+        entries += [Entry(n, None, FP32, (L, *shapes[n])) for n in ("w1", "w2", "w3")]
+        entries.append(norms[2])
+        # RoPE tables: run.c skips them; we write them as llama2.c does, and never read them.
+        entries += [Entry(n, None, FP32, (c.seq_len, c.head_size // 2)) for n in ("freq_cis_real", "freq_cis_imag")]
+        kind = FP32
+    elif c.version == 1:
+        entries = norms + [Entry("token_embedding_table", None, FP32, (V, D))]
+        entries += [Entry(n, None, FP32, (L, *shapes[n])) for n in LAYER_MATRICES]
+        kind = FP32
+    else:
+        # Q8_0: each layer's matrix is its int8 values followed by its scales, so layers interleave.
+        entries = norms + [Entry("token_embedding_table", None, Q8, (V, D))]
+        entries += [Entry(n, layer, Q8, shapes[n]) for n in LAYER_MATRICES for layer in range(L)]
+        kind = Q8
+    if not c.shared_classifier:
+        entries.append(Entry("wcls", None, kind, (V, D)))
+    return entries
+
+
+def header_bytes(config: ModelConfig) -> int:
+    return V0_HEADER_BYTES if config.version == 0 else V1_HEADER_BYTES
+
+
+def expected_file_size(config: ModelConfig) -> int:
+    return header_bytes(config) + sum(e.nbytes(config.group_size) for e in layout(config))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """Parse and validate the header, and check the file's size against it exactly."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(V1_HEADER_BYTES)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint: {e.strerror or e}") from None
+    if path.is_dir():
+        raise CheckpointError(f"{path}: expected a checkpoint file, found a directory")
+
+    def need(n: int, what: str) -> None:
+        if len(head) < n:
+            raise CheckpointError(f"{path}: {what}: expected at least {n} bytes, found a {size}-byte file")
+
+    need(4, "header")
+    if struct.unpack_from("<I", head)[0] == MAGIC:
+        need(V1_HEADER_BYTES, "v1/v2 header")
+        version = struct.unpack_from("<i", head, 4)[0]
+        if version not in (1, 2):
+            raise CheckpointError(f"{path}: header field version: expected 1 or 2 after the ak42 magic, found {version}")
+        dims = struct.unpack_from("<7i", head, 8)
+        flag = head[36]
+        if flag not in (0, 1):
+            raise CheckpointError(f"{path}: header field shared_classifier: expected 0 or 1, found {flag}")
+        group_size = struct.unpack_from("<i", head, 37)[0] if version == 2 else 0
+        config = ModelConfig(*dims, shared_classifier=bool(flag), version=version, group_size=group_size)
+    else:
+        need(V0_HEADER_BYTES, "v0 header")
+        dim, hidden, layers, heads, kv_heads, vocab, seq = struct.unpack_from("<7i", head)
+        # legacy layout: a negative vocab_size marks an unshared classifier
+        config = ModelConfig(dim, hidden, layers, heads, kv_heads, abs(vocab), seq, shared_classifier=vocab > 0)
+    config.validate(str(path))
+
+    expected = expected_file_size(config)
+    if size != expected:
+        hint = ""
+        if config.version == 0 and size == expected_file_size(replace(config, shared_classifier=not config.shared_classifier)):
+            hint = (" (the size fits an unshared classifier: v0 files mark one with a negative vocab_size)"
+                    if config.shared_classifier else " (the size fits a shared classifier: vocab_size should be positive)")
+        elif size < expected:
+            hint = " (truncated?)"
+        shape = (f"dim={config.dim} hidden_dim={config.hidden_dim} n_layers={config.n_layers} "
+                 f"n_heads={config.n_heads} n_kv_heads={config.n_kv_heads} vocab_size={config.vocab_size} "
+                 f"seq_len={config.seq_len} shared_classifier={int(config.shared_classifier)}")
+        raise CheckpointError(f"{path}: file size: expected {expected:,} bytes for a v{config.version} "
+                              f"checkpoint with {shape}, found {size:,}{hint}")
+    return config
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Map a checkpoint read-only and return named views of its weights (nothing is copied)."""
+    path = Path(path)
+    config = read_config(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    buf = mm.view(np.ndarray)  # plain ndarray views: Numba types them without the subclass
+    offset = header_bytes(config)
+    found: dict[str, Any] = {}
+    for entry in layout(config):
+        n = int(np.prod(entry.shape, dtype=np.int64))
+        if entry.kind == FP32:
+            view = np.ndarray(entry.shape, np.float32, buffer=buf, offset=offset)
+        else:
+            q = np.ndarray(entry.shape, np.int8, buffer=buf, offset=offset)
+            s = np.ndarray((n // config.group_size,), np.float32, buffer=buf, offset=offset + n)
+            view = QuantizedMatrix(q, s, config.group_size)
+        offset += entry.nbytes(config.group_size)
+        if entry.layer is None:
+            found[entry.name] = view
+        else:
+            found.setdefault(entry.name, []).append(view)
+    assert offset == len(buf)
+    found.pop("freq_cis_real", None)
+    found.pop("freq_cis_imag", None)
+    if config.shared_classifier:
+        found["wcls"] = found["token_embedding_table"]
+    return Checkpoint(path, config, TransformerWeights(**found), len(buf), mm)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def quantize_q80(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """llama2.c export.py's Q8_0: per group, scale = max|w| / 127 and q = round(w / scale) (half
+    to even, as torch.round); an all-zero group gets scale 0 and q 0 rather than NaNs."""
+    groups = np.asarray(w, np.float32).reshape(-1, group_size)
+    scale = (np.abs(groups).max(axis=1) / np.float32(127.0)).astype(np.float32)
+    safe = np.where(scale == 0, np.float32(1), scale)
+    q = np.round(groups / safe[:, None]).astype(np.int8)
+    return q.reshape(np.shape(w)), scale
+
+
+def rope_tables(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The cos/sin tables a v0 file carries (llama2.c's precompute_freqs_cis, theta 10000)."""
+    hs = config.head_size
+    freqs = 1.0 / (10000.0 ** (np.arange(0, hs, 2, dtype=np.float32)[: hs // 2] / hs))
+    angles = np.outer(np.arange(config.seq_len, dtype=np.float32), freqs).astype(np.float32)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def write_checkpoint(path: str | os.PathLike, config: ModelConfig, weights: Mapping[str, np.ndarray]) -> None:
+    """Write `weights` (stacked float32 arrays keyed by TransformerWeights' names; "wcls" only
+    when the classifier is unshared) in the layout `config.version` names, atomically."""
+    config.validate(str(path))
+    arrays = dict(weights)
+    if config.version == 0:
+        arrays["freq_cis_real"], arrays["freq_cis_imag"] = rope_tables(config)
+    with atomic_write(path) as f:
+        if config.version == 0:
+            vocab = config.vocab_size if config.shared_classifier else -config.vocab_size
+            f.write(struct.pack("<7i", config.dim, config.hidden_dim, config.n_layers, config.n_heads,
+                                config.n_kv_heads, vocab, config.seq_len))
+        else:
+            head = struct.pack("<Ii7iB", MAGIC, config.version, config.dim, config.hidden_dim, config.n_layers,
+                               config.n_heads, config.n_kv_heads, config.vocab_size, config.seq_len,
+                               int(config.shared_classifier))
+            if config.version == 2:
+                head += struct.pack("<i", config.group_size)
+            f.write(head.ljust(V1_HEADER_BYTES, b"\0"))
+        for entry in layout(config):
+            if entry.name not in arrays:
+                raise CheckpointError(f"{path}: cannot write: weight {entry.name!r} missing")
+            array = np.asarray(arrays[entry.name], np.float32)
+            if entry.layer is not None:
+                array = array[entry.layer]
+            if array.shape != entry.shape:
+                raise CheckpointError(f"{path}: cannot write {entry.name}: expected shape {entry.shape}, found {array.shape}")
+            if entry.kind == FP32:
+                f.write(np.ascontiguousarray(array).tobytes())
+            else:
+                q, s = quantize_q80(array, config.group_size)
+                f.write(q.tobytes())
+                f.write(s.tobytes())
+
+
+def random_weights(config: ModelConfig, seed: int = 0, scale: float = 0.05) -> dict[str, np.ndarray]:
+    """Random float32 weights of a config's shapes, for tests and benchmarks (timing does not
+    depend on weight values). Norm weights sit near 1 so activations keep a sane scale."""
+    rng = np.random.default_rng(seed)
+    L, D, V = config.n_layers, config.dim, config.vocab_size
+
+    def normal(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)).astype(np.float32)
+
+    weights = {"token_embedding_table": normal(V, D)}
+    weights["rms_att_weight"] = (1 + normal(L, D)).astype(np.float32)
+    weights["rms_ffn_weight"] = (1 + normal(L, D)).astype(np.float32)
+    weights["rms_final_weight"] = (1 + normal(D)).astype(np.float32)
+    for name, (rows, cols) in config.matrix_shapes().items():
+        weights[name] = normal(L, rows, cols)
+    if not config.shared_classifier:
+        weights["wcls"] = normal(V, D)
+    return weights
