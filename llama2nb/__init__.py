@@ -2,6 +2,9 @@
 
 from .config import CheckpointError, ModelConfig
 from .forward import Transformer
+from .generate import generate
+from .sampler import Sampler
+from .tokenizer import Tokenizer
 
-__all__ = ["CheckpointError", "ModelConfig", "Transformer"]
+__all__ = ["CheckpointError", "ModelConfig", "Sampler", "Tokenizer", "Transformer", "generate"]
 __version__ = "0.1.0"

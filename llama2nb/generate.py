@@ -1,0 +1,296 @@
+"""The generation loop: run.c's `generate` and `chat`, as a stream of events that never prints.
+
+    for event in generate(model, tokenizer, sampler, prompt="Once upon a time", steps=256):
+        if isinstance(event, TokenEvent):
+            print(event.text, end="", flush=True)
+
+run.c's semantics: `steps` counts positions including the prompt; 0 means seq_len and more than
+seq_len is clamped (with a NoticeEvent); generation stops when BOS is sampled. Unlike run.c, a
+prompt longer than seq_len is an error (run.c silently drops its tail). Timing as run.c: tok/s
+counts positions after the first one, over the time from the first emitted token to the last.
+
+`generate()` returns a Generation: iterate it for events; its `stats` are current at every
+moment, so a caller interrupted mid-stream (Ctrl-C) can still report them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Protocol, Union
+
+import numpy as np
+
+from .sampler import Sampler
+from .tokenizer import BOS_ID, EOS_ID, StreamDecoder, Tokenizer
+
+SYSTEM_TEMPLATE = "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]"
+USER_TEMPLATE = "[INST] {user} [/INST]"
+
+
+class GenerationError(ValueError):
+    """Inputs generation cannot run with (e.g. a prompt longer than the context); one line."""
+
+
+class Model(Protocol):  # what generation needs of a Transformer (tests may pass fakes)
+    config: object
+
+    def forward(self, token: int, pos: int) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """A token entering the text: forced from the prompt (`prompt=True`) or sampled. `text` is
+    what it adds (possibly "" while a multi-byte character is incomplete)."""
+
+    id: int
+    text: str
+    pos: int
+    prompt: bool = False
+
+
+@dataclass(frozen=True)
+class NoticeEvent:
+    """Something the user should know that is not an error (e.g. steps clamped to seq_len)."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class TurnEvent:
+    """Chat: a new turn starts. role "user" carries the user's text; role "assistant" comes
+    before the assistant's tokens."""
+
+    role: str
+    text: str = ""
+
+
+@dataclass
+class Stats:
+    positions: int = 0  # forward passes run (prompt + sampled), run.c's pos
+    prompt_tokens: int = 0  # forced tokens, BOS included
+    sampled_tokens: int = 0  # tokens the sampler chose and that entered the text
+    steps: int = 0  # the position budget after clamping
+    first_token_seconds: float | None = None  # from the start to the first sampled token
+    elapsed_seconds: float = 0.0  # from the start to the last token
+    timed_seconds: float = 0.0  # from the first emitted token to the last (run.c's timer)
+    timed_positions: int = 0  # positions after the first emitted one (run.c's pos - 1)
+    stop_reason: str = "running"  # steps | bos | eof | context | interrupted
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """run.c's figure: positions after the first, per second of the timed span."""
+        if self.timed_positions < 1 or self.timed_seconds <= 0:
+            return None
+        return self.timed_positions / self.timed_seconds
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    stats: Stats
+
+
+Event = Union[TokenEvent, NoticeEvent, TurnEvent, DoneEvent]
+
+
+def resolve_steps(steps: int, seq_len: int) -> tuple[int, str | None]:
+    """run.c's rule: 0 -> seq_len, > seq_len -> seq_len (here with a notice); < 0 is an error."""
+    if steps < 0:
+        raise GenerationError(f"steps: expected >= 0 (0 = the model's seq_len {seq_len}), found {steps}")
+    if steps == 0:
+        return seq_len, None
+    if steps > seq_len:
+        return seq_len, f"steps {steps} is more than the model's seq_len {seq_len}: running {seq_len}"
+    return steps, None
+
+
+class Generation:
+    """One run of generate or chat; iterate for events, read `stats` at any time."""
+
+    def __init__(self, body: Callable[["Generation"], Iterator[Event]], steps: int) -> None:
+        self.stats = Stats(steps=steps)
+        self._body = body
+        self._start: float | None = None
+        self._timer: float | None = None  # set when the first token enters the text
+        self._timer_pos = 0
+
+    def __iter__(self) -> Iterator[Event]:
+        self._start = time.perf_counter()
+        try:
+            yield from self._body(self)
+        except KeyboardInterrupt:
+            self.stats.stop_reason = "interrupted"
+            raise
+        finally:
+            if self.stats.stop_reason == "running":  # the consumer stopped iterating early
+                self.stats.stop_reason = "closed"
+        yield DoneEvent(self.stats)
+
+    # bookkeeping shared by both loops -------------------------------------------------------
+
+    def _emitted(self, sampled: bool, pos: int) -> None:
+        """A token entered the text at position count `pos`: run.c starts its timer after the
+        first one and counts the positions run since."""
+        now = time.perf_counter()
+        s = self.stats
+        s.elapsed_seconds = now - self._start
+        if sampled:
+            s.sampled_tokens += 1
+            if s.first_token_seconds is None:
+                s.first_token_seconds = now - self._start
+        if self._timer is None:
+            self._timer, self._timer_pos = now, pos
+        else:
+            s.timed_positions = pos - self._timer_pos
+            s.timed_seconds = now - self._timer
+
+    def _finish(self, positions: int) -> None:
+        """run.c's final figures: pos - 1 positions over the time since the first token (which
+        includes the last forward pass, e.g. the one that sampled BOS)."""
+        if self._timer is not None:
+            now = time.perf_counter()
+            self.stats.timed_positions = positions - self._timer_pos
+            self.stats.timed_seconds = now - self._timer
+            self.stats.elapsed_seconds = now - self._start
+
+
+def generate(model: Model, tokenizer: Tokenizer, sampler: Sampler, prompt: str = "", steps: int = 256,
+             ) -> Generation:
+    """run.c's generate(): feed BOS and the prompt, then sample until `steps` positions have
+    run or BOS is sampled. Yields a TokenEvent per token entering the text (the prompt's
+    included, as run.c prints them), NoticeEvents, and a DoneEvent with the Stats last."""
+    seq_len = model.config.seq_len
+    steps, notice = resolve_steps(steps, seq_len)
+    prompt_tokens = tokenizer.encode(prompt, bos=True, eos=False)
+    if len(prompt_tokens) > seq_len:
+        raise GenerationError(f"prompt: expected at most {seq_len} tokens (the model's seq_len), found "
+                              f"{len(prompt_tokens)} tokens")
+    _check_vocab(model, tokenizer)
+
+    def body(run: Generation) -> Iterator[Event]:
+        if notice:
+            yield NoticeEvent(notice)
+        if len(prompt_tokens) > steps:
+            yield NoticeEvent(f"the prompt's {len(prompt_tokens)} tokens fill all {steps} steps: nothing "
+                              f"will be sampled (raise -n)")
+        stats = run.stats
+        stats.prompt_tokens = len(prompt_tokens)
+        decoder = tokenizer.stream(prev_token=None)
+        token = prompt_tokens[0]
+        sampler.observe(token)
+        decoder.push(token)  # BOS: no text, but the next piece's leading space is stripped
+        pos = 0
+        while pos < steps:
+            logits = model.forward(token, pos)
+            forced = pos < len(prompt_tokens) - 1
+            nxt = prompt_tokens[pos + 1] if forced else sampler.sample(logits)
+            pos += 1
+            stats.positions = pos
+            if nxt == BOS_ID:  # run.c: BOS delimits sequences, so it ends this one
+                stats.stop_reason = "bos"
+                break
+            sampler.observe(nxt)
+            text = decoder.push(nxt)
+            run._emitted(sampled=not forced, pos=pos)
+            yield TokenEvent(nxt, text, pos, prompt=forced)
+            token = nxt
+        else:
+            stats.stop_reason = "steps"
+        run._finish(pos)
+        tail = decoder.flush()
+        if tail:
+            yield TokenEvent(-1, tail, pos, prompt=False)
+
+    return Generation(body, steps)
+
+
+def chat(model: Model, tokenizer: Tokenizer, sampler: Sampler, read_user: Callable[[], str | None] | Iterable[str],
+         system: str = "", prompt: str | None = None, steps: int = 0) -> Generation:
+    """run.c's chat(): Llama 2's chat template, one user turn at a time from `read_user` (a
+    callable returning the next line or None at end of input, or an iterable of lines), the
+    assistant's turn ending at EOS. `prompt` is the first user turn if given. Every turn is
+    encoded with BOS and EOS is fed back into the model, as run.c does; like run.c, a token is
+    sampled at every position (prompt positions too), so seeds choose what run.c chooses.
+
+    Unlike run.c, the system prompt comes only from `system` (run.c asks for it on stdin first),
+    and a turn that does not fit in the remaining positions ends the chat with a notice."""
+    seq_len = model.config.seq_len
+    steps, notice = resolve_steps(steps, seq_len)
+    _check_vocab(model, tokenizer)
+    if not callable(read_user):
+        lines = iter(read_user)
+        read_user = lambda: next(lines, None)  # noqa: E731 - an iterator as the callable form
+
+    def body(run: Generation) -> Iterator[Event]:
+        if notice:
+            yield NoticeEvent(notice)
+        stats = run.stats
+        pos = 0
+        first = True
+        pending = prompt
+        nxt = EOS_ID
+        while pos < steps:
+            # the user's turn
+            user = pending if pending is not None else read_user()
+            pending = None
+            if user is None:
+                stats.stop_reason = "eof"
+                break
+            yield TurnEvent("user", user)
+            if first and system:
+                rendered = SYSTEM_TEMPLATE.format(system=system, user=user)
+            else:
+                rendered = USER_TEMPLATE.format(user=user)
+            first = False
+            turn = tokenizer.encode(rendered, bos=True, eos=False)
+            if pos + len(turn) >= steps:
+                stats.stop_reason = "context"
+                yield NoticeEvent(f"the conversation is full: this turn needs {len(turn)} positions and "
+                                  f"{steps - pos} of {steps} remain")
+                break
+            stats.prompt_tokens += len(turn)
+            yield TurnEvent("assistant")
+            decoder = tokenizer.stream(prev_token=None)
+            decoder.push(BOS_ID)  # strip the leading space of the answer's first piece
+            # feed the turn; the sample after its last token is the answer's first token
+            for token in turn:
+                sampler.observe(token)
+                nxt = sampler.sample(model.forward(token, pos))
+                pos += 1
+                stats.positions = pos
+                if pos >= steps:
+                    break
+            else:
+                # the assistant's turn, until EOS or the end of steps; like run.c, a token
+                # sampled at the last position is still shown
+                while nxt != EOS_ID:
+                    token = nxt
+                    sampler.observe(token)
+                    text = decoder.push(token)
+                    run._emitted(sampled=True, pos=pos)
+                    yield TokenEvent(token, text, pos, prompt=False)
+                    if pos >= steps:
+                        break
+                    nxt = sampler.sample(model.forward(token, pos))
+                    pos += 1
+                    stats.positions = pos
+            tail = decoder.flush()
+            if tail:
+                yield TokenEvent(-1, tail, pos, prompt=False)
+            if nxt == EOS_ID and pos < steps:
+                sampler.observe(EOS_ID)
+                sampler.sample(model.forward(EOS_ID, pos))  # run.c feeds EOS and samples (unused)
+                pos += 1
+                stats.positions = pos
+        else:
+            stats.stop_reason = "steps"
+        run._finish(pos)
+
+    return Generation(body, steps)
+
+
+def _check_vocab(model: Model, tokenizer: Tokenizer) -> None:
+    vocab = model.config.vocab_size
+    if tokenizer.vocab_size != vocab:
+        raise GenerationError(f"{tokenizer.path}: tokenizer vocabulary: expected {vocab} tokens (the model's "
+                              f"vocab_size), found {tokenizer.vocab_size}")
