@@ -4,6 +4,404 @@ Importing this module must not import torch: commands import it inside their bod
 `llama2nb sample` works where torch is not installed.
 """
 
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
 import click
 
-TRAINING_COMMANDS: list[click.Command] = []
+from ..config import CheckpointError
+
+
+def _clean_errors(fn):
+    """Turn the project's own errors into one-line Click errors (no traceback, exit 1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except (ValueError, CheckpointError, OSError) as e:
+            if isinstance(e, OSError) and getattr(e, "filename", None):
+                raise click.ClickException(f"{e.filename}: {e.strerror or e}") from None
+            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        except ImportError as e:
+            raise click.ClickException(f"this command needs the training extras ({e.name} is missing): "
+                                       "pip install 'llama2nb[train]'") from None
+
+    return wrapper
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _progress(console):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=console)
+
+
+DATA_DIR_OPTION = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("data"),
+                               show_default=True, help="Data directory (see `llama2nb data --help`).")
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+@click.group("data")
+def data_group() -> None:
+    """Prepare training data: download TinyStories, train a vocabulary, pretokenize.
+
+    \b
+    Layout of the data directory (default data/):
+      TinyStories_all_data/data00.json ...   data download
+      tok512.model, tok512.bin               data train-vocab --vocab-size 512
+      tok512/meta.json                       data pretokenize --vocab-size 512
+      tok512/train-000.bin ..., val-000.bin  (uint16 token ids; uint32 past 65,535 tokens)
+    """
+
+
+@data_group.command("download")
+@DATA_DIR_OPTION
+@_clean_errors
+def data_download(data_dir: Path) -> None:
+    """Download TinyStories (roneneldan/TinyStories on the Hugging Face hub) and extract its
+    JSON shards into DATA_DIR/TinyStories_all_data/."""
+    from ..hub import download_tinystories
+
+    target = download_tinystories(data_dir)
+    click.echo(f"{len(list(target.glob('*.json')))} shards in {target}")
+
+
+def _input_stories(data_dir: Path, texts: tuple[Path, ...], max_shards: int | None) -> list[str]:
+    from .data import read_stories, tinystories_shards
+
+    files = list(texts) or tinystories_shards(data_dir)[:max_shards]
+    stories: list[str] = []
+    for f in files:
+        stories.extend(read_stories(f))
+    return stories
+
+
+@data_group.command("train-vocab")
+@click.option("--vocab-size", type=click.IntRange(min=260, max=1 << 20), required=True,
+              help="Vocabulary size (at least 256 byte pieces + 3 specials + 1).")
+@click.option("--text", "texts", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True,
+              help="Train on these text files instead of the TinyStories shards (repeatable).")
+@click.option("--num-shards", type=click.IntRange(min=1), default=10, show_default=True,
+              help="TinyStories shards to train on (llama2.c uses the first 10).")
+@DATA_DIR_OPTION
+@_clean_errors
+def data_train_vocab(vocab_size: int, texts, num_shards: int, data_dir: Path) -> None:
+    """Train a SentencePiece BPE vocabulary (byte fallback, split digits) as llama2.c does;
+    writes DATA_DIR/tokN.model and its llama2.c export DATA_DIR/tokN.bin."""
+    from .vocab import train_vocab
+
+    stories = _input_stories(data_dir, texts, num_shards)
+    click.echo(f"training a {vocab_size}-token vocabulary on {len(stories):,} stories ...", err=True)
+    model, bin_path = train_vocab(stories, vocab_size, data_dir / f"tok{vocab_size}.model")
+    click.echo(f"wrote {model} and {bin_path}")
+
+
+@data_group.command("pretokenize")
+@click.option("--vocab-size", type=click.IntRange(min=1), help="Use DATA_DIR/tokN.model (from train-vocab).")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Use this SentencePiece .model instead (e.g. the Llama 2 tokenizer.model).")
+@click.option("--text", "texts", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True,
+              help="Training text files instead of the TinyStories shards (repeatable).")
+@click.option("--val-text", "val_texts", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              multiple=True, help="Validation text files (repeatable). Without them, the last "
+              "--val-fraction of the --text stories is held out.")
+@click.option("--val-fraction", type=click.FloatRange(0.0, 0.5, min_open=True), default=0.05, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
+              help="Tokenizer processes.")
+@DATA_DIR_OPTION
+@_clean_errors
+def data_pretokenize(vocab_size, tokenizer, texts, val_texts, val_fraction, workers, data_dir: Path) -> None:
+    """Encode stories (BOS + ids each) into uint16 shards DATA_DIR/<tokenizer>/{train,val}-NNN.bin.
+
+    Inputs: the TinyStories JSON shards (shard 0 becomes validation, as in llama2.c), or text
+    files given with --text / --val-text whose stories are separated by `<|endoftext|>` lines
+    (TinyStories-train.txt's layout) or, in files without such lines, by blank lines.
+    """
+    import sentencepiece as spm
+    import numpy as np
+
+    from .data import (encode_stories, read_stories, shard_dtype, tinystories_shards, tokenizer_model_path,
+                       write_meta, write_shard)
+
+    if val_texts and not texts:
+        raise click.UsageError("--val-text needs --text (the TinyStories shards bring their own validation shard)")
+    model_path = tokenizer_model_path(data_dir, vocab_size, str(tokenizer) if tokenizer else None)
+    if not model_path.is_file():
+        raise click.ClickException(f"{model_path}: expected a SentencePiece model (run `llama2nb data train-vocab "
+                                   f"--vocab-size {vocab_size}` first), found nothing")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(model_path))
+    except Exception:
+        raise click.ClickException(f"{model_path}: expected a SentencePiece model, found unreadable data") from None
+    vocab = sp.get_piece_size()
+    dtype = shard_dtype(vocab)
+    out_dir = data_dir / model_path.stem
+    # (split, shard name, stories)
+    jobs: list[tuple[str, list[str]]] = []
+    if texts:
+        train_stories = [s for f in texts for s in read_stories(f)]
+        if val_texts:
+            val_stories = [s for f in val_texts for s in read_stories(f)]
+        else:
+            n_val = max(1, int(len(train_stories) * val_fraction))
+            if len(train_stories) < 2:
+                raise click.ClickException(f"{texts[0]}: expected at least 2 stories to hold one out for "
+                                           f"validation, found {len(train_stories)} (or pass --val-text)")
+            train_stories, val_stories = train_stories[:-n_val], train_stories[-n_val:]
+        jobs = [("train-000", train_stories), ("val-000", val_stories)]
+    else:
+        shards = tinystories_shards(data_dir)
+        jobs = [("val-000", read_stories(shards[0]))]
+        jobs += [(f"train-{i:03d}", read_stories(s)) for i, s in enumerate(shards[1:])]
+    console = _console()
+    total_tokens = 0
+    with _progress(console) as progress:
+        for name, stories in jobs:
+            task = progress.add_task(name, total=len(stories))
+            tokens = encode_stories(stories, model_path, dtype, workers=workers,
+                                    advance=lambda n, t=task: progress.advance(t, n))
+            write_shard(out_dir / f"{name}.bin", tokens)
+            total_tokens += len(tokens)
+    write_meta(out_dir, model_path, vocab, sp.bos_id(), dtype)
+    click.echo(f"wrote {len(jobs)} shards, {total_tokens:,} tokens ({np.dtype(dtype).name}) to {out_dir}")
+
+
+# ----------------------------------------------------------------------------------------------
+# download
+
+
+@click.command("download")
+@click.argument("name")
+@_clean_errors
+def download(name: str) -> None:
+    """Download a published llama2.c model and its tokenizer into the Hugging Face cache:
+    stories15M, stories42M, stories110M (Llama 2 tokenizer) or stories260K (its own 512-token
+    one). `llama2nb sample NAME` then finds them by name, offline."""
+    from ..hub import KNOWN_MODELS, download_model
+
+    checkpoint, tokenizer = download_model(name)
+    click.echo(f"checkpoint: {checkpoint}\ntokenizer:  {tokenizer}")
+    key = next(k for k in KNOWN_MODELS if k.lower() == name.lower().removesuffix(".bin"))
+    click.echo(f"sample with: llama2nb sample {key}")
+
+
+# ----------------------------------------------------------------------------------------------
+# train
+
+PRESET_NAMES = ("tiny", "260K", "15M", "42M", "110M")
+
+_TRAIN_OPTIONS = [
+    # (flag, field, type, help)
+    ("--out-dir", "out_dir", click.Path(file_okay=False), "Output directory: ckpt.pt, model.bin, loss.csv, loss.png. [out]"),
+    ("--data", "data", click.Path(file_okay=False), "Shard directory from `data pretokenize`. [data/tok512]"),
+    ("--eval-interval", "eval_interval", click.IntRange(min=1), "Evaluate and save every N iterations. [2000]"),
+    ("--log-interval", "log_interval", click.IntRange(min=1), "Update the progress line every N iterations. [1]"),
+    ("--eval-iters", "eval_iters", click.IntRange(min=1), "Batches per evaluation. [100]"),
+    ("--eval-only/--no-eval-only", "eval_only", None, "Evaluate once and stop."),
+    ("--always-save-checkpoint/--no-always-save-checkpoint", "always_save_checkpoint", None,
+     "Write model.bin at every evaluation, not only when val loss improves."),
+    ("--vocab-size", "vocab_size", click.IntRange(min=1), "Vocabulary size. [from the data's meta.json]"),
+    ("--dim", "dim", click.IntRange(min=2), "Model width."),
+    ("--n-layers", "n_layers", click.IntRange(min=1), "Layers."),
+    ("--n-heads", "n_heads", click.IntRange(min=1), "Query heads."),
+    ("--n-kv-heads", "n_kv_heads", click.IntRange(min=1), "Key/value heads (grouped-query attention)."),
+    ("--multiple-of", "multiple_of", click.IntRange(min=1), "Round the SwiGLU width up to a multiple of this."),
+    ("--hidden-dim", "hidden_dim", click.IntRange(min=0), "SwiGLU width (0: from dim and multiple-of)."),
+    ("--max-seq-len", "max_seq_len", click.IntRange(min=2), "Context length."),
+    ("--dropout", "dropout", click.FloatRange(0.0, 1.0, max_open=True), "Dropout."),
+    ("--shared-classifier/--no-shared-classifier", "shared_classifier", None, "Tie output and embedding weights."),
+    ("--batch-size", "batch_size", click.IntRange(min=1), "Micro-batch size."),
+    ("--gradient-accumulation-steps", "gradient_accumulation_steps", click.IntRange(min=1),
+     "Micro-batches per iteration (over all DDP processes)."),
+    ("--learning-rate", "learning_rate", click.FloatRange(min=0.0), "Peak learning rate."),
+    ("--max-iters", "max_iters", click.IntRange(min=0), "Total iterations."),
+    ("--weight-decay", "weight_decay", click.FloatRange(min=0.0), "AdamW weight decay."),
+    ("--beta1", "beta1", click.FloatRange(0.0, 1.0, max_open=True), "AdamW beta1."),
+    ("--beta2", "beta2", click.FloatRange(0.0, 1.0, max_open=True), "AdamW beta2."),
+    ("--grad-clip", "grad_clip", click.FloatRange(min=0.0), "Clip gradients at this norm (0: off)."),
+    ("--decay-lr/--no-decay-lr", "decay_lr", None, "Warmup + cosine decay (else constant)."),
+    ("--warmup-iters", "warmup_iters", click.IntRange(min=0), "Linear warmup iterations."),
+    ("--lr-decay-iters", "lr_decay_iters", click.IntRange(min=0), "Cosine decay length (0: max-iters)."),
+    ("--min-lr", "min_lr", click.FloatRange(min=0.0), "Learning rate at the end of the decay."),
+    ("--device", "device", click.STRING, "auto, cpu, cuda, cuda:N, mps. [auto]"),
+    ("--dtype", "dtype", click.Choice(["float32", "bfloat16", "float16"]), "Compute dtype. [float32]"),
+    ("--compile/--no-compile", "compile", None, "torch.compile the model. [off]"),
+    ("--seed", "seed", click.INT, "Seed for initialization and data order. [1337]"),
+]
+
+
+def _train_options(fn):
+    for flag, name, type_, help_ in reversed(_TRAIN_OPTIONS):
+        if type_ is None:
+            fn = click.option(flag, name, default=None, help=help_)(fn)
+        else:
+            fn = click.option(flag, name, type=type_, default=None, help=help_)(fn)
+    return fn
+
+
+@click.command("train", context_settings={"max_content_width": 100})
+@click.option("--preset", type=click.Choice(PRESET_NAMES, case_sensitive=False),
+              help="Model and optimizer settings: tiny (tests), or llama2.c's 260K/15M/42M/110M runs.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out-dir from its ckpt.pt, exactly.")
+@click.option("--stop-after", type=click.IntRange(min=1),
+              help="Stop after N iterations of this invocation (ckpt.pt is written); continue with --resume.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_train_options
+@_clean_errors
+def train_command(preset, resume, stop_after, quiet, **options) -> None:
+    """Train a Llama 2 model on pretokenized shards (llama2.c's train.py).
+
+    Flags override the preset; with --resume, the run's own settings from ckpt.pt are used and
+    flags given now override them (model shape flags must match). Distributed:
+    `torchrun --standalone --nproc_per_node=N -m llama2nb.training train ...` (gloo on CPU,
+    nccl on GPU).
+    """
+    from dataclasses import fields
+
+    from .train import MODEL_FIELDS, PRESETS, TrainConfig, config_from, load_resume_state, train
+
+    preset_key = next((p for p in PRESETS if preset and p.lower() == preset.lower()), None)
+    given = {k: v for k, v in options.items() if v is not None}
+    state = None
+    if resume:
+        out_dir = given.get("out_dir", TrainConfig.out_dir)
+        state = load_resume_state(out_dir)
+        stored = {f.name: state["config"][f.name] for f in fields(TrainConfig) if f.name in state["config"]}
+        for name in MODEL_FIELDS:
+            if name in given and given[name] != stored.get(name):
+                raise click.ClickException(f"--{name.replace('_', '-')}: expected the resumed run's value "
+                                           f"{stored.get(name)} (from {out_dir}/ckpt.pt), found {given[name]}")
+        stored.update(given)
+        cfg = TrainConfig(**stored)
+    else:
+        cfg = config_from(preset_key, given)
+    console = _console()
+    summary = train(cfg, resume=resume, console=console, progress=not quiet, stop_after=stop_after, state=state)
+    if int(os.environ.get("RANK", 0)) == 0:
+        console.print(f"done: iteration {summary['iter_num']}, best val loss {summary['best_val_loss']:.4f}; "
+                      f"{Path(cfg.out_dir) / 'model.bin'} (v0), {Path(cfg.out_dir) / 'loss.csv'}, loss.png")
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+
+
+@click.command("export")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--version", "version", type=click.IntRange(0, 2), default=0, show_default=True,
+              help="0: legacy fp32, 1: fp32 with header, 2: Q8_0 int8.")
+@click.option("--group-size", type=click.IntRange(min=1), default=None,
+              help="Q8_0 group size for --version 2; must divide dim and hidden_dim. [largest divisor <= 64]")
+@click.option("--hf", "hf", is_flag=True, help="SOURCE is a Hugging Face Llama directory "
+              "(config.json + *.safetensors or pytorch_model*.bin).")
+@_clean_errors
+def export_command(source: Path, out: Path, version: int, group_size: int | None, hf: bool) -> None:
+    """Export SOURCE (our ckpt.pt, or with --hf a Hugging Face Llama directory) to a llama2.c
+    checkpoint OUT."""
+    from .export import eps_warning, export_ckpt, export_hf
+
+    if hf or source.is_dir():
+        if not source.is_dir():
+            raise click.ClickException(f"{source}: --hf: expected a Hugging Face model directory, found a file")
+        warning = eps_warning(source)
+        if warning:
+            click.echo(warning, err=True)
+        config = export_hf(source, out, version, group_size)
+    else:
+        config = export_ckpt(source, out, version, group_size)
+    extra = f", group size {config.group_size}" if config.version == 2 else ""
+    click.echo(f"wrote {out}: v{config.version}{extra}, {config.n_params:,} parameters, dim {config.dim}, "
+               f"{config.n_layers} layers, {config.n_heads} heads ({config.n_kv_heads} kv), vocab {config.vocab_size}, "
+               f"seq_len {config.seq_len}")
+
+
+@click.command("export-tokenizer")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@_clean_errors
+def export_tokenizer_command(model: Path, out: Path) -> None:
+    """Write a SentencePiece MODEL in llama2.c's tokenizer.bin layout to OUT."""
+    from .vocab import export_tokenizer
+
+    export_tokenizer(model, out)
+    click.echo(f"wrote {out}")
+
+
+# ----------------------------------------------------------------------------------------------
+# eval
+
+
+def _default_tokenizer(checkpoint: Path, vocab_size: int) -> Path | None:
+    for candidate in (checkpoint.with_name("tokenizer.bin"), checkpoint.with_name(f"tok{vocab_size}.bin"),
+                      Path("data") / f"tok{vocab_size}.bin"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@click.command("eval")
+@click.argument("checkpoint")
+@click.option("--text", "text", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Text to score (stories split as `data pretokenize` splits them).")
+@click.option("-z", "--tokenizer", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="tokenizer.bin or .model. [tokenizer.bin or tokN.bin beside CHECKPOINT, or data/tokN.bin]")
+@click.option("--max-tokens", type=click.IntRange(min=2), help="Score only the first N tokens.")
+@click.option("--seq-len", type=click.IntRange(min=1), help="Window length. [the model's seq_len]")
+@_clean_errors
+def eval_command(checkpoint: str, text: Path, tokenizer: Path | None, max_tokens, seq_len) -> None:
+    """Mean loss per token and perplexity of a llama2.c CHECKPOINT (or known model name) on a
+    text file, computed by the Numba engine."""
+    from .. import Transformer
+    from ..tokenizer import Tokenizer
+    from .data import read_stories
+    from .evaluate import encode_text, evaluate, windows
+
+    ckpt_path = Path(checkpoint)
+    if not ckpt_path.is_file():
+        from ..hub import resolve_model
+
+        found = resolve_model(checkpoint)
+        if found is None:
+            raise click.ClickException(f"{checkpoint}: expected a checkpoint file or a downloaded model name "
+                                       "(llama2nb download NAME), found neither")
+        ckpt_path, known_tok = found
+        tokenizer = tokenizer or known_tok
+    model = Transformer.load(ckpt_path)
+    vocab = model.config.vocab_size
+    tokenizer = tokenizer or _default_tokenizer(ckpt_path, vocab)
+    if tokenizer is None:
+        raise click.ClickException(f"-z: expected a tokenizer (none beside {ckpt_path}), found none: pass -z FILE")
+    tok = Tokenizer.load(tokenizer, vocab_size=vocab)
+    ids = encode_text(read_stories(text), tok)
+    if max_tokens:
+        ids = ids[:max_tokens]
+    n = min(seq_len or model.config.seq_len, model.config.seq_len)
+    console = _console()
+    with _progress(console) as progress:
+        task = progress.add_task("eval", total=sum(len(w) - 1 for w in windows(ids, n)))
+        result = evaluate(model, ids, n, advance=lambda k: progress.advance(task, k))
+    click.echo(f"{ckpt_path}: {result.n_tokens:,} tokens in {result.n_windows} windows of <= {n}: "
+               f"loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.3f}")
+
+
+TRAINING_COMMANDS: list[click.Command] = [data_group, download, train_command, export_command,
+                                          export_tokenizer_command, eval_command]

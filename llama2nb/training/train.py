@@ -246,9 +246,10 @@ def _setup_ddp(device: str) -> Dist:
 
 
 def train(cfg: TrainConfig, resume: bool = False, console=None, progress: bool = True,
-          stop_after: int | None = None) -> dict:
-    """Run (or continue) a training run; returns a summary dict. `stop_after` ends the run
-    after that many iterations of this call (a checkpoint is written), e.g. for tests."""
+          stop_after: int | None = None, state: dict | None = None) -> dict:
+    """Run (or continue, with `resume`: from `state` or OUT_DIR/ckpt.pt) a training run; returns
+    a summary dict. `stop_after` ends the run after that many iterations of this call, writing
+    ckpt.pt, so that a later `resume` continues it."""
     from rich.console import Console
 
     console = console or Console(stderr=True)
@@ -262,7 +263,10 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, progress: bool =
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     out_dir = Path(cfg.out_dir)
 
-    state = load_resume_state(out_dir) if resume else None
+    if resume and state is None:
+        state = load_resume_state(out_dir)
+    if not resume:
+        state = None
     meta = read_meta(cfg.data)
     if not cfg.vocab_size:
         cfg.vocab_size = meta["vocab_size"]
@@ -361,7 +365,9 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, progress: bool =
 
     if dd.master:
         out_dir.mkdir(parents=True, exist_ok=True)
-        console.print(f"model: {raw_model.n_params():,} parameters ({args.to_config()}); "
+        console.print(f"model: {raw_model.n_params():,} parameters: dim {args.dim}, {args.n_layers} layers, "
+                      f"{args.n_heads} heads ({args.kv_heads} kv), hidden {args.ffn_dim}, vocab {args.vocab_size}, "
+                      f"seq {args.max_seq_len}; "
                       f"{tokens_per_iter:,} tokens per iteration; device {device}, dtype {cfg.dtype}"
                       + (f", {dd.world} processes" if dd.world > 1 else ""))
 

@@ -85,7 +85,7 @@ def train_vocab(stories: Iterable[str], vocab_size: int, model_path: str | os.Pa
         prefix = Path(tmp) / "tok"
         spm.SentencePieceTrainer.train(
             input=str(text_file), model_prefix=str(prefix), model_type="bpe", vocab_size=vocab_size,
-            self_test_sample_size=0, input_format="text", character_coverage=1.0,
+            input_format="text", character_coverage=1.0,
             num_threads=num_threads or os.cpu_count() or 1, split_digits=True,
             allow_whitespace_only_pieces=True, byte_fallback=True, unk_surface=r" \342\201\207 ",
             normalization_rule_name="identity", minloglevel=2)
