@@ -400,7 +400,7 @@ def eval_command(checkpoint: str, text: Path, tokenizer: Path | None, max_tokens
         task = progress.add_task("eval", total=sum(len(w) - 1 for w in windows(ids, n)))
         result = evaluate(model, ids, n, advance=lambda k: progress.advance(task, k))
     click.echo(f"{ckpt_path}: {result.n_tokens:,} tokens in {result.n_windows} windows of <= {n}: "
-               f"loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.3f}")
+               f"loss {result.loss:.6f} nats/token, perplexity {result.perplexity:.4f}")
 
 
 TRAINING_COMMANDS: list[click.Command] = [data_group, download, train_command, export_command,

@@ -1,0 +1,85 @@
+"""`llama2nb eval`: the Numba engine's loss on a text agrees with the PyTorch model's."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from llama2nb import Transformer as Engine
+from llama2nb.cli import main
+from llama2nb.tokenizer import Tokenizer
+from llama2nb.training.data import read_stories
+from llama2nb.training.evaluate import encode_text, evaluate, windows
+from llama2nb.training.export import export_model
+from llama2nb.training.model import ModelArgs, Transformer
+from tests.test_training_helpers import prepare_data, scramble
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    data = prepare_data(root, n_train=200, n_val=30)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=data["vocab"],
+                                  multiple_of=16, max_seq_len=48)).eval()
+    scramble(model, std=0.1)
+    export_model(model, root / "model.bin", version=0)
+    return data, model, root / "model.bin"
+
+
+def torch_loss(model: Transformer, ids: list[int], seq_len: int) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows(ids, seq_len):
+            x = torch.tensor(w[:-1])[None]
+            y = torch.tensor(w[1:])[None]
+            _, loss = model(x, y)
+            total += loss.item() * len(w[1:])
+            count += len(w[1:])
+    return total / count
+
+
+def test_eval_matches_pytorch(setup):
+    data, model, path = setup
+    tok = Tokenizer.load(data["bin"], vocab_size=data["vocab"])
+    ids = encode_text(read_stories(data["val_txt"]), tok)[:400]
+    assert ids[0] == 1
+    result = evaluate(Engine.load(path), ids, 48)
+    expected = torch_loss(model, ids, 48)
+    print(f"eval: Numba {result.loss:.6f} vs PyTorch {expected:.6f} nats/token over {result.n_tokens} tokens "
+          f"({result.n_windows} windows)")
+    assert result.n_tokens == len(ids) - 1 and result.n_windows == 9
+    assert abs(result.loss - expected) <= 1e-4
+    assert result.perplexity == pytest.approx(np.exp(result.loss))
+
+
+def test_eval_cli(setup):
+    data, model, path = setup
+    r = CliRunner().invoke(main, ["eval", str(path), "--text", str(data["val_txt"]), "-z", str(data["model"]),
+                                  "--max-tokens", "200"])
+    assert r.exit_code == 0, r.output
+    m = re.search(r"199 tokens in 5 windows of <= 48: loss ([\d.]+) nats/token, perplexity ([\d.]+)", r.output)
+    assert m, r.output
+    tok = Tokenizer.load(data["model"], vocab_size=data["vocab"])
+    ids = encode_text(read_stories(data["val_txt"]), tok)[:200]
+    assert abs(float(m.group(1)) - torch_loss(model, ids, 48)) <= 1e-4
+
+
+def test_eval_errors(setup, tmp_path):
+    data, model, path = setup
+    r = CliRunner().invoke(main, ["eval", "no-such-model", "--text", str(data["val_txt"])])
+    assert r.exit_code == 1 and "no-such-model" in r.output and "Traceback" not in r.output
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"\x05\x00\x00\x00" + b"\x00\x00\x00\x00\x01\x00\x00\x00a")
+    r = CliRunner().invoke(main, ["eval", str(path), "--text", str(data["val_txt"]), "-z", str(other)])
+    assert r.exit_code == 1 and "vocab" in r.output and "Traceback" not in r.output
+
+
+def test_windows_cover_every_token_once():
+    ws = windows(list(range(10)), 4)
+    assert [w.tolist() for w in ws] == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [8, 9]]
+    assert sum(len(w) - 1 for w in ws) == 9
