@@ -1,8 +1,33 @@
-"""The llama2nb command line: Click parsing and Rich display only; the work lives in the modules."""
+"""The llama2nb command line: Click parsing and Rich display only; the work lives in the modules.
+
+`sample` and `info` never import torch (the training commands import it inside their bodies).
+Output contract of `sample`: on a terminal, Rich streams the story with a live status line;
+otherwise stdout carries only the text (flushed per token, as run.c) and everything else goes
+to stderr. Errors are one line on stderr with exit 1; Ctrl-C prints the summary and exits 130;
+a reader that goes away (`| head`) ends the run quietly with 141, as SIGPIPE would.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, TextIO
 
 import click
 
+from .config import CheckpointError
 from .training.commands import TRAINING_COMMANDS
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+BUNDLED_DIR = PACKAGE_DIR / "checkpoints"
+BUNDLED_MODEL = BUNDLED_DIR / "model.bin"
+TOKENIZER_NAMES = ("tokenizer.bin", "tokenizer.model")
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what run.c would die with under `| head`
+STATUS_EVERY = 0.1  # seconds between live status redraws (each costs a little GIL time)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -13,3 +38,409 @@ def main() -> None:
 
 for _command in TRAINING_COMMANDS:
     main.add_command(_command)
+
+
+# ----------------------------------------------------------------------------------------------
+# Option types: out-of-range values are usage errors, never silent clamps
+
+
+class FiniteFloat(click.FloatRange):
+    """A FloatRange that also refuses nan and inf (nan passes every range comparison)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding files
+
+
+def resolve_checkpoint(name: str | None) -> tuple[Path, Path | None]:
+    """(checkpoint, tokenizer or None) for a path, a downloaded model name, or the bundled model."""
+    if name is None:
+        if BUNDLED_MODEL.is_file():
+            return BUNDLED_MODEL, None
+        raise click.ClickException(
+            f"no checkpoint given and the bundled model ({BUNDLED_MODEL}) is not there: download one with "
+            "`llama2nb download stories15M` and run `llama2nb sample stories15M`, or train one with `llama2nb train`")
+    path = Path(name)
+    if path.is_file():
+        return path, None
+    if path.is_dir():
+        raise click.ClickException(f"{path}: expected a checkpoint file, found a directory")
+    try:
+        from .hub import resolve_model
+    except ImportError:  # the hub module is optional at run time; a file path still works
+        resolve_model = None
+    found = resolve_model(name) if resolve_model is not None and os.sep not in name else None
+    if found is not None:
+        return Path(found[0]), Path(found[1]) if found[1] else None
+    hint = f" (to fetch a llama2.c model: `llama2nb download {name}`)" if os.sep not in name else ""
+    raise click.ClickException(f"{path}: no such checkpoint file, nor a downloaded model name{hint}")
+
+
+def resolve_tokenizer(option: str | None, checkpoint: Path, from_hub: Path | None) -> Path:
+    """-z if given; else the hub's tokenizer; else tokenizer.bin/.model beside the checkpoint;
+    else the bundled one."""
+    if option is not None:
+        path = Path(option)
+        if not path.exists():
+            raise click.ClickException(f"{path}: no such tokenizer file (-z/--tokenizer)")
+        return path
+    if from_hub is not None:
+        return from_hub
+    for folder in (checkpoint.parent, BUNDLED_DIR):
+        for name in TOKENIZER_NAMES:
+            if (folder / name).is_file():
+                return folder / name
+    raise click.ClickException(f"{checkpoint}: no tokenizer.bin or tokenizer.model beside it and none bundled: "
+                               "pass one with -z/--tokenizer")
+
+
+# ----------------------------------------------------------------------------------------------
+# Streams
+
+
+def _configure_streams() -> None:
+    """A terminal that cannot show UTF-8 gets '?' for what it cannot encode instead of a crash;
+    stdin passes undecodable bytes through (the tokenizer encodes their original bytes)."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
+            try:
+                stream.reconfigure(errors="replace")
+            except (ValueError, OSError):  # pragma: no cover - detached or exotic streams
+                pass
+    if hasattr(sys.stdin, "reconfigure"):
+        try:
+            sys.stdin.reconfigure(errors="surrogateescape")
+        except (ValueError, OSError):  # pragma: no cover
+            pass
+
+
+def _utf8(stream: TextIO) -> bool:
+    return (getattr(stream, "encoding", "") or "").lower().replace("-", "") == "utf8"
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (ValueError, AttributeError):
+        return False
+
+
+def _silence_stdout() -> None:
+    """After EPIPE: point stdout at /dev/null so the interpreter's final flush stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# sample
+
+
+@main.command()
+@click.argument("checkpoint", required=False)
+@click.option("-z", "--tokenizer", "tokenizer_path", metavar="PATH",
+              help="tokenizer.bin or .model [default: beside the checkpoint, else the bundled one]")
+@click.option("-t", "--temperature", type=FiniteFloat(min=0.0), default=1.0, show_default=True,
+              help="0 = greedy (argmax)")
+@click.option("-p", "--topp", type=FiniteFloat(0.0, 1.0), default=0.9, show_default=True,
+              help="top-p (nucleus) sampling; 0 or 1 = off")
+@click.option("-s", "--seed", type=click.IntRange(0, (1 << 64) - 1), default=0,
+              help="random seed [default: 0 = the time, as run.c]")
+@click.option("-n", "--steps", type=click.IntRange(min=0), default=256, show_default=True,
+              help="positions to run, prompt included; 0 = the model's seq_len")
+@click.option("-i", "--prompt", default=None, help="the story's start (generate) or the first user turn (chat)")
+@click.option("-m", "--mode", type=click.Choice(["generate", "chat"]), default="generate", show_default=True)
+@click.option("-y", "--system", default=None, help="system prompt (chat mode)")
+@click.option("--fastmath/--no-fastmath", default=None,
+              help="let the kernels reassociate float math (faster; results differ in the last bits)")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="keep only the k most likely tokens; 0 = off")
+@click.option("--min-p", type=FiniteFloat(0.0, 1.0), default=0.0, show_default=True,
+              help="drop tokens below min-p times the top probability; 0 = off")
+@click.option("--repetition-penalty", type=FiniteFloat(min=0.0, min_open=True), default=1.0, show_default=True,
+              help="divide the logits of tokens already in the text (CTRL-style); 1 = off")
+def sample(checkpoint: str | None, tokenizer_path: str | None, temperature: float, topp: float, seed: int,
+           steps: int, prompt: str | None, mode: str, system: str | None, fastmath: bool | None, top_k: int,
+           min_p: float, repetition_penalty: float) -> None:
+    """Sample a story (or chat) from a llama2.c CHECKPOINT: a path, a downloaded model name
+    such as stories15M, or nothing for the bundled model."""
+    from .checkpoint import read_config
+    from .generate import GenerationError, chat, generate
+    from .sampler import Sampler
+    from .tokenizer import Tokenizer
+
+    _configure_streams()
+    view = _View(interactive=_is_terminal(sys.stdout))
+    run = None
+    try:
+        try:
+            ckpt, hub_tokenizer = resolve_checkpoint(checkpoint)
+            config = read_config(ckpt)  # header and size only: fails fast, before compiling
+            tok = Tokenizer.load(resolve_tokenizer(tokenizer_path, ckpt, hub_tokenizer), config.vocab_size)
+            sampler = Sampler(config.vocab_size, temperature, topp, seed or None, top_k=top_k, min_p=min_p,
+                              repetition_penalty=repetition_penalty)
+            if mode == "generate":
+                if system:
+                    view.notice("-y/--system applies to chat mode only; ignored")
+                starter = lambda model: generate(model, tok, sampler, prompt or "", steps)  # noqa: E731
+            else:
+                starter = lambda model: chat(model, tok, sampler, view.read_user, system or "", prompt,  # noqa: E731
+                                             steps)
+            view.seed = sampler.seed
+            model, view.compile_seconds = view.load(ckpt, fastmath)
+            run = starter(model)
+            view.stream(run, chat_mode=mode == "chat")
+        except (CheckpointError, GenerationError) as e:
+            raise click.ClickException(str(e)) from None
+        except ValueError as e:  # e.g. the kernels' own range checks; still one line, no traceback
+            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    except KeyboardInterrupt:
+        view.interrupted(run)
+        sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        _silence_stdout()
+        sys.exit(EXIT_BROKEN_PIPE)
+    if run is not None:
+        view.summary(run)
+
+
+class _View:
+    """Everything `sample` shows. Terminal: Rich on stdout. Otherwise: text on stdout, the rest
+    on stderr, plain."""
+
+    def __init__(self, interactive: bool) -> None:
+        self.interactive = interactive
+        self.text_parts: list[str] = []
+        self.sep = " · " if _utf8(sys.stdout) else " | "
+        self._console = None
+        self._live = None
+        self._stdin_tty = _is_terminal(sys.stdin)
+        self._mid_line = False  # chat: the assistant's line is still open
+        self.seed: int | None = None
+        self.compile_seconds: float | None = None
+
+    @property
+    def console(self):
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(highlight=False, soft_wrap=False)
+        return self._console
+
+    def notice(self, message: str) -> None:
+        if self.interactive:
+            self.console.print(f"[yellow]note:[/] {message}", markup=True, highlight=False)
+        else:
+            click.echo(f"note: {message}", err=True)
+
+    def load(self, path: Path, fastmath: bool | None):
+        """The model, and the seconds spent compiling (or loading cached) kernels: the model's
+        and the sampler's."""
+        from .forward import Transformer
+        from .sampler import Sampler
+
+        def work():
+            model = Transformer.load(path, **({} if fastmath is None else {"fastmath": fastmath}))
+            return model, model.compile_seconds + Sampler.warm_up()
+
+        message = f"loading {path.name}, compiling kernels" + ("…" if _utf8(sys.stderr) else "...")
+        if self.interactive:
+            with self.console.status(message):
+                return work()
+        if _is_terminal(sys.stderr):
+            click.echo(message, err=True)
+        return work()
+
+    # streaming -------------------------------------------------------------------------------
+
+    def stream(self, run, chat_mode: bool) -> None:
+        from .generate import NoticeEvent, TokenEvent, TurnEvent
+
+        if self.interactive and not chat_mode:
+            self._stream_live(run)
+            return
+        out = sys.stdout
+        for event in run:
+            if isinstance(event, TokenEvent):
+                if event.text:
+                    out.write(event.text)
+                    out.flush()
+                    self.text_parts.append(event.text)
+                    self._mid_line = True
+            elif isinstance(event, TurnEvent):
+                if event.role == "assistant":
+                    out.write("Assistant: ")
+                    out.flush()
+                    self._mid_line = True
+                elif not self._stdin_tty:  # piped input is not echoed: show it in the transcript
+                    out.write(f"User: {event.text}\n")
+            elif isinstance(event, NoticeEvent):
+                self._end_line()
+                self.notice(event.message)
+        self._end_line()
+        out.flush()
+
+    def _end_line(self) -> None:
+        if self._mid_line or not self.text_parts:
+            sys.stdout.write("\n")
+            self._mid_line = False
+
+    def read_user(self) -> str | None:
+        """The next user turn from stdin; None at end of input. Blank lines are skipped."""
+        while True:
+            if self._mid_line:
+                sys.stdout.write("\n")
+                self._mid_line = False
+            if self._stdin_tty:
+                sys.stdout.write("User: ")
+            sys.stdout.flush()
+            line = sys.stdin.readline()
+            if not line:
+                return None
+            line = line.rstrip("\r\n")
+            if line.strip():
+                return line
+
+    def _stream_live(self, run) -> None:
+        from rich.live import Live
+
+        from .generate import NoticeEvent, TokenEvent
+
+        tail = _Tail(self)
+        last = 0.0
+        with Live(tail, console=self.console, auto_refresh=False, transient=True) as live:
+            self._live = live
+            for event in run:
+                if isinstance(event, TokenEvent):
+                    self.text_parts.append(event.text)
+                    tail.dirty = True
+                elif isinstance(event, NoticeEvent):
+                    live.console.print(f"[yellow]note:[/] {event.message}", markup=True)
+                now = time.perf_counter()
+                if now - last >= STATUS_EVERY:
+                    tail.status = self._status(run)
+                    live.refresh()
+                    last = now
+            self._live = None
+        self.console.print("".join(self.text_parts), markup=False, highlight=False)
+
+    def _status(self, run) -> str:
+        s = run.stats
+        rate = s.tokens_per_second
+        return self.sep.join([f"{rate:.1f} tok/s" if rate else "- tok/s", f"pos {s.positions}/{s.steps}",
+                              f"{s.elapsed_seconds:.1f} s"])
+
+    # the end ---------------------------------------------------------------------------------
+
+    def summary_line(self, run) -> str:
+        compile_seconds, seed = self.compile_seconds, self.seed
+        s = run.stats
+        rate = s.tokens_per_second
+        parts = [f"{s.sampled_tokens} tokens sampled in {s.positions} positions ({s.prompt_tokens} prompt incl. BOS)",
+                 f"{rate:.1f} tok/s" if rate else "tok/s n/a",
+                 f"first token {s.first_token_seconds * 1000:.0f} ms" if s.first_token_seconds is not None
+                 else "no token sampled"]
+        if compile_seconds is not None:
+            parts.append(f"JIT compile {compile_seconds:.2f} s")
+        if seed is not None:
+            parts.append(f"seed {seed}")
+        if s.stop_reason == "interrupted":
+            parts.append("interrupted")
+        return self.sep.join(parts)
+
+    def summary(self, run) -> None:
+        line = self.summary_line(run)
+        if self.interactive:
+            self.console.print(f"[dim]{line}[/]", markup=True, highlight=False)
+        else:
+            click.echo(line, err=True)
+
+    def interrupted(self, run) -> None:
+        """Ctrl-C: show what was generated and the summary, nothing more."""
+        try:
+            if self._live is not None:
+                self._live.stop()
+                self.console.print("".join(self.text_parts), markup=False, highlight=False)
+            elif run is not None:
+                self._end_line()
+                sys.stdout.flush()
+            if run is None:
+                click.echo("interrupted", err=True)
+                return
+            run.stats.stop_reason = "interrupted"
+            self.summary(run)
+        except BrokenPipeError:
+            _silence_stdout()
+
+
+class _Tail:
+    """The last screenful of the story with the status line under it (the whole story is
+    printed once at the end, so the terminal's scrollback keeps all of it)."""
+
+    def __init__(self, view: _View) -> None:
+        self.view = view
+        self.status = ""
+        self.dirty = False
+
+    def __rich_console__(self, console, options):
+        from rich.segment import Segment
+        from rich.text import Text
+
+        height = max((options.height or console.height) - 1, 1)
+        text = Text("".join(self.view.text_parts))
+        lines = console.render_lines(text, options.update(height=None), pad=False) if text else []
+        for line in lines[-height:]:
+            yield from line
+            yield Segment.line()
+        yield Text(self.status, style="dim")
+
+
+# ----------------------------------------------------------------------------------------------
+# info
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@main.command()
+@click.argument("checkpoint")
+def info(checkpoint: str) -> None:
+    """Describe a llama2.c CHECKPOINT from its header (no weights are mapped)."""
+    from .checkpoint import read_config
+
+    try:
+        path, _ = resolve_checkpoint(checkpoint)
+        c = read_config(path)
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+    size = path.stat().st_size
+    layouts = {0: "legacy fp32", 1: "fp32", 2: "Q8_0 int8"}
+    params = c.n_params
+    rows = [
+        ("file", f"{path} ({size:,} bytes, {_size(size)})"),
+        ("format", f"llama2.c version {c.version} ({layouts.get(c.version, '?')})"),
+        ("shape", f"dim {c.dim}, hidden_dim {c.hidden_dim}, {c.n_layers} layers, {c.n_heads} heads "
+                  f"({c.n_kv_heads} kv heads, head size {c.head_size}), vocab {c.vocab_size}, seq_len {c.seq_len}"),
+        ("parameters", f"{params:,} ({params / 1e6:.1f}M)"),
+        ("classifier", "shared with the token embedding" if c.shared_classifier else "separate (unshared)"),
+        ("group size", str(c.group_size) if c.version == 2 else "none (not quantized)"),
+        ("KV cache", f"{_size(c.kv_cache_bytes)} ({c.kv_cache_bytes:,} bytes, fp32, at seq_len {c.seq_len})"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")

@@ -4,9 +4,11 @@ temperature and top-p choose the same tokens as run.c.
 run.c, per token: argmax at temperature 0; otherwise logits /= temperature, softmax, one coin
 from xorshift64*, then multinomial sampling (top-p <= 0 or >= 1) or top-p sampling, whose
 candidates are the probabilities >= (1 - topp) / (n - 1), sorted descending by qsort. All of it
-is float32 with sequential sums; NumPy reproduces that with float32 buffers and `cumsum`
-(which, unlike `sum`, adds in order). Tie order: glibc's qsort is a merge sort, so equal
-probabilities keep ascending token order; a stable argsort does the same. (Other C libraries'
+is float32 with sequential sums, reproduced here by small @njit loops (NumPy's `sum` adds
+pairwise, and its `cumsum` is 4x slower than a compiled loop). Tie order: glibc's qsort is a
+merge sort, so equal probabilities keep ascending token order; the stable radix sort here does
+the same, in O(n) (a comparison sort of a flat 32,000-token distribution costs ~1-3 ms, as much
+as a forward pass). (Other C libraries'
 quicksorts may order ties differently, and NumPy's float32 `exp` can differ from glibc's `expf`
 in the last bit; either changes a choice only when a coin lands on such a boundary.)
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import math
 import time
 
+import numba
 import numpy as np
 
 _MASK64 = (1 << 64) - 1
@@ -74,12 +77,29 @@ class Sampler:
         # run.c treats seed 0 as "use the time" (xorshift's state 0 would only ever give 0)
         self.seed = time_seed() if not seed else int(seed) & _MASK64
         self.rng = XorShift64Star(self.seed)
-        # preallocated buffers: sample() allocates only the top-p candidate list
+        # preallocated buffers: sample() allocates nothing per token on run.c's paths
         self._probs = np.empty(vocab_size, np.float32)
-        self._cdf = np.empty(vocab_size, np.float32)
+        self._idx = np.empty(vocab_size, np.int64)  # top-p candidates and the radix sort's buffers
+        self._idx2 = np.empty(vocab_size, np.int64)
+        self._keys = np.empty(vocab_size, np.int64)
+        self._keys2 = np.empty(vocab_size, np.int64)
+        self._counts = np.empty(256, np.int64)
         self._seen = np.zeros(vocab_size, np.bool_)
         self._cutoff = ((np.float32(1) - self.topp) / np.float32(vocab_size - 1)
                         if vocab_size > 1 else np.float32(0))
+
+    @staticmethod
+    def warm_up() -> float:
+        """Compile (or load from Numba's cache) the sampling loops; returns the seconds spent.
+        Called while a model loads so the first token does not pay for it."""
+        started = time.perf_counter()
+        probs = np.full(4, 0.25, np.float32)
+        _sequential_sum(probs)
+        _first_past(probs, np.float32(0.5))
+        buf = np.empty(4, np.int64)
+        _sample_topp(probs, probs.view(np.uint32), np.float32(0), np.float32(0.9), np.float32(0.5), buf,
+                     buf.copy(), buf.copy(), buf.copy(), np.empty(256, np.int64))
+        return time.perf_counter() - started
 
     @property
     def greedy(self) -> bool:
@@ -132,23 +152,19 @@ class Sampler:
         """run.c's softmax in float32: subtract the max, exp, divide by the in-order sum."""
         np.subtract(x, x.max(), out=x)
         np.exp(x, out=x)
-        np.cumsum(x, out=self._cdf)
-        total = self._cdf[-1]
+        total = _sequential_sum(x)
         if not (np.isfinite(total) and total > 0):
             raise ValueError(f"logits: expected finite values, found a softmax sum of {total}")
         np.divide(x, total, out=x)
 
     def _apply_min_p(self, x: np.ndarray) -> None:
         x[x < self.min_p * x.max()] = 0
-        np.cumsum(x, out=self._cdf)
-        np.divide(x, self._cdf[-1], out=x)
+        np.divide(x, _sequential_sum(x), out=x)
 
     def _sample_mult(self, probs: np.ndarray, coin: np.float32) -> int:
         """The first index whose float32 running sum exceeds the coin."""
-        cdf = self._cdf
-        np.cumsum(probs, out=cdf)
-        i = int(np.searchsorted(cdf, coin, side="right"))  # first i with coin < cdf[i]
-        if i < self.vocab_size:
+        i = _first_past(probs, coin)
+        if i >= 0:
             return i
         # rounding left the total below the coin: run.c returns n - 1; take the last token
         # that has any probability (the same one unless min-p/top-k zeroed the tail)
@@ -159,15 +175,76 @@ class Sampler:
         """run.c's sample_topp: candidates >= (1 - topp) / (n - 1) (no token below it can be
         needed to pass topp), sorted descending, cut after the running sum passes topp, then
         a coin scaled by that sum picks within the cut."""
-        idx = np.flatnonzero(probs >= self._cutoff)
-        if self.min_p > 0 or self.top_k:
-            idx = idx[probs[idx] > 0]  # zeroed tokens are out (the cutoff can be 0 at topp ~ 1)
-        cand = probs[idx]
-        order = np.argsort(-cand, kind="stable")  # descending; ties keep ascending ids
-        idx, cand = idx[order], cand[order]
-        cum = np.cumsum(cand, dtype=np.float32)
-        past = np.flatnonzero(cum > self.topp)
-        last = int(past[0]) if len(past) else len(cand) - 1  # rounding: consider all candidates
-        r = np.float32(coin * cum[last])
-        i = int(np.searchsorted(cum[: last + 1], r, side="right"))  # first i with r < cdf[i]
-        return int(idx[min(i, last)])
+        i = _sample_topp(probs, probs.view(np.uint32), self._cutoff, self.topp, coin, self._idx, self._keys,
+                         self._idx2, self._keys2, self._counts)
+        return i if i >= 0 else int(np.argmax(probs))  # no candidate at all (tiny vocab, tiny topp)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiled loops (IEEE float32, no fastmath: the order of additions is part of the result)
+
+
+@numba.njit(cache=True)
+def _sequential_sum(x):
+    total = np.float32(0)
+    for i in range(x.shape[0]):
+        total += x[i]
+    return total
+
+
+@numba.njit(cache=True)
+def _first_past(probs, coin):
+    """run.c's sample_mult: the first i with coin < probs[0] + ... + probs[i], or -1."""
+    cdf = np.float32(0)
+    for i in range(probs.shape[0]):
+        cdf += probs[i]
+        if coin < cdf:
+            return i
+    return -1
+
+
+@numba.njit(cache=True)
+def _sample_topp(probs, bits, cutoff, topp, coin, idx, keys, idx2, keys2, counts):
+    n0 = 0
+    for i in range(probs.shape[0]):
+        if probs[i] >= cutoff and probs[i] > 0:
+            idx[n0] = i
+            # positive float32s order like their bit patterns; invert for descending order
+            keys[n0] = 0xFFFFFFFF - np.int64(bits[i])
+            n0 += 1
+    if n0 == 0:
+        return -1
+    # LSD radix sort, 8 bits a pass: stable, so equal probabilities keep ascending ids
+    src_k, src_i, dst_k, dst_i = keys, idx, keys2, idx2
+    for shift in range(0, 32, 8):
+        counts[:] = 0
+        for j in range(n0):
+            counts[(src_k[j] >> shift) & 0xFF] += 1
+        if counts[(src_k[0] >> shift) & 0xFF] == n0:
+            continue  # every key shares this byte: the pass would not move anything
+        total = 0
+        for b in range(256):
+            c = counts[b]
+            counts[b] = total
+            total += c
+        for j in range(n0):
+            b = (src_k[j] >> shift) & 0xFF
+            dst_k[counts[b]] = src_k[j]
+            dst_i[counts[b]] = src_i[j]
+            counts[b] += 1
+        src_k, src_i, dst_k, dst_i = dst_k, dst_i, src_k, src_i
+    # truncate where the running sum passes topp (all candidates if rounding never gets there)
+    cumulative = np.float32(0)
+    last = n0 - 1
+    for j in range(n0):
+        cumulative += probs[src_i[j]]
+        if cumulative > topp:
+            last = j
+            break
+    r = coin * cumulative
+    cdf = np.float32(0)
+    for j in range(last + 1):
+        cdf += probs[src_i[j]]
+        if r < cdf:
+            return src_i[j]
+    return src_i[last]
