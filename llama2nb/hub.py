@@ -101,10 +101,13 @@ def _converted(spec: HubFile, model_path: str) -> Path:
 def _from_cache(spec: HubFile, cache_dir: str | os.PathLike | None) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(spec.repo, spec.filename, cache_dir=cache_dir)
-    if not isinstance(found, str):  # None, or the "known not to exist" sentinel
+    try:
+        found = try_to_load_from_cache(spec.repo, spec.filename, cache_dir=cache_dir)
+        if not isinstance(found, str):  # None, or the "known not to exist" sentinel
+            return None
+        return _converted(spec, found) if spec.convert_to else Path(found)
+    except (OSError, ValueError):  # an unreadable cache entry counts as not downloaded
         return None
-    return _converted(spec, found) if spec.convert_to else Path(found)
 
 
 def resolve_model(name: str, cache_dir: str | os.PathLike | None = None) -> tuple[Path, Path] | None:

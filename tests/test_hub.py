@@ -1,0 +1,196 @@
+"""llama2nb.hub: `llama2nb download NAME` through the real huggingface_hub client against a local
+stand-in of the hub (an HTTP server on 127.0.0.1 answering /{repo}/resolve/main/{file} as the
+hub does), then `resolve_model` and `llama2nb sample NAME` from the cache with no endpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from llama2nb import hub
+from llama2nb.checkpoint import random_weights, write_checkpoint
+from llama2nb.cli import main
+from llama2nb.config import ModelConfig
+from tests.conftest import LLAMA2_BIN, LLAMA2_MODEL, STORIES260K, requires
+
+REPO = Path(__file__).resolve().parent.parent
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+class FakeHub(http.server.ThreadingHTTPServer):
+    """Serves {"repo/path/in/repo": bytes} at /repo/resolve/<rev>/path (and /datasets/...)."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files = files
+        self.requests: list[str] = []
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def _lookup(self):
+        path = self.path.split("?")[0].lstrip("/").removeprefix("datasets/")
+        parts = path.split("/")
+        if len(parts) < 5 or parts[2] != "resolve":
+            return None
+        return self.server.files.get("/".join(parts[:2] + parts[4:]))
+
+    def _headers(self, data: bytes | None) -> None:
+        if data is None:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("ETag", '"' + hashlib.sha256(data).hexdigest() + '"')
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+
+    def do_HEAD(self):
+        self.server.requests.append("HEAD " + self.path)
+        self._headers(self._lookup())
+
+    def do_GET(self):
+        self.server.requests.append("GET " + self.path)
+        data = self._lookup()
+        self._headers(data)
+        if data is not None:
+            self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_hub(tmp_path):
+    files = {}
+    cfg = ModelConfig(dim=64, hidden_dim=172, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, seq_len=512)
+    small = tmp_path / "small.bin"
+    write_checkpoint(small, cfg, random_weights(cfg))
+    files["karpathy/tinyllamas/stories260K/stories260K.bin"] = (
+        STORIES260K.read_bytes() if STORIES260K.exists() else small.read_bytes())
+    from llama2nb.tokenizer import byte_vocab, write_bin
+
+    pieces, scores = byte_vocab()
+    pieces = (pieces + [b"x%d" % i for i in range(512)])[:512]
+    scores = (scores + [0.0] * 512)[:512]
+    write_bin(tmp_path / "tok512.bin", pieces, scores)
+    files["karpathy/tinyllamas/stories260K/tok512.bin"] = (tmp_path / "tok512.bin").read_bytes()
+    server = FakeHub(files)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def env_for(tmp_path: Path, endpoint: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_CACHE=str(tmp_path / "hf-cache"), LLAMA2NB_CACHE=str(tmp_path / "l2nb-cache"),
+               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1", PYTHONPATH=str(REPO))
+    if endpoint:
+        env["HF_ENDPOINT"] = endpoint
+    else:
+        env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llama2nb.training", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_download_then_sample_by_name(fake_hub, tmp_path):
+    assert hub.resolve_model("stories260K", cache_dir=tmp_path / "hf-cache") is None  # nothing cached yet
+    proc = cli(["download", "stories260K"], env_for(tmp_path, fake_hub.endpoint))
+    assert proc.returncode == 0, proc.stderr
+    assert "sample with: llama2nb sample stories260K" in proc.stdout
+    assert any("stories260K/stories260K.bin" in r for r in fake_hub.requests)
+    found = hub.resolve_model("stories260K", cache_dir=tmp_path / "hf-cache")
+    assert found is not None
+    ckpt, tok = found
+    assert ckpt.read_bytes() == fake_hub.files["karpathy/tinyllamas/stories260K/stories260K.bin"]
+    assert tok.name == "tok512.bin" and "models--karpathy--tinyllamas" in str(ckpt)
+    assert hub.resolve_model("STORIES260K.bin", cache_dir=tmp_path / "hf-cache") == found
+    # offline (no endpoint, HF_HUB_OFFLINE): the sample command finds the model by name
+    n_before = len(fake_hub.requests)
+    proc = cli(["sample", "stories260K", "-n", "16", "-t", "0"], env_for(tmp_path, None))
+    assert proc.returncode == 0, proc.stderr
+    assert len(fake_hub.requests) == n_before
+
+
+def test_download_unknown_and_failing(tmp_path, fake_hub):
+    r = CliRunner().invoke(main, ["download", "stories7B"])
+    assert r.exit_code == 1 and "expected one of stories260K, stories15M, stories42M, stories110M" in r.output
+    # stories15M's checkpoint is not on the stand-in: a one-line error, no traceback
+    proc = cli(["download", "stories15M"], env_for(tmp_path, fake_hub.endpoint))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "karpathy/tinyllamas/stories15M.bin: download failed" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@requires(LLAMA2_MODEL)
+def test_llama2_tokenizer_converted_from_the_hub_model(tmp_path, fake_hub, monkeypatch):
+    """stories15M's tokenizer: the Llama 2 tokenizer.model from the hub, converted once into
+    llama2nb's cache; the result is llama2.c's tokenizer.bin byte for byte."""
+    fake_hub.files["karpathy/tinyllamas/stories15M.bin"] = fake_hub.files["karpathy/tinyllamas/stories260K/stories260K.bin"]
+    fake_hub.files["NousResearch/Llama-2-7b-hf/tokenizer.model"] = LLAMA2_MODEL.read_bytes()
+    proc = cli(["download", "stories15M"], env_for(tmp_path, fake_hub.endpoint))
+    assert proc.returncode == 0, proc.stderr
+    assert "warning" not in proc.stderr.lower()
+    monkeypatch.setenv("LLAMA2NB_CACHE", str(tmp_path / "l2nb-cache"))
+    ckpt, tok = hub.resolve_model("stories15M", cache_dir=tmp_path / "hf-cache")
+    assert tok == tmp_path / "l2nb-cache" / "tokenizers" / "llama2-tokenizer.bin"
+    assert tok.read_bytes() == LLAMA2_BIN.read_bytes()
+    assert hashlib.sha256(tok.read_bytes()).hexdigest() == hub.LLAMA2_TOKENIZER_BIN_SHA256
+    # the converted file is rebuilt from the cached .model, offline, if it goes missing
+    tok.unlink()
+    assert hub.resolve_model("stories15M", cache_dir=tmp_path / "hf-cache")[1].read_bytes() == LLAMA2_BIN.read_bytes()
+
+
+def test_download_model_with_patched_client(tmp_path, monkeypatch):
+    """download_model goes through huggingface_hub.hf_hub_download with each file's repo."""
+    import huggingface_hub
+
+    seen = []
+
+    def fake(repo_id, filename, repo_type=None, cache_dir=None, **kw):
+        seen.append((repo_id, filename))
+        path = tmp_path / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
+    ckpt, tok = hub.download_model("stories260K")
+    assert seen == [("karpathy/tinyllamas", "stories260K/stories260K.bin"),
+                    ("karpathy/tinyllamas", "stories260K/tok512.bin")]
+    assert ckpt == tmp_path / "stories260K/stories260K.bin" and tok == tmp_path / "stories260K/tok512.bin"
+
+
+def test_hub_and_cli_import_without_torch():
+    code = ("import sys, llama2nb.hub, llama2nb.cli, llama2nb.training.commands, llama2nb.training.data, "
+            "llama2nb.training.vocab, llama2nb.training.evaluate; "
+            "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_known_models():
+    assert set(hub.KNOWN_MODELS) == {"stories260K", "stories15M", "stories42M", "stories110M"}
+    assert hub.KNOWN_MODELS["stories110M"].checkpoint.filename == "stories110M.bin"
+    assert hub.resolve_model("not-a-model") is None
