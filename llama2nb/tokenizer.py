@@ -364,13 +364,18 @@ def byte_vocab(words: Sequence[str] = ()) -> tuple[list[bytes], list[float]]:
     for word in words:
         data = word.encode("utf-8")
         chars = [c.encode("utf-8") for c in word]
+        for c in chars:  # every character, so no part of a word needs byte fallback
+            if c not in seen:
+                seen.add(c)
+                pieces.append(c)
+                scores.append(0.0)
         # every prefix built one character at a time, so left-to-right merges reach the word
-        for k in range(1, len(chars) + 1):
+        for k in range(2, len(chars) + 1):
             piece = b"".join(chars[:k])
             if piece not in seen:
                 seen.add(piece)
                 pieces.append(piece)
-                scores.append(score if k > 1 else 0.0)
+                scores.append(score)
                 score -= 1.0
         assert data in seen
     return pieces, scores
