@@ -234,7 +234,8 @@ class _View:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(highlight=False, soft_wrap=False)
+            # interactive means stdout is a terminal: say so, for Rich's live redraws
+            self._console = Console(highlight=False, soft_wrap=False, force_terminal=self.interactive or None)
         return self._console
 
     def notice(self, message: str) -> None:
@@ -285,13 +286,17 @@ class _View:
                 elif not self._stdin_tty:  # piped input is not echoed: show it in the transcript
                     out.write(f"User: {event.text}\n")
             elif isinstance(event, NoticeEvent):
-                self._end_line()
+                if chat_mode:
+                    self._end_line()
                 self.notice(event.message)
-        self._end_line()
+        if chat_mode:
+            self._end_line()
+        else:
+            out.write("\n")  # run.c ends the story with a newline
         out.flush()
 
     def _end_line(self) -> None:
-        if self._mid_line or not self.text_parts:
+        if self._mid_line:
             sys.stdout.write("\n")
             self._mid_line = False
 

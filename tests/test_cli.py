@@ -1,0 +1,247 @@
+"""`llama2nb sample` and `llama2nb info`: Click's runner for the modes and every error case,
+subprocesses for what only a real process shows (Ctrl-C, a closed pipe, an ASCII terminal, and
+that torch is never imported)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from llama2nb import cli
+from llama2nb.checkpoint import random_weights, write_checkpoint
+from llama2nb.tokenizer import byte_vocab, write_bin
+
+from .conftest import LLAMA2_BIN, REPO, requires
+from .sampling_fixtures import tiny_config, tiny_vocab, write_tiny_model
+
+CLI = [sys.executable, "-c", "from llama2nb.cli import main; main(prog_name='llama2nb')"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("cli"), seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def sample(runner: CliRunner, *args: str, input: str | None = None):
+    return runner.invoke(cli.main, ["sample", *args], input=input, catch_exceptions=False)
+
+
+def assert_one_line_error(result, *fragments: str, code: int = 1) -> str:
+    assert result.exit_code == code, (result.exit_code, result.output)
+    err = result.stderr.strip()
+    assert "Traceback" not in result.output
+    if code == 1:
+        assert len(err.splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    return err
+
+
+# ----------------------------------------------------------------------------------------------
+# generate and chat
+
+
+def test_generate_streams_text_to_stdout_and_stats_to_stderr(runner, tiny):
+    result = sample(runner, str(tiny), "-i", "Once upon a time", "-s", "42", "-n", "20")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Once upon a time")
+    assert result.stdout.endswith("\n")
+    assert "tok/s" in result.stderr and "seed 42" in result.stderr and "JIT compile" in result.stderr
+    assert "tok/s" not in result.stdout
+    again = sample(runner, str(tiny), "-i", "Once upon a time", "-s", "42", "-n", "20")
+    assert again.stdout == result.stdout  # same seed, same story
+
+
+def test_generate_flags(runner, tiny):
+    greedy = sample(runner, str(tiny), "-t", "0", "-n", "0")
+    assert greedy.exit_code == 0 and "note:" not in greedy.stderr  # -n 0 = seq_len, no clamping
+    clamped = sample(runner, str(tiny), "-t", "0", "-n", "1000")
+    assert clamped.exit_code == 0 and "note:" in clamped.stderr and "1000" in clamped.stderr
+    assert clamped.stdout == greedy.stdout
+    extras = sample(runner, str(tiny), "-s", "3", "--top-k", "5", "--min-p", "0.1", "--repetition-penalty", "1.2",
+                    "-p", "0.5", "-t", "0.8", "--no-fastmath")
+    assert extras.exit_code == 0, extras.output
+
+
+def test_chat_mode_reads_turns_from_piped_stdin(runner, tiny):
+    result = sample(runner, str(tiny), "-m", "chat", "-y", "be kind", "-s", "5", "-n", "0",
+                    input="hello\n\nthe cat\n")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "User: hello" in out and "Assistant: " in out
+    assert "tok/s" in result.stderr or "no token" in result.stderr
+
+
+def test_chat_mode_with_first_prompt_and_immediate_eof(runner, tiny):
+    result = sample(runner, str(tiny), "-m", "chat", "-i", "hi", "-s", "5", input="")
+    assert result.exit_code == 0, result.output
+    assert "Assistant: " in result.stdout and "Traceback" not in result.output
+
+
+def test_terminal_view_uses_rich_with_a_summary(runner, tiny, monkeypatch):
+    monkeypatch.setattr(cli, "_is_terminal", lambda stream: True)
+    result = sample(runner, str(tiny), "-i", "Once upon a time", "-s", "42", "-n", "20")
+    assert result.exit_code == 0, result.output
+    monkeypatch.undo()
+    assert "Once upon a time" in result.stdout
+    assert "tok/s" in result.stdout  # on a terminal the summary is part of the display
+
+
+def test_info(runner, tiny):
+    result = runner.invoke(cli.main, ["info", str(tiny)])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for fragment in ["version 0", "dim 16", "hidden_dim 32", "2 layers", "2 heads", "seq_len 128",
+                     "parameters", "shared", "KV cache", "group size", f"{tiny.stat().st_size:,} bytes"]:
+        assert fragment in out, fragment
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors: usage errors (exit 2) for flags, one line (exit 1) for files and inputs
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["-t", "-1"], "temperature"), (["-t", "nan"], "temperature"), (["-t", "inf"], "temperature"),
+    (["-p", "1.5"], "topp"), (["-p", "-0.1"], "topp"), (["-n", "-1"], "steps"), (["-m", "poem"], "mode"),
+    (["-s", "-3"], "seed"), (["--top-k", "-1"], "top-k"), (["--min-p", "2"], "min-p"),
+    (["--repetition-penalty", "0"], "repetition-penalty"), (["-n", "many"], "steps"),
+])
+def test_out_of_range_flags(runner, tiny, args, fragment):
+    result = sample(runner, str(tiny), *args)
+    assert result.exit_code == 2, result.output
+    assert fragment in result.stderr and "Traceback" not in result.output
+
+
+def test_missing_checkpoint_and_tokenizer(runner, tiny, tmp_path):
+    assert_one_line_error(sample(runner, str(tmp_path / "nope.bin")), "nope.bin", "no such")
+    assert_one_line_error(sample(runner, "stories999M"), "stories999M", "llama2nb download")
+    assert_one_line_error(sample(runner, str(tmp_path)), "directory")
+    assert_one_line_error(sample(runner, str(tiny), "-z", str(tmp_path / "tok.bin")), "tok.bin", "no such")
+    lonely = tmp_path / "lonely" / "model.bin"
+    lonely.parent.mkdir()
+    lonely.write_bytes(tiny.read_bytes())
+    monkey_bundled = cli.BUNDLED_DIR
+    try:
+        cli.BUNDLED_DIR = tmp_path / "no-bundle"
+        assert_one_line_error(sample(runner, str(lonely)), "no tokenizer", "-z")
+    finally:
+        cli.BUNDLED_DIR = monkey_bundled
+
+
+def test_no_bundled_model_says_how_to_get_one(runner, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "BUNDLED_MODEL", tmp_path / "model.bin")
+    assert_one_line_error(sample(runner), "llama2nb download stories15M", "llama2nb train")
+
+
+def test_tokenizer_of_another_model(runner, tiny, tmp_path):
+    pieces, scores = byte_vocab([" a", " b"])
+    write_bin(tmp_path / "other.bin", pieces, scores)
+    err = assert_one_line_error(sample(runner, str(tiny), "-z", str(tmp_path / "other.bin")), "other.bin")
+    model_vocab = len(tiny_vocab()[0])
+    assert f"expected {model_vocab}" in err and f"found {len(pieces)}" in err
+
+
+def test_bad_files(runner, tiny, tmp_path):
+    (tmp_path / "garbage.bin").write_bytes(os.urandom(1000))
+    assert_one_line_error(sample(runner, str(tmp_path / "garbage.bin"), "-z", str(tiny.parent / "tokenizer.bin")),
+                          "garbage.bin")
+    (tmp_path / "cut.bin").write_bytes(tiny.read_bytes()[:-100])
+    assert_one_line_error(sample(runner, str(tmp_path / "cut.bin"), "-z", str(tiny.parent / "tokenizer.bin")),
+                          "cut.bin", "file size")
+    (tmp_path / "bad-tok.bin").write_bytes((tiny.parent / "tokenizer.bin").read_bytes()[:-3])
+    assert_one_line_error(sample(runner, str(tiny), "-z", str(tmp_path / "bad-tok.bin")), "bad-tok.bin")
+    assert_one_line_error(runner.invoke(cli.main, ["info", str(tmp_path / "cut.bin")]), "cut.bin")
+    assert_one_line_error(runner.invoke(cli.main, ["info", str(tmp_path / "none.bin")]), "none.bin")
+
+
+def test_prompt_longer_than_seq_len(runner, tiny):
+    err = assert_one_line_error(sample(runner, str(tiny), "-i", " ".join(["the cat"] * 80)), "prompt", "128")
+    assert "161" in err  # BOS + 160 tokens
+
+
+def test_unencodable_prompt(runner, tiny):
+    assert_one_line_error(sample(runner, str(tiny), "-i", "lone \ud800"), "surrogate")
+
+
+# ----------------------------------------------------------------------------------------------
+# Real processes
+
+
+def run_cli(*args: str, env=None, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, timeout=120, env=env, cwd=REPO, **kwargs)
+
+
+def test_sample_and_info_never_import_torch(tiny):
+    code = textwrap.dedent(f"""
+        import sys
+        from llama2nb.cli import main
+        for args in (["info", {str(tiny)!r}], ["sample", {str(tiny)!r}, "-n", "5"]):
+            try:
+                main(args)
+            except SystemExit as e:
+                assert not e.code, e.code
+        assert "torch" not in sys.modules, "torch was imported"
+        print("torch-free")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "torch-free" in done.stdout
+
+
+def test_ctrl_c_prints_the_summary_and_exits_130(tmp_path):
+    # a long context so the run is still going when the signal arrives
+    folder = tmp_path / "long"
+    model = write_tiny_model(folder, seq_len=200_000)
+    proc = subprocess.Popen([*CLI, "sample", str(model), "-n", "0", "-s", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=REPO)
+    try:
+        assert proc.stdout.read(20)  # sampling has started
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "tok/s" in err and "interrupted" in err
+
+
+def test_closed_stdout_ends_quietly(tiny):
+    proc = subprocess.Popen([*CLI, "sample", str(tiny), "-n", "0", "-s", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=REPO)
+    first = proc.stdout.read(5)  # `| head -c 5`
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert first
+    assert "Traceback" not in err and "Error" not in err, err
+    assert proc.returncode in (0, 141), (proc.returncode, err)  # 0 if it finished before the close
+
+
+def test_ascii_terminal_still_works(tiny):
+    env = dict(os.environ, PYTHONIOENCODING="ascii", LC_ALL="C", LANG="C")
+    done = run_cli("sample", str(tiny), "-i", "café 日本 🦙", "-n", "20", "-s", "4", env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(b"caf? ??"), done.stdout[:40]
+    assert b"Traceback" not in done.stderr
+
+
+@requires(LLAMA2_BIN)
+def test_llama2_tokenizer_on_a_random_32000_vocab_model(runner, tmp_path):
+    config = tiny_config(32000, seq_len=24)
+    write_checkpoint(tmp_path / "m.bin", config, random_weights(config, seed=1))
+    result = sample(runner, str(tmp_path / "m.bin"), "-z", str(LLAMA2_BIN), "-i", "Once upon a time", "-s", "42")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Once upon a time") and "24 positions" in result.stderr
