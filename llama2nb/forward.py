@@ -1,8 +1,9 @@
 """RunState (preallocated buffers and the KV cache) and the forward pass: token, pos -> logits.
 
-Orchestration only: the arithmetic is in kernels.py. One Python call per layer runs a compiled
-layer function (`layer_fp32` or `layer_q8`), so a token costs n_layers + 2 calls into Numba and
-allocates nothing.
+Orchestration only: the arithmetic is in kernels.py. A layer is three calls into compiled code:
+the q k v projections, attention, and the output projection with the feed-forward. Attention is
+called on its own because, compiled into a larger function, LLVM inlines it and vectorises it
+far worse (2-4x slower at 256 positions). A token allocates nothing.
 """
 
 from __future__ import annotations
@@ -23,22 +24,21 @@ from .jit import fastmath_name, jit_family
 from .kernels import add, attention, matmul, matmul_q8, quantize, rmsnorm, rope, swiglu
 
 
-def layer_fp32(x, xb, xb2, q, hb, hb2, att, key_cache, value_cache, cos, sin, pos, n_kv_heads,
-               rms_att, wq, wk, wv, wo, rms_ffn, w1, w2, w3):
-    """One transformer layer on the residual stream x (dim,), fp32 weights (run.c's forward)."""
-    k = key_cache[pos]  # (kv_dim,) this position's cache row: k and v are written in place
-    v = value_cache[pos]  # (kv_dim,)
-    # attention: rmsnorm, then q k v projections
+def qkv_fp32(x, xb, q, k, v, cos, sin, rms_att, wq, wk, wv):
+    """Attention's input: rmsnorm, the q k v projections, RoPE. k and v are this position's rows
+    of the KV cache, written in place.  x, xb, q (dim,), k, v (kv_dim,), cos, sin (head_size // 2,)"""
     rmsnorm(xb, x, rms_att)  # xb (dim,)
     matmul(q, xb, wq)  # q (dim,)
     matmul(k, xb, wk)  # k (kv_dim,)
     matmul(v, xb, wv)  # v (kv_dim,)
-    rope(q, k, cos, sin, pos, q.shape[0] // att.shape[0])
-    # attend over positions 0..pos of this layer's cache, project back, residual
-    attention(xb, q, key_cache, value_cache, att, pos, n_kv_heads)  # xb (dim,)
+    rope(q, k, cos, sin)
+
+
+def ffn_fp32(x, xb, xb2, hb, hb2, wo, rms_ffn, w1, w2, w3):
+    """Attention's output projection and residual, then the SwiGLU feed-forward and residual.
+    x (dim,) the residual stream, xb (dim,) the attention output, hb, hb2 (hidden_dim,)"""
     matmul(xb2, xb, wo)  # xb2 (dim,)
     add(x, xb2)
-    # feed-forward: rmsnorm, SwiGLU, down projection, residual
     rmsnorm(xb, x, rms_ffn)  # xb (dim,)
     matmul(hb, xb, w1)  # hb (hidden_dim,)
     matmul(hb2, xb, w3)  # hb2 (hidden_dim,)
@@ -47,41 +47,38 @@ def layer_fp32(x, xb, xb2, q, hb, hb2, att, key_cache, value_cache, cos, sin, po
     add(x, xb)
 
 
-def layer_q8(x, xb, xb2, q, hb, hb2, att, key_cache, value_cache, cos, sin, pos, n_kv_heads,
-             xq, xs, hq, hs, group_size,
-             rms_att, wq, sq, wk, sk, wv, sv, wo, so, rms_ffn, w1, s1, w2, s2, w3, s3):
-    """One transformer layer with Q8_0 weights (runq.c's forward): activations are quantized
-    per group before every matmul; w* are int8 (rows, cols), s* their per-group scales."""
-    k = key_cache[pos]  # (kv_dim,)
-    v = value_cache[pos]  # (kv_dim,)
-    # attention: rmsnorm, quantize, q k v projections
+def qkv_q8(x, xb, q, k, v, cos, sin, xq, xs, rms_att, wq, sq, wk, sk, wv, sv):
+    """qkv_fp32 for Q8_0 weights (runq.c): the normalised input is quantized per group first.
+    xq (dim,) int8 and xs (dim // GS,) its scales; w* int8 (rows, cols) with scales s*"""
     rmsnorm(xb, x, rms_att)  # xb (dim,)
-    quantize(xq, xs, xb, group_size)  # xq (dim,) int8, xs (dim // gs,)
-    matmul_q8(q, xq, xs, wq, sq, group_size)  # q (dim,)
-    matmul_q8(k, xq, xs, wk, sk, group_size)  # k (kv_dim,)
-    matmul_q8(v, xq, xs, wv, sv, group_size)  # v (kv_dim,)
-    rope(q, k, cos, sin, pos, q.shape[0] // att.shape[0])
-    # attend, quantize, project back, residual
-    attention(xb, q, key_cache, value_cache, att, pos, n_kv_heads)  # xb (dim,)
-    quantize(xq, xs, xb, group_size)
-    matmul_q8(xb2, xq, xs, wo, so, group_size)  # xb2 (dim,)
+    quantize(xq, xs, xb)  # xq (dim,) int8
+    matmul_q8(q, xq, xs, wq, sq)  # q (dim,)
+    matmul_q8(k, xq, xs, wk, sk)  # k (kv_dim,)
+    matmul_q8(v, xq, xs, wv, sv)  # v (kv_dim,)
+    rope(q, k, cos, sin)
+
+
+def ffn_q8(x, xb, xb2, hb, hb2, xq, xs, hq, hs, wo, so, rms_ffn, w1, s1, w2, s2, w3, s3):
+    """ffn_fp32 for Q8_0 weights: every matmul's input is quantized first.
+    hq (hidden_dim,) int8 and hs (hidden_dim // GS,) for w2's input"""
+    quantize(xq, xs, xb)
+    matmul_q8(xb2, xq, xs, wo, so)  # xb2 (dim,)
     add(x, xb2)
-    # feed-forward
     rmsnorm(xb, x, rms_ffn)  # xb (dim,)
-    quantize(xq, xs, xb, group_size)
-    matmul_q8(hb, xq, xs, w1, s1, group_size)  # hb (hidden_dim,)
-    matmul_q8(hb2, xq, xs, w3, s3, group_size)  # hb2 (hidden_dim,)
+    quantize(xq, xs, xb)
+    matmul_q8(hb, xq, xs, w1, s1)  # hb (hidden_dim,)
+    matmul_q8(hb2, xq, xs, w3, s3)  # hb2 (hidden_dim,)
     swiglu(hb, hb2)  # hb (hidden_dim,)
-    quantize(hq, hs, hb, group_size)  # hq (hidden_dim,) int8, hs (hidden_dim // gs,)
-    matmul_q8(xb, hq, hs, w2, s2, group_size)  # xb (dim,)
+    quantize(hq, hs, hb)  # hq (hidden_dim,) int8
+    matmul_q8(xb, hq, hs, w2, s2)  # xb (dim,)
     add(x, xb)
 
 
-def classifier_q8(logits, x, xq, xs, rms_final, wq, ws, group_size):
+def classifier_q8(logits, x, xq, xs, rms_final, wq, ws):
     """Final rmsnorm and the Q8_0 classifier.  logits (vocab,), x (dim,)"""
     rmsnorm(x, x, rms_final)
-    quantize(xq, xs, x, group_size)
-    matmul_q8(logits, xq, xs, wq, ws, group_size)
+    quantize(xq, xs, x)
+    matmul_q8(logits, xq, xs, wq, ws)
 
 
 def classifier_fp32(logits, x, rms_final, wcls):
@@ -90,13 +87,14 @@ def classifier_fp32(logits, x, rms_final, wcls):
     matmul(logits, x, wcls)
 
 
-FAMILY = kernels.KERNELS + (layer_fp32, layer_q8, classifier_fp32, classifier_q8)
+FAMILY = kernels.KERNELS + (qkv_fp32, ffn_fp32, qkv_q8, ffn_q8, classifier_fp32, classifier_q8)
 
 
 @functools.cache
-def compiled(fastmath: str = "off") -> SimpleNamespace:
-    """The kernels and layer functions compiled with one fastmath setting (see jit.FASTMATH)."""
-    return jit_family(FAMILY, fastmath)
+def compiled(fastmath: str = "off", group_size: int = 0) -> SimpleNamespace:
+    """The kernels and layer functions compiled with one fastmath setting (see jit.FASTMATH) and,
+    for Q8_0 files, one group size (0 for fp32 files, which never call the Q8_0 kernels)."""
+    return jit_family(FAMILY, fastmath, constants={"GROUP_SIZE": group_size})
 
 
 def rope_tables(seq_len: int, head_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -179,13 +177,33 @@ class Transformer:
         self.weights = checkpoint.weights
         self.fastmath = fastmath_name(fastmath)
         self.state = RunState.allocate(self.config, str(checkpoint.path))
-        self.kernels = compiled(self.fastmath)
+        self.kernels = compiled(self.fastmath, self.config.group_size)
+        self._bind_layers()
         self.compile_seconds = self._warm_up()
 
     @classmethod
     def load(cls, path: str | os.PathLike, fastmath: bool | str = False) -> "Transformer":
         """Map a llama2.c checkpoint (v0, v1 or v2) and compile (or load cached) kernels."""
         return cls(read_checkpoint(Path(path)), fastmath)
+
+    def _bind_layers(self) -> None:
+        """Gather each layer's arguments once, so the token loop only indexes lists."""
+        c, w, s, k = self.config, self.weights, self.state, self.kernels
+        layers = range(c.n_layers)
+        if c.quantized:
+            def qs(m):
+                return (m.q, m.s)
+            self._qkv, self._ffn, self._classifier = k.qkv_q8, k.ffn_q8, k.classifier_q8
+            self._qkv_args = [(s.xq, s.xs, w.rms_att_weight[l], *qs(w.wq[l]), *qs(w.wk[l]), *qs(w.wv[l]))
+                              for l in layers]
+            self._ffn_args = [(s.xq, s.xs, s.hq, s.hs, *qs(w.wo[l]), w.rms_ffn_weight[l], *qs(w.w1[l]),
+                               *qs(w.w2[l]), *qs(w.w3[l])) for l in layers]
+            self._classifier_args = (s.logits, s.x, s.xq, s.xs, w.rms_final_weight, *qs(w.wcls))
+        else:
+            self._qkv, self._ffn, self._classifier = k.qkv_fp32, k.ffn_fp32, k.classifier_fp32
+            self._qkv_args = [(w.rms_att_weight[l], w.wq[l], w.wk[l], w.wv[l]) for l in layers]
+            self._ffn_args = [(w.wo[l], w.rms_ffn_weight[l], w.w1[l], w.w2[l], w.w3[l]) for l in layers]
+            self._classifier_args = (s.logits, s.x, w.rms_final_weight, w.wcls)
 
     def _warm_up(self) -> float:
         """Run position 0 twice: the first call compiles (or loads from Numba's cache), the
@@ -207,19 +225,16 @@ class Transformer:
             raise ValueError(f"pos: expected a position in 0..{c.seq_len - 1} (seq_len {c.seq_len}), found {pos}")
         if c.quantized:
             emb = w.token_embedding_table
-            k.dequantize_row(s.x, emb.q, emb.s, token, c.group_size)  # x (dim,)
-            for l in range(c.n_layers):
-                k.layer_q8(s.x, s.xb, s.xb2, s.q, s.hb, s.hb2, s.att, s.key_cache[l], s.value_cache[l],
-                           s.cos, s.sin, pos, c.n_kv_heads, s.xq, s.xs, s.hq, s.hs, c.group_size,
-                           w.rms_att_weight[l], w.wq[l].q, w.wq[l].s, w.wk[l].q, w.wk[l].s, w.wv[l].q,
-                           w.wv[l].s, w.wo[l].q, w.wo[l].s, w.rms_ffn_weight[l], w.w1[l].q, w.w1[l].s,
-                           w.w2[l].q, w.w2[l].s, w.w3[l].q, w.w3[l].s)
-            k.classifier_q8(s.logits, s.x, s.xq, s.xs, w.rms_final_weight, w.wcls.q, w.wcls.s, c.group_size)
+            k.dequantize_row(s.x, emb.q, emb.s, token)  # x (dim,) the token's embedding
         else:
-            s.x[:] = w.token_embedding_table[token]  # x (dim,)
-            for l in range(c.n_layers):
-                k.layer_fp32(s.x, s.xb, s.xb2, s.q, s.hb, s.hb2, s.att, s.key_cache[l], s.value_cache[l],
-                             s.cos, s.sin, pos, c.n_kv_heads, w.rms_att_weight[l], w.wq[l], w.wk[l],
-                             w.wv[l], w.wo[l], w.rms_ffn_weight[l], w.w1[l], w.w2[l], w.w3[l])
-            k.classifier_fp32(s.logits, s.x, w.rms_final_weight, w.wcls)
+            s.x[:] = w.token_embedding_table[token]  # x (dim,) the token's embedding
+        for l in range(c.n_layers):
+            key_cache, value_cache = s.key_cache[l], s.value_cache[l]  # (seq_len, kv_dim) each
+            # rmsnorm, q k v (k and v straight into this position's cache rows), RoPE
+            self._qkv(s.x, s.xb, s.q, key_cache[pos], value_cache[pos], s.cos[pos], s.sin[pos], *self._qkv_args[l])
+            # attention over positions 0..pos -> xb (dim,)
+            k.attention(s.xb, s.q, key_cache, value_cache, s.att, pos, c.n_kv_heads)
+            # output projection, residual, SwiGLU feed-forward, residual -> x (dim,)
+            self._ffn(s.x, s.xb, s.xb2, s.hb, s.hb2, *self._ffn_args[l])
+        self._classifier(*self._classifier_args)  # final rmsnorm, logits (vocab_size,)
         return s.logits

@@ -46,15 +46,20 @@ def _family_hash(functions: Iterable[Callable]) -> str:
     return digest.hexdigest()[:10]
 
 
-def jit_family(functions: Iterable[Callable], fastmath: str, parallel: bool = False) -> types.SimpleNamespace:
-    """Compile `functions` (lazily, at first call) as @njit with the named fastmath setting."""
+def jit_family(functions: Iterable[Callable], fastmath: str, parallel: bool = False,
+               constants: dict[str, int] | None = None) -> types.SimpleNamespace:
+    """Compile `functions` (lazily, at first call) as @njit with the named fastmath setting.
+    `constants` replace module globals of the same name: Numba freezes globals at compile time,
+    so each value gets code specialised for it (and its own cache entry)."""
     functions = list(functions)
+    constants = constants or {}
     flags = FASTMATH[fastmath_name(fastmath)]
-    tag = f"{fastmath}{'_par' if parallel else ''}_{_family_hash(functions)}"
+    suffix = "".join(f"_{name}{value}" for name, value in sorted(constants.items()))
+    tag = f"{fastmath}{'_par' if parallel else ''}{suffix}_{_family_hash(functions)}"
     compiled: dict[str, Callable] = {}
     namespaces: list[dict] = []
     for fn in functions:
-        namespace = dict(fn.__globals__)
+        namespace = {**fn.__globals__, **constants}
         namespaces.append(namespace)
         copy = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
         copy.__qualname__ = f"{fn.__name__}__{tag}"
