@@ -16,13 +16,13 @@ moment, so a caller interrupted mid-stream (Ctrl-C) can still report them.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Protocol, Union
 
 import numpy as np
 
 from .sampler import Sampler
-from .tokenizer import BOS_ID, EOS_ID, StreamDecoder, Tokenizer
+from .tokenizer import BOS_ID, EOS_ID, Tokenizer
 
 SYSTEM_TEMPLATE = "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]"
 USER_TEMPLATE = "[INST] {user} [/INST]"
