@@ -200,6 +200,7 @@ def sample(checkpoint: str | None, tokenizer_path: str | None, temperature: floa
             model, view.compile_seconds = view.load(ckpt, fastmath)
             run = starter(model)
             view.stream(run, chat_mode=mode == "chat")
+            view.summary(run)
         except (CheckpointError, GenerationError) as e:
             raise click.ClickException(str(e)) from None
         except ValueError as e:  # e.g. the kernels' own range checks; still one line, no traceback
@@ -210,8 +211,6 @@ def sample(checkpoint: str | None, tokenizer_path: str | None, temperature: floa
     except BrokenPipeError:
         _silence_stdout()
         sys.exit(EXIT_BROKEN_PIPE)
-    if run is not None:
-        view.summary(run)
 
 
 class _View:
