@@ -177,7 +177,6 @@ def generate(model: Model, tokenizer: Tokenizer, sampler: Sampler, prompt: str =
         stats.prompt_tokens = len(prompt_tokens)
         decoder = tokenizer.stream(prev_token=None)
         token = prompt_tokens[0]
-        sampler.observe(token)
         decoder.push(token)  # BOS: no text, but the next piece's leading space is stripped
         pos = 0
         while pos < steps:
@@ -189,7 +188,8 @@ def generate(model: Model, tokenizer: Tokenizer, sampler: Sampler, prompt: str =
             if nxt == BOS_ID:  # run.c: BOS delimits sequences, so it ends this one
                 stats.stop_reason = "bos"
                 break
-            sampler.observe(nxt)
+            if nxt != EOS_ID:  # the penalty is for repeated text; BOS/EOS delimit it
+                sampler.observe(nxt)
             text = decoder.push(nxt)
             run._emitted(sampled=not forced, pos=pos)
             yield TokenEvent(nxt, text, pos, prompt=forced)
@@ -254,7 +254,8 @@ def chat(model: Model, tokenizer: Tokenizer, sampler: Sampler, read_user: Callab
             decoder.push(BOS_ID)  # strip the leading space of the answer's first piece
             # feed the turn; the sample after its last token is the answer's first token
             for token in turn:
-                sampler.observe(token)
+                if token != BOS_ID:  # the penalty is for repeated text, not the delimiters
+                    sampler.observe(token)
                 nxt = sampler.sample(model.forward(token, pos))
                 pos += 1
                 stats.positions = pos
@@ -278,7 +279,6 @@ def chat(model: Model, tokenizer: Tokenizer, sampler: Sampler, read_user: Callab
             if tail:
                 yield TokenEvent(-1, tail, pos, prompt=False)
             if nxt == EOS_ID and pos < steps:
-                sampler.observe(EOS_ID)
                 sampler.sample(model.forward(EOS_ID, pos))  # run.c feeds EOS and samples (unused)
                 pos += 1
                 stats.positions = pos

@@ -143,10 +143,13 @@ class Sampler:
         x[seen & (x <= 0)] *= pen
 
     def _keep_top_k(self, x: np.ndarray) -> None:
-        """Keep the k largest logits (ties at the boundary: the lower ids) and drop the rest."""
-        k = self.top_k
-        order = np.argsort(-x, kind="stable")
-        x[order[k:]] = -np.inf
+        """Keep the k largest logits (ties at the boundary: the lower ids) and drop the rest.
+        A partition finds the k-th value in O(n); a full sort of 32,000 logits costs ~1 ms."""
+        k, n = self.top_k, self.vocab_size
+        kth = np.partition(x, n - k)[n - k]
+        keep = x > kth
+        keep[np.flatnonzero(x == kth)[: k - int(np.count_nonzero(keep))]] = True
+        x[~keep] = -np.inf
 
     def _softmax(self, x: np.ndarray) -> None:
         """run.c's softmax in float32: subtract the max, exp, divide by the in-order sum."""

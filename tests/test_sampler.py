@@ -144,6 +144,11 @@ def test_top_k_only_picks_the_k_best():
     assert set(draws(s, logits, 200)) == {0, 1, 2}
 
 
+def test_top_k_ties_at_the_boundary_keep_the_lower_ids():
+    s = Sampler(5, temperature=10.0, topp=1.0, seed=3, top_k=2)
+    assert set(draws(s, np.array([1.0, 2.0, 2.0, 2.0, 0.0], np.float32), 300)) == {1, 2}
+
+
 def test_min_p_drops_unlikely_tokens():
     # probs 0.5 0.3 0.15 0.05; min_p 0.2 keeps p >= 0.1 -> tokens 0 1 2
     s = Sampler(4, temperature=1.0, topp=1.0, seed=11, min_p=0.2)
