@@ -18,7 +18,7 @@ from llama2nb import cli
 from llama2nb.checkpoint import random_weights, write_checkpoint
 from llama2nb.tokenizer import byte_vocab, write_bin
 
-from .conftest import LLAMA2_BIN, REPO, requires
+from .conftest import LLAMA2_BIN, LLAMA2_MODEL, REPO, requires
 from .sampling_fixtures import tiny_config, tiny_vocab, write_tiny_model
 
 CLI = [sys.executable, "-c", "from llama2nb.cli import main; main(prog_name='llama2nb')"]
@@ -238,9 +238,11 @@ def test_ascii_terminal_still_works(tiny):
 
 
 @requires(LLAMA2_BIN)
-def test_llama2_tokenizer_on_a_random_32000_vocab_model(runner, tmp_path):
+@requires(LLAMA2_MODEL)
+@pytest.mark.parametrize("tokenizer", [LLAMA2_BIN, LLAMA2_MODEL], ids=["bin", "model"])
+def test_llama2_tokenizer_on_a_random_32000_vocab_model(runner, tmp_path, tokenizer):
     config = tiny_config(32000, seq_len=24)
     write_checkpoint(tmp_path / "m.bin", config, random_weights(config, seed=1))
-    result = sample(runner, str(tmp_path / "m.bin"), "-z", str(LLAMA2_BIN), "-i", "Once upon a time", "-s", "42")
+    result = sample(runner, str(tmp_path / "m.bin"), "-z", str(tokenizer), "-i", "Once upon a time", "-s", "42")
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("Once upon a time") and "24 positions" in result.stderr

@@ -300,3 +300,39 @@ def test_words_of_the_tiny_vocab_exist_in_llama(llama_bin):
     for word in WORDS:
         assert llama_bin.decode(llama_bin.encode(word.strip())) == word.strip()
     assert EOS_ID == 2 and llama_bin.pieces[EOS_ID] == b"\n</s>\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Property-based: any text encodes as run.c does and decodes back to itself
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=60) | st.text(
+    alphabet=" \t\nabcOnceuponatimé日本🦙.", max_size=60)
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tmp_path_factory) -> Tokenizer:
+    path = tmp_path_factory.mktemp("tok") / "tok.bin"
+    write_tiny_tokenizer(path)
+    return Tokenizer.load(path)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=TEXT)
+def test_any_text_tiny_vocab(tiny_tok, text):
+    ids = tiny_tok.encode(text)
+    assert ids == runc_encode(tiny_tok.pieces, tiny_tok.scores, text.encode())
+    assert tiny_tok.decode(ids) == text
+    decoder = tiny_tok.stream()
+    assert "".join(decoder.push(t) for t in ids) + decoder.flush() == text
+
+
+@requires(LLAMA2_BIN)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=TEXT)
+def test_any_text_llama2(llama_bin, text):
+    ids = llama_bin.encode(text)
+    assert ids == runc_encode(llama_bin.pieces, llama_bin.scores, text.encode())
+    assert llama_bin.decode(ids) == text
