@@ -63,6 +63,32 @@ def test_stories260k_q8_matches_reference(tmp_path):
     assert max_logit_diff(path, "off", positions=64) <= 0.01 * scale
 
 
+@pytest.mark.parametrize("fastmath", ["off", "full"])
+@pytest.mark.parametrize("name", ["v0-gqa", "v2-unshared-gqa"])
+def test_prefill_matches_the_reference_token_by_token(tiny_models, name, fastmath):
+    """A 70-token prompt in blocks (32 + 32 + 6), then generation continues from its cache."""
+    model = Transformer.load(tiny_models[name], fastmath=fastmath)
+    oracle = Reference(tiny_models[name])
+    tokens = np.random.default_rng(1).integers(0, 67, 74)
+    for pos, token in enumerate(tokens[:70]):
+        expected = oracle.forward(int(token), pos)
+    kind = "q8" if model.config.quantized else "fp32"
+    assert np.max(np.abs(model.prefill(tokens[:70]) - expected)) <= TOLERANCE[kind, fastmath]
+    for pos in range(70, 74):
+        diff = np.max(np.abs(model.forward(int(tokens[pos]), pos) - oracle.forward(int(tokens[pos]), pos)))
+        assert diff <= TOLERANCE[kind, fastmath]
+
+
+def test_prefill_rejects_bad_tokens_and_overflow(tiny_models):
+    model = Transformer.load(tiny_models["v0-shared"])
+    with pytest.raises(ValueError, match="token"):
+        model.prefill([1, 2, 99])
+    with pytest.raises(ValueError, match="pos"):
+        model.prefill(list(range(60)), pos=30)
+    with pytest.raises(ValueError, match="at least one"):
+        model.prefill([])
+
+
 def test_kv_cache_restarts_at_pos_zero(tiny_models):
     model = Transformer.load(tiny_models["v0-gqa"])
     first = [model.forward(t, p).copy() for p, t in enumerate([5, 9, 13])]
