@@ -132,55 +132,53 @@ def group_dot(x, w):
     return acc
 
 
-def row_dot_q8(xq, xs, row, scales):
-    """One Q8_0 weight row times one quantized activation row: exact int32 dot products per
-    group, rescaled in float.  xq (n,) int8, xs (n // GS,), row (n,) int8, scales (n // GS,)
+def matmul_q8(out, xq, xs, wq, ws):
+    """out = x @ W.T for Q8_0 W and quantized x: exact int32 dot products per group, rescaled in
+    float; each weight row is read once for the whole block of tokens.
+    out (B, d), xq (B, n) int8, xs (B, n // GS), wq (d, n) int8, ws (d * n // GS,)
 
     How fast LLVM makes a group's dot product depends on its trip count, so the loop is shaped
     by the (compile-time) group size: 64 and up, one group at a time, fully unrolled (~27 GMAC/s
     here); 32, two groups per step with two accumulators (~18; one at a time: ~3); any other
-    size, a loop whose trip count LLVM does not know (~11)."""
-    groups = scales.shape[0]
-    unknown_size = row.shape[0] // groups  # = GROUP_SIZE, but opaque to LLVM
-    acc = ZERO
-    g = 0
-    if GROUP_SIZE == 32:
-        while g + 1 < groups:
-            start = g * 32
-            w = row[start:start + 64]
-            x = xq[start:start + 64]
-            dot0 = np.int32(0)
-            dot1 = np.int32(0)
-            for j in range(32):
-                dot0 = np.int32(dot0 + np.int32(x[j]) * np.int32(w[j]))
-                dot1 = np.int32(dot1 + np.int32(x[j + 32]) * np.int32(w[j + 32]))
-            acc += np.float32(dot0) * scales[g] * xs[g] + np.float32(dot1) * scales[g + 1] * xs[g + 1]
-            g += 2
-    while g < groups:
-        start = g * GROUP_SIZE
-        if GROUP_SIZE >= 64:
-            w = row[start:start + GROUP_SIZE]
-            x = xq[start:start + GROUP_SIZE]
-            total = np.int32(0)
-            for j in range(GROUP_SIZE):
-                total = np.int32(total + np.int32(x[j]) * np.int32(w[j]))
-        else:
-            total = group_dot(xq[start:start + unknown_size], row[start:start + unknown_size])
-        acc += np.float32(total) * scales[g] * xs[g]
-        g += 1
-    return acc
-
-
-def matmul_q8(out, xq, xs, wq, ws):
-    """out = x @ W.T for Q8_0 W and quantized x, each weight row read once for the whole block.
-    out (B, d), xq (B, n) int8, xs (B, n // GS), wq (d, n) int8, ws (d * n // GS,)"""
+    size, a loop whose trip count LLVM does not know (~11). The loops stay inline: moved into a
+    helper function they lose half their speed."""
     d, n = wq.shape
     groups = n // GROUP_SIZE
+    unknown_size = n // xs.shape[1]  # = GROUP_SIZE, but opaque to LLVM
     for i in prange(d):
         row = wq[i]
         scales = ws[i * groups:(i + 1) * groups]
         for b in range(xq.shape[0]):
-            out[b, i] = row_dot_q8(xq[b], xs[b], row, scales)
+            xrow = xq[b]
+            xscales = xs[b]
+            acc = ZERO
+            g = 0
+            if GROUP_SIZE == 32:
+                while g + 1 < groups:
+                    start = g * 32
+                    w = row[start:start + 64]
+                    x = xrow[start:start + 64]
+                    dot0 = np.int32(0)
+                    dot1 = np.int32(0)
+                    for j in range(32):
+                        dot0 = np.int32(dot0 + np.int32(x[j]) * np.int32(w[j]))
+                        dot1 = np.int32(dot1 + np.int32(x[j + 32]) * np.int32(w[j + 32]))
+                    acc += (np.float32(dot0) * scales[g] * xscales[g]
+                            + np.float32(dot1) * scales[g + 1] * xscales[g + 1])
+                    g += 2
+            while g < groups:
+                start = g * GROUP_SIZE
+                if GROUP_SIZE >= 64:
+                    w = row[start:start + GROUP_SIZE]
+                    x = xrow[start:start + GROUP_SIZE]
+                    total = np.int32(0)
+                    for j in range(GROUP_SIZE):
+                        total = np.int32(total + np.int32(x[j]) * np.int32(w[j]))
+                else:
+                    total = group_dot(xrow[start:start + unknown_size], row[start:start + unknown_size])
+                acc += np.float32(total) * scales[g] * xscales[g]
+                g += 1
+            out[b, i] = acc
 
 
 def embed_q8(out, q, s, tokens):
@@ -278,5 +276,5 @@ def add(x, y):
             x[b, i] += y[b, i]
 
 
-KERNELS = (rmsnorm, dot, matmul, quantize, group_dot, row_dot_q8, matmul_q8, embed_q8, rope, softmax, attention,
+KERNELS = (rmsnorm, dot, matmul, quantize, group_dot, matmul_q8, embed_q8, rope, softmax, attention,
            attention_block, swiglu, add)
