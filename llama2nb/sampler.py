@@ -4,13 +4,14 @@ temperature and top-p choose the same tokens as run.c.
 run.c, per token: argmax at temperature 0; otherwise logits /= temperature, softmax, one coin
 from xorshift64*, then multinomial sampling (top-p <= 0 or >= 1) or top-p sampling, whose
 candidates are the probabilities >= (1 - topp) / (n - 1), sorted descending by qsort. All of it
-is float32 with sequential sums, reproduced here by small @njit loops (NumPy's `sum` adds
-pairwise, and its `cumsum` is 4x slower than a compiled loop). Tie order: glibc's qsort is a
+is float32 with sequential sums and glibc's expf, reproduced here by small @njit loops (NumPy's
+`sum` adds pairwise, its `cumsum` is 4x slower than a compiled loop, and its SIMD `exp` is not
+expf to the last bit). Tie order: glibc's qsort is a
 merge sort, so equal probabilities keep ascending token order; the stable radix sort here does
 the same, in O(n) (a comparison sort of a flat 32,000-token distribution costs ~1-3 ms, as much
 as a forward pass). (Other C libraries'
-quicksorts may order ties differently, and NumPy's float32 `exp` can differ from glibc's `expf`
-in the last bit; either changes a choice only when a coin lands on such a boundary.)
+quicksorts may order ties differently, and another libm's expf may differ in the last bit;
+either changes a choice only when a coin lands on such a boundary.)
 
 Extras, all off by default so that run.c's choices are unchanged: repetition penalty (CTRL's:
 a seen token's logit is divided by the penalty when positive, multiplied when negative), top-k
@@ -94,6 +95,7 @@ class Sampler:
         Called while a model loads so the first token does not pay for it."""
         started = time.perf_counter()
         probs = np.full(4, 0.25, np.float32)
+        _softmax(probs.copy())
         _sequential_sum(probs)
         _first_past(probs, np.float32(0.5))
         buf = np.empty(4, np.int64)
@@ -152,13 +154,9 @@ class Sampler:
         x[~keep] = -np.inf
 
     def _softmax(self, x: np.ndarray) -> None:
-        """run.c's softmax in float32: subtract the max, exp, divide by the in-order sum."""
-        np.subtract(x, x.max(), out=x)
-        np.exp(x, out=x)
-        total = _sequential_sum(x)
-        if not (np.isfinite(total) and total > 0):
+        total = _softmax(x)
+        if not (math.isfinite(total) and total > 0):
             raise ValueError(f"logits: expected finite values, found a softmax sum of {total}")
-        np.divide(x, total, out=x)
 
     def _apply_min_p(self, x: np.ndarray) -> None:
         x[x < self.min_p * x.max()] = 0
@@ -185,6 +183,26 @@ class Sampler:
 
 # ----------------------------------------------------------------------------------------------
 # Compiled loops (IEEE float32, no fastmath: the order of additions is part of the result)
+
+
+@numba.njit(cache=True)
+def _softmax(x):
+    """run.c's softmax, in place: max, expf(x - max), in-order float32 sum, divide. math.exp
+    on a float32 is glibc's expf here, as in run.c; NumPy's vectorised float32 exp differs from
+    it in the last bit for ~40% of inputs, which flipped ~1 choice in 1,000 against run.c."""
+    n = x.shape[0]
+    m = x[0]
+    for i in range(1, n):
+        if x[i] > m:
+            m = x[i]
+    total = np.float32(0)
+    for i in range(n):
+        x[i] = math.exp(x[i] - m)
+        total += x[i]
+    if total > 0 and total < np.inf:
+        for i in range(n):
+            x[i] /= total
+    return total
 
 
 @numba.njit(cache=True)

@@ -102,6 +102,19 @@ class RunCRng:
         return np.float32(self.u32() >> 8) / np.float32(16777216.0)
 
 
+def _libm_expf():
+    """The C library's expf, which run.c calls (NumPy's float32 exp differs in the last bit)."""
+    import ctypes
+    import ctypes.util
+
+    libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+    libm.expf.restype, libm.expf.argtypes = ctypes.c_float, [ctypes.c_float]
+    return lambda v: np.float32(libm.expf(float(v)))
+
+
+expf = _libm_expf()
+
+
 def runc_sample(logits: np.ndarray, temperature: float, topp: float, rng: RunCRng) -> int:
     """run.c's sample(), scalar float32 loops; qsort ties resolved as glibc's merge sort (stable)."""
     n = len(logits)
@@ -111,7 +124,7 @@ def runc_sample(logits: np.ndarray, temperature: float, topp: float, rng: RunCRn
     m = max(x)
     total = np.float32(0)
     for i in range(n):
-        x[i] = np.float32(np.exp(np.float32(x[i] - m)))
+        x[i] = expf(np.float32(x[i] - m))
         total = np.float32(total + x[i])
     x = [np.float32(v / total) for v in x]
     coin = rng.f32()
@@ -139,3 +152,49 @@ def runc_sample(logits: np.ndarray, temperature: float, topp: float, rng: RunCRn
         if r < cdf:
             return cand[j][1]
     return cand[last][1]
+
+
+# run.c's sampler in C (xorshift64*, softmax with expf, sample_mult, sample_topp with qsort),
+# written from run.c's algorithm; fed recorded logits, it prints the token it picks per row.
+RUNC_SAMPLER_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <math.h>
+typedef struct { float prob; int index; } ProbIndex;
+static unsigned long long state;
+static unsigned int random_u32(void) { state ^= state >> 12; state ^= state << 25; state ^= state >> 27;
+    return (state * 0x2545F4914F6CDD1Dull) >> 32; }
+static float random_f32(void) { return (random_u32() >> 8) / 16777216.0f; }
+static void softmax(float* x, int n) { float m = x[0]; for (int i = 1; i < n; i++) if (x[i] > m) m = x[i];
+    float s = 0.0f; for (int i = 0; i < n; i++) { x[i] = expf(x[i] - m); s += x[i]; }
+    for (int i = 0; i < n; i++) x[i] /= s; }
+static int argmax(float* p, int n) { int mi = 0; float mp = p[0];
+    for (int i = 1; i < n; i++) if (p[i] > mp) { mi = i; mp = p[i]; } return mi; }
+static int sample_mult(float* p, int n, float coin) { float cdf = 0.0f;
+    for (int i = 0; i < n; i++) { cdf += p[i]; if (coin < cdf) return i; } return n - 1; }
+static int cmp(const void* a, const void* b) { const ProbIndex *x = a, *y = b;
+    if (x->prob > y->prob) return -1; if (x->prob < y->prob) return 1; return 0; }
+static int sample_topp(float* p, int n, float topp, ProbIndex* pi, float coin) {
+    int n0 = 0; const float cutoff = (1.0f - topp) / (n - 1);
+    for (int i = 0; i < n; i++) if (p[i] >= cutoff) { pi[n0].index = i; pi[n0].prob = p[i]; n0++; }
+    qsort(pi, n0, sizeof(ProbIndex), cmp);
+    float cum = 0.0f; int last = n0 - 1;
+    for (int i = 0; i < n0; i++) { cum += pi[i].prob; if (cum > topp) { last = i; break; } }
+    float r = coin * cum; float cdf = 0.0f;
+    for (int i = 0; i <= last; i++) { cdf += pi[i].prob; if (r < cdf) return pi[i].index; }
+    return pi[last].index; }
+int main(int argc, char** argv) {
+    FILE* f = fopen(argv[1], "rb"); int rows = atoi(argv[2]), n = atoi(argv[3]);
+    float t = atof(argv[4]), topp = atof(argv[5]); state = strtoull(argv[6], 0, 10);
+    float* x = malloc(n * sizeof(float)); ProbIndex* pi = malloc(n * sizeof(ProbIndex));
+    for (int r = 0; r < rows; r++) {
+        if (fread(x, sizeof(float), n, f) != (size_t)n) return 1;
+        int next;
+        if (t == 0.0f) next = argmax(x, n);
+        else { for (int q = 0; q < n; q++) x[q] /= t; softmax(x, n); float coin = random_f32();
+            if (topp <= 0 || topp >= 1) next = sample_mult(x, n, coin);
+            else next = sample_topp(x, n, topp, pi, coin); }
+        printf("%d\n", next);
+    }
+    return 0; }
+"""

@@ -4,13 +4,15 @@ hand from run.c's algorithm; then the extras (top-k, min-p, repetition penalty) 
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
 
 from llama2nb.sampler import Sampler, XorShift64Star, time_seed
 
-from .sampling_fixtures import RunCRng, runc_sample
+from .sampling_fixtures import RUNC_SAMPLER_C, RunCRng, runc_sample
 
 # xorshift64* from state 42, by hand:
 #   s ^= s >> 12   -> 42                      (42 >> 12 == 0)
@@ -106,6 +108,37 @@ def test_same_choices_as_runc_port(temperature, topp):
         if step % 7 == 0:
             logits[rng.integers(0, n, 20)] = logits.max()  # ties at the top
         assert ours.sample(logits) == runc_sample(logits, temperature, topp, theirs), step
+
+
+@pytest.mark.skipif(not shutil.which("cc"), reason="no C compiler")
+def test_same_choices_as_runc_compiled_c(tmp_path):
+    """run.c's sampler compiled with the system's cc and libc (glibc's qsort and expf), fed the
+    logits of a random 32,000-token model's generation: every choice identical."""
+    from llama2nb import Transformer
+    from llama2nb.checkpoint import random_weights, write_checkpoint
+    from llama2nb.config import ModelConfig
+
+    (tmp_path / "sampler.c").write_text(RUNC_SAMPLER_C)
+    subprocess.run(["cc", "-O3", "-o", str(tmp_path / "sampler"), str(tmp_path / "sampler.c"), "-lm"], check=True)
+    config = ModelConfig(dim=32, hidden_dim=64, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=32000, seq_len=96)
+    write_checkpoint(tmp_path / "m.bin", config, random_weights(config, seed=1, scale=0.3))
+    model = Transformer.load(tmp_path / "m.bin")
+    total = 0
+    for temperature, topp, seed in [(1.0, 0.9, 42), (0.8, 0.95, 123), (1.0, 1.0, 7), (2.0, 0.5, 5), (0.0, 0.9, 1)]:
+        sampler = Sampler(config.vocab_size, temperature=temperature, topp=topp, seed=seed)
+        rows, ours, token = [], [], 1
+        for pos in range(config.seq_len):
+            logits = model.forward(token, pos)
+            rows.append(logits.copy())
+            token = sampler.sample(logits)
+            ours.append(token)
+        np.asarray(rows, np.float32).tofile(tmp_path / "logits.bin")
+        out = subprocess.run([str(tmp_path / "sampler"), str(tmp_path / "logits.bin"), str(len(rows)),
+                              str(config.vocab_size), repr(temperature), repr(topp), str(seed)],
+                             capture_output=True, text=True, check=True).stdout.split()
+        assert ours == [int(v) for v in out], (temperature, topp, seed)
+        total += len(ours)
+    assert total == 5 * 96
 
 
 def test_sample_leaves_the_logits_alone():
