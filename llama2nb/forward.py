@@ -183,7 +183,8 @@ class Transformer:
     `threads` > 1 splits each matmul's rows across that many threads (Numba's prange).
     """
 
-    def __init__(self, checkpoint: Checkpoint, fastmath: bool | str = False, threads: int = 1):
+    def __init__(self, checkpoint: Checkpoint, fastmath: bool | str = False, threads: int = 1,
+                 warm_up: bool = True):
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.weights = checkpoint.weights
@@ -197,12 +198,14 @@ class Transformer:
         self.kernels = compiled(self.fastmath, self.config.group_size, parallel=threads > 1)
         self._bind_weights()
         self._one_token = np.zeros(1, np.int64)
-        self.compile_seconds = self._warm_up()
+        self.compile_seconds = self._warm_up() if warm_up else 0.0
 
     @classmethod
-    def load(cls, path: str | os.PathLike, fastmath: bool | str = False, threads: int = 1) -> "Transformer":
-        """Map a llama2.c checkpoint (v0, v1 or v2) and compile (or load cached) kernels."""
-        return cls(read_checkpoint(Path(path)), fastmath, threads)
+    def load(cls, path: str | os.PathLike, fastmath: bool | str = False, threads: int = 1,
+             warm_up: bool = True) -> "Transformer":
+        """Map a llama2.c checkpoint (v0, v1 or v2) and compile (or load cached) kernels. With
+        warm_up, compiling happens here and is timed (compile_seconds); without, at first use."""
+        return cls(read_checkpoint(Path(path)), fastmath, threads, warm_up)
 
     def _bind_weights(self) -> None:
         """Gather each layer's weight arguments once, so the token loop only indexes lists."""
