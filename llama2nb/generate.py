@@ -6,8 +6,11 @@
 
 run.c's semantics: `steps` counts positions including the prompt; 0 means seq_len and more than
 seq_len is clamped (with a NoticeEvent); generation stops when BOS is sampled. Unlike run.c, a
-prompt longer than seq_len is an error (run.c silently drops its tail). Timing as run.c: tok/s
-counts positions after the first one, over the time from the first emitted token to the last.
+prompt longer than seq_len is an error (run.c silently drops its tail). The prompt runs as one
+batched prefill (the same logits as run.c's position-by-position loop), so its cost is in the
+time to first token; tok/s counts the positions after the first sampled token over the time
+since it, which is run.c's figure ((pos - 1) / time since the first token) when there is no
+prompt, and the generation speed alone when there is one.
 
 `generate()` returns a Generation: iterate it for events; its `stats` are current at every
 moment, so a caller interrupted mid-stream (Ctrl-C) can still report them.
@@ -73,8 +76,8 @@ class Stats:
     steps: int = 0  # the position budget after clamping
     first_token_seconds: float | None = None  # from the start to the first sampled token
     elapsed_seconds: float = 0.0  # from the start to the last token
-    timed_seconds: float = 0.0  # from the first emitted token to the last (run.c's timer)
-    timed_positions: int = 0  # positions after the first emitted one (run.c's pos - 1)
+    timed_seconds: float = 0.0  # from the first sampled token to the last (run.c's timer)
+    timed_positions: int = 0  # positions run after it (run.c's pos - 1 when there is no prompt)
     stop_reason: str = "running"  # steps | bos | eof | context | interrupted
 
     @property
@@ -129,15 +132,17 @@ class Generation:
     # bookkeeping shared by both loops -------------------------------------------------------
 
     def _emitted(self, sampled: bool, pos: int) -> None:
-        """A token entered the text at position count `pos`: run.c starts its timer after the
-        first one and counts the positions run since."""
+        """A token entered the text with `pos` positions run: the timer starts at the first
+        sampled token (run.c's first printed token when there is no prompt) and counts the
+        positions run since."""
         now = time.perf_counter()
         s = self.stats
         s.elapsed_seconds = now - self._start
-        if sampled:
-            s.sampled_tokens += 1
-            if s.first_token_seconds is None:
-                s.first_token_seconds = now - self._start
+        if not sampled:
+            return
+        s.sampled_tokens += 1
+        if s.first_token_seconds is None:
+            s.first_token_seconds = now - self._start
         if self._timer is None:
             self._timer, self._timer_pos = now, pos
         else:
@@ -145,13 +150,13 @@ class Generation:
             s.timed_seconds = now - self._timer
 
     def _finish(self, positions: int) -> None:
-        """run.c's final figures: pos - 1 positions over the time since the first token (which
-        includes the last forward pass, e.g. the one that sampled BOS)."""
+        """The final figures, over the time since the first sampled token, up to the end of the
+        last forward pass (e.g. the one that sampled BOS, as run.c counts it)."""
+        now = time.perf_counter()
+        self.stats.elapsed_seconds = now - self._start
         if self._timer is not None:
-            now = time.perf_counter()
             self.stats.timed_positions = positions - self._timer_pos
             self.stats.timed_seconds = now - self._timer
-            self.stats.elapsed_seconds = now - self._start
 
 
 def generate(model: Model, tokenizer: Tokenizer, sampler: Sampler, prompt: str = "", steps: int = 256,
@@ -174,28 +179,36 @@ def generate(model: Model, tokenizer: Tokenizer, sampler: Sampler, prompt: str =
             yield NoticeEvent(f"the prompt's {len(prompt_tokens)} tokens fill all {steps} steps: nothing "
                               f"will be sampled (raise -n)")
         stats = run.stats
-        stats.prompt_tokens = len(prompt_tokens)
+        n = len(prompt_tokens)
+        stats.prompt_tokens = n
         decoder = tokenizer.stream(prev_token=None)
-        token = prompt_tokens[0]
-        decoder.push(token)  # BOS: no text, but the next piece's leading space is stripped
-        pos = 0
-        while pos < steps:
-            logits = model.forward(token, pos)
-            forced = pos < len(prompt_tokens) - 1
-            nxt = prompt_tokens[pos + 1] if forced else sampler.sample(logits)
-            pos += 1
-            stats.positions = pos
+        decoder.push(BOS_ID)  # no text, but the next piece's leading space is stripped
+        # run.c prints prompt[1..] as it forces them; they are known now, so show them first
+        for i, token in enumerate(prompt_tokens[1:steps + 1], start=1):
+            sampler.observe(token)
+            yield TokenEvent(token, decoder.push(token), i, prompt=True)
+        # the prompt in blocks (run.c: one forward per position, the same logits)
+        fed = min(n, steps)
+        logits = _prefill(model, prompt_tokens[:fed], 0)
+        pos = stats.positions = fed
+        if fed < n:
+            stats.stop_reason = "steps"
+        # sample after the last position run, until steps positions have run or BOS comes
+        while fed == n:
+            nxt = sampler.sample(logits)
             if nxt == BOS_ID:  # run.c: BOS delimits sequences, so it ends this one
                 stats.stop_reason = "bos"
                 break
             if nxt != EOS_ID:  # the penalty is for repeated text; BOS/EOS delimit it
                 sampler.observe(nxt)
             text = decoder.push(nxt)
-            run._emitted(sampled=not forced, pos=pos)
-            yield TokenEvent(nxt, text, pos, prompt=forced)
-            token = nxt
-        else:
-            stats.stop_reason = "steps"
+            run._emitted(sampled=True, pos=pos)
+            yield TokenEvent(nxt, text, pos, prompt=False)
+            if pos >= steps:
+                stats.stop_reason = "steps"
+                break
+            logits = model.forward(nxt, pos)
+            pos = stats.positions = pos + 1
         run._finish(pos)
         tail = decoder.flush()
         if tail:
@@ -209,8 +222,9 @@ def chat(model: Model, tokenizer: Tokenizer, sampler: Sampler, read_user: Callab
     """run.c's chat(): Llama 2's chat template, one user turn at a time from `read_user` (a
     callable returning the next line or None at end of input, or an iterable of lines), the
     assistant's turn ending at EOS. `prompt` is the first user turn if given. Every turn is
-    encoded with BOS and EOS is fed back into the model, as run.c does; like run.c, a token is
-    sampled at every position (prompt positions too), so seeds choose what run.c chooses.
+    encoded with BOS and EOS is fed back into the model, as run.c does. run.c samples at every
+    position, prompt positions too, discarding those; here a turn runs as one prefill and the
+    discarded samples' coins are drawn unused, so seeds still choose what run.c chooses.
 
     Unlike run.c, the system prompt comes only from `system` (run.c asks for it on stdin first),
     and a turn that does not fit in the remaining positions ends the chat with a notice."""
@@ -252,34 +266,33 @@ def chat(model: Model, tokenizer: Tokenizer, sampler: Sampler, read_user: Callab
             yield TurnEvent("assistant")
             decoder = tokenizer.stream(prev_token=None)
             decoder.push(BOS_ID)  # strip the leading space of the answer's first piece
-            # feed the turn; the sample after its last token is the answer's first token
-            for token in turn:
-                if token != BOS_ID:  # the penalty is for repeated text, not the delimiters
-                    sampler.observe(token)
+            # feed the turn in blocks; run.c samples after every position and ignores all
+            # but the last sample, so draw those coins unused to keep the RNG in step
+            for token in turn[1:]:
+                sampler.observe(token)  # (BOS is a delimiter, not text to penalise)
+            logits = _prefill(model, turn, pos)
+            pos = stats.positions = pos + len(turn)
+            sampler.skip(len(turn) - 1)
+            nxt = sampler.sample(logits)  # the answer's first token
+            # the assistant's turn, until EOS or the end of steps; like run.c, a token
+            # sampled at the last position is still shown
+            while nxt != EOS_ID:
+                token = nxt
+                sampler.observe(token)
+                text = decoder.push(token)
+                run._emitted(sampled=True, pos=pos)
+                yield TokenEvent(token, text, pos, prompt=False)
+                if pos >= steps:
+                    break
                 nxt = sampler.sample(model.forward(token, pos))
                 pos += 1
                 stats.positions = pos
-                if pos >= steps:
-                    break
-            else:
-                # the assistant's turn, until EOS or the end of steps; like run.c, a token
-                # sampled at the last position is still shown
-                while nxt != EOS_ID:
-                    token = nxt
-                    sampler.observe(token)
-                    text = decoder.push(token)
-                    run._emitted(sampled=True, pos=pos)
-                    yield TokenEvent(token, text, pos, prompt=False)
-                    if pos >= steps:
-                        break
-                    nxt = sampler.sample(model.forward(token, pos))
-                    pos += 1
-                    stats.positions = pos
             tail = decoder.flush()
             if tail:
                 yield TokenEvent(-1, tail, pos, prompt=False)
             if nxt == EOS_ID and pos < steps:
-                sampler.sample(model.forward(EOS_ID, pos))  # run.c feeds EOS and samples (unused)
+                model.forward(EOS_ID, pos)  # run.c feeds EOS back and samples (unused)
+                sampler.skip(1)
                 pos += 1
                 stats.positions = pos
         else:
@@ -287,6 +300,17 @@ def chat(model: Model, tokenizer: Tokenizer, sampler: Sampler, read_user: Callab
         run._finish(pos)
 
     return Generation(body, steps)
+
+
+def _prefill(model: Model, tokens: list[int], pos: int) -> np.ndarray:
+    """Logits after running `tokens` at positions pos, pos+1, ...: the model's batched prefill
+    when it has one, else one forward per token."""
+    prefill = getattr(model, "prefill", None)
+    if prefill is not None:
+        return prefill(tokens, pos)
+    for i, token in enumerate(tokens):
+        logits = model.forward(token, pos + i)
+    return logits
 
 
 def _check_vocab(model: Model, tokenizer: Tokenizer) -> None:

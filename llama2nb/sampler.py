@@ -107,6 +107,12 @@ class Sampler:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def skip(self, n: int) -> None:
+        """Advance the RNG as `n` discarded samples would (each draws one coin, unless greedy)."""
+        if self.temperature != 0:
+            for _ in range(n):
+                self.rng.random_u32()
+
     def observe(self, token: int) -> None:
         """Record a token of the sequence (prompt or sampled) for the repetition penalty."""
         self._seen[token] = True

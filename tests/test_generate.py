@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from llama2nb import Transformer
-from llama2nb.generate import (DoneEvent, GenerationError, NoticeEvent, TokenEvent, TurnEvent, chat, generate,
-                               resolve_steps)
-from llama2nb.sampler import Sampler
+from llama2nb.generate import (SYSTEM_TEMPLATE, USER_TEMPLATE, DoneEvent, GenerationError, NoticeEvent, TokenEvent,
+                               TurnEvent, chat, generate, resolve_steps)
+from llama2nb.sampler import Sampler, XorShift64Star
 from llama2nb.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
 from .sampling_fixtures import tiny_vocab, write_tiny_model
@@ -73,7 +73,7 @@ def test_steps_count_positions_including_the_prompt(tok):
     assert [t for t, _ in model.fed] == prompt + [cat] * 5
     s = done.stats
     assert (s.positions, s.prompt_tokens, s.sampled_tokens, s.steps, s.stop_reason) == (10, 5, 6, 10, "steps")
-    assert s.timed_positions == 9  # run.c: pos - 1
+    assert s.timed_positions == 5  # positions after the first sampled token (run.c: pos - 1 without a prompt)
     assert s.tokens_per_second and s.tokens_per_second > 0 and s.first_token_seconds is not None
 
 
@@ -246,13 +246,13 @@ def test_chat_stops_when_the_context_is_full(tok):
 def test_chat_samples_at_every_position_like_runc(tok):
     """run.c's chat calls sample() after every forward, prompt positions included: the RNG
     advances once per position, which is what makes seeds reproduce run.c's chats."""
-    model = ScriptedModel(tok.vocab_size, 64, lambda pos: EOS_ID)
+    model = ScriptedModel(tok.vocab_size, 64, lambda pos: EOS_ID if pos > 20 else piece(tok, " cat"))
     sampler = Sampler(tok.vocab_size, temperature=1.0, topp=0.9, seed=42)
-    calls = []
-    original = sampler.sample
-    sampler.sample = lambda logits: calls.append(1) or original(logits)
     run(chat(model, tok, sampler, ["hi"]))
-    assert len(calls) == len(model.fed)
+    coins = XorShift64Star(42)
+    for _ in range(len(model.fed)):
+        coins.random_u32()
+    assert sampler.rng.state == coins.state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def test_chat_samples_at_every_position_like_runc(tok):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = write_tiny_model(tmp_path_factory.mktemp("gen"), seq_len=48)
+    path = write_tiny_model(tmp_path_factory.mktemp("gen"), seq_len=256)
     model = Transformer.load(path)
     return model, Tokenizer.load(path.parent / "tokenizer.bin", model.config.vocab_size)
 
@@ -286,3 +286,59 @@ def test_real_model_chat(tiny):
     events, done = run(chat(model, tok, Sampler(tok.vocab_size, seed=1), ["hello", "more"], system="be brief"))
     assert done.stats.positions <= model.config.seq_len
     assert done.stats.stop_reason in ("eof", "context", "steps")
+
+
+def test_prefill_gives_runc_loop_tokens(tiny):
+    """The batched prompt (prefill) chooses what run.c's position-by-position loop chooses."""
+    model, tok = tiny
+    prompt = "Once upon a time there was a little girl"
+    ids = tok.encode(prompt)
+    for seed in (5, 6, 7):
+        sampler, token, pos, expected = Sampler(tok.vocab_size, seed=seed), ids[0], 0, []
+        while pos < 60:  # run.c's generate(), with forward() only
+            logits = model.forward(token, pos)
+            nxt = ids[pos + 1] if pos < len(ids) - 1 else sampler.sample(logits)
+            pos += 1
+            if nxt == BOS_ID:
+                break
+            expected.append(nxt)
+            token = nxt
+        events, _ = run(generate(model, tok, Sampler(tok.vocab_size, seed=seed), prompt, steps=60))
+        assert [e.id for e in events if isinstance(e, TokenEvent) and e.id >= 0] == expected
+
+
+def test_chat_gives_runc_chat_tokens(tiny):
+    """Against run.c's chat() loop written out with forward() only: the same answers."""
+    model, tok = tiny
+    turns, system, steps = ["hello there", "the cat", "a dog"], "be happy", 200
+
+    def runc_chat(sampler):
+        out, pos, user_turn, user_idx, prompt_tokens, nxt, k = [], 0, True, 0, [], 0, 0
+        while pos < steps:
+            if user_turn:
+                if k == len(turns):
+                    break
+                user = turns[k]
+                k += 1
+                rendered = (SYSTEM_TEMPLATE.format(system=system, user=user) if pos == 0 and system
+                            else USER_TEMPLATE.format(user=user))
+                prompt_tokens, user_idx, user_turn = tok.encode(rendered), 0, False
+            if user_idx < len(prompt_tokens):
+                token = prompt_tokens[user_idx]
+                user_idx += 1
+            else:
+                token = nxt
+            if token == EOS_ID:
+                user_turn = True
+            nxt = sampler.sample(model.forward(token, pos))
+            pos += 1
+            if user_idx >= len(prompt_tokens) and nxt != EOS_ID:
+                out.append(nxt)
+        return out
+
+    for seed in (1, 2, 3):
+        expected = runc_chat(Sampler(tok.vocab_size, temperature=0.9, seed=seed))
+        events, done = run(chat(model, tok, Sampler(tok.vocab_size, temperature=0.9, seed=seed), turns,
+                                system=system, steps=steps))
+        got = [e.id for e in events if isinstance(e, TokenEvent) and e.id >= 0]
+        assert got == expected and len(got) > 0, (seed, done.stats)
