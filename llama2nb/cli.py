@@ -163,6 +163,8 @@ def _silence_stdout() -> None:
 @click.option("-y", "--system", default=None, help="system prompt (chat mode)")
 @click.option("--fastmath/--no-fastmath", default=None,
               help="let the kernels reassociate float math (faster; results differ in the last bits)")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="threads for the matmuls (llama2nb's point is one core; more can help big models)")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
               help="keep only the k most likely tokens; 0 = off")
 @click.option("--min-p", type=FiniteFloat(0.0, 1.0), default=0.0, show_default=True,
@@ -170,8 +172,8 @@ def _silence_stdout() -> None:
 @click.option("--repetition-penalty", type=FiniteFloat(min=0.0, min_open=True), default=1.0, show_default=True,
               help="divide the logits of tokens already in the text (CTRL-style); 1 = off")
 def sample(checkpoint: str | None, tokenizer_path: str | None, temperature: float, topp: float, seed: int,
-           steps: int, prompt: str | None, mode: str, system: str | None, fastmath: bool | None, top_k: int,
-           min_p: float, repetition_penalty: float) -> None:
+           steps: int, prompt: str | None, mode: str, system: str | None, fastmath: bool | None, threads: int,
+           top_k: int, min_p: float, repetition_penalty: float) -> None:
     """Sample a story (or chat) from a llama2.c CHECKPOINT: a path, a downloaded model name
     such as stories15M, or nothing for the bundled model."""
     from .checkpoint import read_config
@@ -197,7 +199,7 @@ def sample(checkpoint: str | None, tokenizer_path: str | None, temperature: floa
                 starter = lambda model: chat(model, tok, sampler, view.read_user, system or "", prompt,  # noqa: E731
                                              steps)
             view.seed = sampler.seed
-            model, view.compile_seconds = view.load(ckpt, fastmath)
+            model, view.compile_seconds = view.load(ckpt, fastmath, threads)
             run = starter(model)
             view.stream(run, chat_mode=mode == "chat")
             view.summary(run)
@@ -243,14 +245,23 @@ class _View:
         else:
             click.echo(f"note: {message}", err=True)
 
-    def load(self, path: Path, fastmath: bool | None):
+    def load(self, path: Path, fastmath: bool | None, threads: int = 1):
         """The model, and the seconds spent compiling (or loading cached) kernels: the model's
         and the sampler's."""
         from .forward import Transformer
         from .sampler import Sampler
 
         def work():
-            model = Transformer.load(path, **({} if fastmath is None else {"fastmath": fastmath}))
+            import warnings
+
+            from numba.core.errors import NumbaPerformanceWarning
+
+            options = {} if fastmath is None else {"fastmath": fastmath}
+            if threads != 1:
+                options["threads"] = threads
+            with warnings.catch_warnings():  # compiler advice is for developers, not for sampling
+                warnings.simplefilter("ignore", NumbaPerformanceWarning)
+                model = Transformer.load(path, **options)
             return model, model.compile_seconds + Sampler.warm_up()
 
         message = f"loading {path.name}, compiling kernels" + ("…" if _utf8(sys.stderr) else "...")

@@ -116,7 +116,7 @@ def test_info(runner, tiny):
     (["-t", "-1"], "temperature"), (["-t", "nan"], "temperature"), (["-t", "inf"], "temperature"),
     (["-p", "1.5"], "topp"), (["-p", "-0.1"], "topp"), (["-n", "-1"], "steps"), (["-m", "poem"], "mode"),
     (["-s", "-3"], "seed"), (["--top-k", "-1"], "top-k"), (["--min-p", "2"], "min-p"),
-    (["--repetition-penalty", "0"], "repetition-penalty"), (["-n", "many"], "steps"),
+    (["--repetition-penalty", "0"], "repetition-penalty"), (["-n", "many"], "steps"), (["--threads", "0"], "threads"),
 ])
 def test_out_of_range_flags(runner, tiny, args, fragment):
     result = sample(runner, str(tiny), *args)
