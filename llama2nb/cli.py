@@ -239,9 +239,15 @@ class _View:
             self._console = Console(highlight=False, soft_wrap=False, force_terminal=self.interactive or None)
         return self._console
 
+    @staticmethod
+    def _note(message: str):
+        from rich.text import Text
+
+        return Text.assemble(("note: ", "yellow"), message)  # plain text: never parsed as markup
+
     def notice(self, message: str) -> None:
         if self.interactive:
-            self.console.print(f"[yellow]note:[/] {message}", markup=True, highlight=False)
+            self.console.print(self._note(message))
         else:
             click.echo(f"note: {message}", err=True)
 
@@ -340,7 +346,7 @@ class _View:
                     self.text_parts.append(event.text)
                     tail.dirty = True
                 elif isinstance(event, NoticeEvent):
-                    live.console.print(f"[yellow]note:[/] {event.message}", markup=True)
+                    live.console.print(self._note(event.message))
                 now = time.perf_counter()
                 if now - last >= STATUS_EVERY:
                     tail.status = self._status(run)
@@ -376,7 +382,9 @@ class _View:
     def summary(self, run) -> None:
         line = self.summary_line(run)
         if self.interactive:
-            self.console.print(f"[dim]{line}[/]", markup=True, highlight=False)
+            from rich.text import Text
+
+            self.console.print(Text(line, style="dim"))
         else:
             click.echo(line, err=True)
 
