@@ -138,6 +138,7 @@ class RunState:
     hb: np.ndarray  # (block, hidden_dim)
     hb2: np.ndarray  # (block, hidden_dim)
     att: np.ndarray  # (n_heads, seq_len) one token's attention scores
+    att_block: np.ndarray  # (block, seq_len) a block's attention scores, one head at a time
     logits: np.ndarray  # (1, vocab_size)
     key_cache: np.ndarray  # (n_layers, seq_len, kv_dim)
     value_cache: np.ndarray  # (n_layers, seq_len, kv_dim)
@@ -163,6 +164,7 @@ class RunState:
             x=np.zeros((block, c.dim), f32), xb=np.zeros((block, c.dim), f32), xb2=np.zeros((block, c.dim), f32),
             q=np.zeros((block, c.dim), f32), hb=np.zeros((block, c.hidden_dim), f32),
             hb2=np.zeros((block, c.hidden_dim), f32), att=np.zeros((c.n_heads, c.seq_len), f32),
+            att_block=np.zeros((block, c.seq_len), f32),
             logits=np.zeros((1, c.vocab_size), f32),
             key_cache=np.zeros((c.n_layers, c.seq_len, c.kv_dim), f32),
             value_cache=np.zeros((c.n_layers, c.seq_len, c.kv_dim), f32),
@@ -287,7 +289,7 @@ class Transformer:
             if B == 1:
                 k.attention(xb[0], q[0], key_cache, value_cache, s.att, pos, c.n_kv_heads)
             else:
-                k.attention_block(xb, q, key_cache, value_cache, s.att, pos, c.n_kv_heads)
+                k.attention_block(xb, q, key_cache, value_cache, s.att_block[:B], pos, c.n_kv_heads)
             # output projection, residual, SwiGLU feed-forward, residual -> x (B, dim)
             self._ffn(x, xb, xb2, hb, hb2, *quantized, *self._ffn_weights[l])
         # final rmsnorm and classifier, for the last token only -> logits (1, vocab_size)

@@ -254,11 +254,58 @@ def attention(out, q, key_cache, value_cache, att, pos, n_kv_heads):
                 oh[i] += a * v[i]
 
 
-def attention_block(out, q, key_cache, value_cache, att, pos, n_kv_heads):
-    """attention() for a block of tokens at positions pos, pos+1, ...: each sees itself and
-    every earlier position.  out, q (B, dim), key/value_cache (seq_len, kv_dim)"""
-    for b in range(q.shape[0]):
-        attention(out[b], q[b], key_cache, value_cache, att, pos + b, n_kv_heads)
+def attention_block(out, q, key_cache, value_cache, scores, pos, n_kv_heads):
+    """attention() for a block of B tokens at positions pos..pos+B-1, each seeing itself and
+    every earlier position. Each cached key and value row is loaded once for the whole block and
+    shared by four queries at a time, as matmul shares weight rows.
+    out, q (B, dim), key/value_cache (seq_len, kv_dim), scores (B, seq_len) scratch"""
+    B, dim = q.shape
+    head_size = key_cache.shape[1] // n_kv_heads
+    n_heads = dim // head_size
+    kv_group = n_heads // n_kv_heads
+    root = np.float32(math.sqrt(head_size))
+    for h in range(n_heads):
+        qo = h * head_size
+        kv = (h // kv_group) * head_size
+        # scores[b, t] = q_b · k_t / sqrt(head_size) for t <= pos + b
+        for t in range(pos + B):
+            k = key_cache[t, kv:kv + head_size]
+            b = max(0, t - pos)  # the first query that may see position t
+            while b + 4 <= B:
+                q0 = q[b, qo:qo + head_size]
+                q1 = q[b + 1, qo:qo + head_size]
+                q2 = q[b + 2, qo:qo + head_size]
+                q3 = q[b + 3, qo:qo + head_size]
+                s0 = ZERO
+                s1 = ZERO
+                s2 = ZERO
+                s3 = ZERO
+                for i in range(head_size):
+                    s0 += q0[i] * k[i]
+                    s1 += q1[i] * k[i]
+                    s2 += q2[i] * k[i]
+                    s3 += q3[i] * k[i]
+                scores[b, t] = s0 / root
+                scores[b + 1, t] = s1 / root
+                scores[b + 2, t] = s2 / root
+                scores[b + 3, t] = s3 / root
+                b += 4
+            while b < B:
+                scores[b, t] = dot(q[b, qo:qo + head_size], k) / root
+                b += 1
+        for b in range(B):
+            softmax(scores[b], pos + b + 1)
+            head_out = out[b, qo:qo + head_size]
+            for i in range(head_size):
+                head_out[i] = ZERO
+        # out_b = sum over t <= pos + b of scores[b, t] * v_t
+        for t in range(pos + B):
+            v = value_cache[t, kv:kv + head_size]
+            for b in range(max(0, t - pos), B):
+                weight = scores[b, t]
+                head_out = out[b, qo:qo + head_size]
+                for i in range(head_size):
+                    head_out[i] += weight * v[i]
 
 
 def swiglu(hb, hb2):
