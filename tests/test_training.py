@@ -140,3 +140,12 @@ def test_torchrun_two_processes_match_one(data, tmp_path):
         for key in ("train_loss", "eval_val_loss"):
             if ro[key]:
                 assert abs(float(rd[key]) - float(ro[key])) < 1e-4, (key, rd, ro)
+
+
+def test_eval_only_on_resume(data, tmp_path):
+    run(["train", "--preset", "tiny", "--data", str(data["shards"]), "--out-dir", str(tmp_path), "--max-iters", "2",
+         "--quiet"])
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    r = CliRunner().invoke(main, ["train", "--resume", "--out-dir", str(tmp_path), "--eval-only", "--quiet"])
+    assert r.exit_code == 0 and "iter 2: train loss" in r.output, r.output
+    assert (tmp_path / "ckpt.pt").read_bytes() == before  # evaluating writes nothing

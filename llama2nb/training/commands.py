@@ -290,14 +290,16 @@ def train_command(preset, resume, stop_after, quiet, **options) -> None:
                 raise click.ClickException(f"--{name.replace('_', '-')}: expected the resumed run's value "
                                            f"{stored.get(name)} (from {out_dir}/ckpt.pt), found {given[name]}")
         stored.update(given)
+        stored["out_dir"] = str(out_dir)  # where the run is now, even if it was moved
         cfg = TrainConfig(**stored)
     else:
         cfg = config_from(preset_key, given)
     console = _console()
     summary = train(cfg, resume=resume, console=console, progress=not quiet, stop_after=stop_after, state=state)
-    if int(os.environ.get("RANK", 0)) == 0:
-        console.print(f"done: iteration {summary['iter_num']}, best val loss {summary['best_val_loss']:.4f}; "
-                      f"{Path(cfg.out_dir) / 'model.bin'} (v0), {Path(cfg.out_dir) / 'loss.csv'}, loss.png")
+    if int(os.environ.get("RANK", 0)) == 0 and not cfg.eval_only:
+        out = Path(cfg.out_dir)
+        files = ", ".join(str(out / n) for n in ("model.bin", "ckpt.pt", "loss.csv", "loss.png") if (out / n).exists())
+        console.print(f"done: iteration {summary['iter_num']}, best val loss {summary['best_val_loss']:.4f}; {files}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -260,7 +260,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, progress: bool =
     if dd.world > 1 and device.startswith("cuda"):
         device = f"cuda:{dd.local_rank}"
         torch.cuda.set_device(device)
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    device_type = device.split(":")[0]  # cpu, cuda, mps
     out_dir = Path(cfg.out_dir)
 
     if resume and state is None:
@@ -387,7 +387,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, progress: bool =
             # evaluate before the update of iteration iter_num (the state a resume starts from);
             # a resumed run has already evaluated and saved at its first iteration
             if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and \
-                    not (resume and iter_num == start_iter):
+                    not (resume and iter_num == start_iter and not cfg.eval_only):
                 if dd.master:
                     do_eval(iter_num)
                 if dd.world > 1:
