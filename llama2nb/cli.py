@@ -122,6 +122,16 @@ def _configure_streams() -> None:
             pass
 
 
+# Control characters a model's byte tokens can produce (ESC, BEL, backspace, C1 controls ...)
+# would drive the terminal, not show: dropped on terminals (as run.c drops non-printable bytes);
+# pipes get the text as it is.
+_TERMINAL_UNSAFE = {c: None for c in [*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)]}
+
+
+def _for_terminal(text: str) -> str:
+    return text.translate(_TERMINAL_UNSAFE)
+
+
 def _utf8(stream: TextIO) -> bool:
     return (getattr(stream, "encoding", "") or "").lower().replace("-", "") == "utf8"
 
@@ -287,10 +297,11 @@ class _View:
             self._stream_live(run)
             return
         out = sys.stdout
+        clean = _for_terminal if _is_terminal(out) else (lambda text: text)
         for event in run:
             if isinstance(event, TokenEvent):
                 if event.text:
-                    out.write(event.text)
+                    out.write(clean(event.text))
                     out.flush()
                     self.text_parts.append(event.text)
                     self._mid_line = True
@@ -343,7 +354,7 @@ class _View:
             self._live = live
             for event in run:
                 if isinstance(event, TokenEvent):
-                    self.text_parts.append(event.text)
+                    self.text_parts.append(_for_terminal(event.text))
                     tail.dirty = True
                 elif isinstance(event, NoticeEvent):
                     live.console.print(self._note(event.message))
@@ -467,3 +478,43 @@ def info(checkpoint: str) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
+
+
+# ----------------------------------------------------------------------------------------------
+# bench
+
+
+@main.command()
+@click.option("--models", "shapes", default="15M,42M,110M", show_default=True,
+              help="Comma-separated stories model shapes to measure (random weights; 15M, 42M, 110M).")
+@click.option("--runs", default=3, show_default=True, type=click.IntRange(1, 50), help="Runs per measurement.")
+@click.option("--runc", type=click.Path(exists=True, dir_okay=False), help="A built llama2.c run binary to compare.")
+@click.option("--runq", type=click.Path(exists=True, dir_okay=False), help="A built llama2.c runq binary to compare.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 256),
+              help="Also measure fp32 with this many threads (rows split with prange).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Where the random-weight checkpoints live "
+              "[default: ~/.cache/llama2nb/bench].")
+@click.option("--out", "out_dir", default="benchmarks/results", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for latest.md, latest.json, latest.png and dated copies.")
+def bench(shapes: str, runs: int, runc: str | None, runq: str | None, threads: int, cache_dir: str | None,
+          out_dir: str) -> None:
+    """Measure generation (tg), prompt processing (pp), start-up and memory, llama-bench style.
+
+    Each row runs in a fresh process pinned to one core; compile time is excluded from tok/s and
+    reported apart. The first rows retell llama2.c's gcc-flag story with Numba's settings.
+    """
+    from .bench import SHAPES, run_benchmark
+
+    names = [s.strip() for s in shapes.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown or not names:
+        raise click.BadParameter(f"expected some of {', '.join(SHAPES)}, found {shapes!r}", param_hint="--models")
+    err = click.get_text_stream("stderr")
+    try:
+        report = run_benchmark(names, runs=runs, cache_dir=Path(cache_dir) if cache_dir else None, runc=runc,
+                               runq=runq, threads=threads, out_dir=Path(out_dir),
+                               log=lambda m: click.echo(m, file=err))
+    except (RuntimeError, OSError, CheckpointError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(report["markdown"])
+    click.echo(f"saved {Path(out_dir) / 'latest.md'}, latest.json, latest.png", file=err)

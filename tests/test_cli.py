@@ -246,3 +246,8 @@ def test_llama2_tokenizer_on_a_random_32000_vocab_model(runner, tmp_path, tokeni
     result = sample(runner, str(tmp_path / "m.bin"), "-z", str(tokenizer), "-i", "Once upon a time", "-s", "42")
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("Once upon a time") and "24 positions" in result.stderr
+
+
+def test_control_characters_never_reach_a_terminal():
+    assert cli._for_terminal("a\x1b[31mb\x07c\td\ne\x9bf\rg") == "a[31mbc\td\nefg"
+    assert cli._for_terminal("café 日本 🦙") == "café 日本 🦙"
