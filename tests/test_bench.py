@@ -1,0 +1,57 @@
+"""`llama2nb bench` end to end on tiny shapes: every row measured, files written, C rows parsed."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import replace
+
+from click.testing import CliRunner
+
+from llama2nb import bench
+from llama2nb.cli import main
+
+from .conftest import TINY
+
+FAKE_RUNC = """#!/bin/sh
+# stands in for llama2.c's run: checks its arguments, prints run.c's closing line
+[ -f "$1" ] && [ "$2" = "-z" ] && [ -f "$3" ] || exit 3
+echo "once upon a time"
+echo "achieved tok/s: 123.456000" >&2
+"""
+
+
+def test_bench_end_to_end(tmp_path, monkeypatch):
+    tiny = replace(TINY, dim=64, hidden_dim=128, vocab_size=32000, seq_len=256)  # the Llama 2 vocabulary size
+    monkeypatch.setattr(bench, "SHAPES", {"15M": tiny})
+    monkeypatch.setattr(bench, "BUNDLED", tmp_path / "no-bundled-model.bin")
+    runc = tmp_path / "run"
+    runc.write_text(FAKE_RUNC)
+    runc.chmod(runc.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "results"
+    result = CliRunner().invoke(main, ["bench", "--models", "15M", "--runs", "2", "--runc", str(runc),
+                                       "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "latest.json").read_text())
+    rows = {r["label"]: r for r in report["rows"]}
+    assert rows["pure Python (NUMBA_DISABLE_JIT=1)"]["tg3"][0] > 0
+    for label in ("NUMBA_OPT=0, no fastmath", "opt 3, no fastmath (≈ -O3)", "full fastmath (≈ -Ofast)",
+                  "int8 Q8_0, full fastmath"):
+        assert len(rows[label]["tg128"]) == 2 and min(rows[label]["tg128"]) > 0 and rows[label]["pp128"]
+    model_row = rows["stories15M shape, fp32"]
+    assert {"tg128", "tg256", "pp128", "pp256", "compile_s", "peak_rss_mb", "roof"} <= set(model_row)
+    assert rows["run.c (run)"]["tg128"] == [123.456, 123.456]
+    assert report["bandwidth_gbs"] > 0 and report["startup"][0]["ttft_warm_s"] > 0
+    assert (out / "latest.png").stat().st_size > 1000 and "| stories15M shape, fp32 |" in (out / "latest.md").read_text()
+    assert "| configuration |" in result.output
+
+
+def test_bench_rejects_unknown_shapes():
+    result = CliRunner().invoke(main, ["bench", "--models", "15M,7B"])
+    assert result.exit_code == 2 and "expected some of 15M, 42M, 110M" in result.output
+
+
+def test_group_size_follows_llama2c():
+    assert bench.q8_group_size(bench.SHAPES["15M"]) == 32  # 288 = 9 x 32
+    assert bench.q8_group_size(bench.SHAPES["110M"]) == 64
