@@ -509,12 +509,11 @@ def bench(shapes: str, runs: int, runc: str | None, runq: str | None, threads: i
     unknown = [n for n in names if n not in SHAPES]
     if unknown or not names:
         raise click.BadParameter(f"expected some of {', '.join(SHAPES)}, found {shapes!r}", param_hint="--models")
-    err = click.get_text_stream("stderr")
     try:
         report = run_benchmark(names, runs=runs, cache_dir=Path(cache_dir) if cache_dir else None, runc=runc,
                                runq=runq, threads=threads, out_dir=Path(out_dir),
-                               log=lambda m: click.echo(m, file=err))
+                               log=lambda m: click.echo(m, err=True))
     except (RuntimeError, OSError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(report["markdown"])
-    click.echo(f"saved {Path(out_dir) / 'latest.md'}, latest.json, latest.png", file=err)
+    click.echo(f"saved {Path(out_dir) / 'latest.md'}, latest.json, latest.png", err=True)
