@@ -251,3 +251,15 @@ def test_llama2_tokenizer_on_a_random_32000_vocab_model(runner, tmp_path, tokeni
 def test_control_characters_never_reach_a_terminal():
     assert cli._for_terminal("a\x1b[31mb\x07c\td\ne\x9bf\rg") == "a[31mbc\td\nefg"
     assert cli._for_terminal("café 日本 🦙") == "café 日本 🦙"
+
+
+def test_model_names_resolve_through_the_hub_cache(runner, tiny, monkeypatch):
+    from llama2nb import hub
+
+    monkeypatch.setattr(hub, "resolve_model", lambda name: (tiny, tiny.parent / "tokenizer.bin")
+                        if name == "stories15M" else None)
+    result = sample(runner, "stories15M", "-n", "8", "-s", "1")
+    assert result.exit_code == 0, result.output
+    assert "8 positions" in result.stderr
+    assert runner.invoke(cli.main, ["info", "stories15M"]).exit_code == 0
+    assert_one_line_error(sample(runner, "stories42M"), "stories42M", "llama2nb download stories42M")
