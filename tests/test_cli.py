@@ -263,3 +263,21 @@ def test_model_names_resolve_through_the_hub_cache(runner, tiny, monkeypatch):
     assert "8 positions" in result.stderr
     assert runner.invoke(cli.main, ["info", "stories15M"]).exit_code == 0
     assert_one_line_error(sample(runner, "stories42M"), "stories42M", "llama2nb download stories42M")
+
+
+def test_live_view_shows_the_end_of_the_story_as_the_full_render_does():
+    import io
+
+    from rich.console import Console
+
+    view = cli._View(interactive=True)
+    tail = cli._Tail(view)
+    words = "Once upon a time there was a little girl named Lily who loved the sun".split()
+    view.text_parts = [" " + words[i % len(words)] + ("\n" if i % 97 == 0 else "") for i in range(5000)]
+    shown_console = Console(file=io.StringIO(), width=80, height=20)
+    shown_console.print(tail)
+    shown = [line.rstrip() for line in shown_console.file.getvalue().splitlines()[:-1]]  # minus the status
+    full_console = Console(file=io.StringIO(), width=80)
+    full_console.print("".join(view.text_parts), markup=False, highlight=False)
+    full = [line.rstrip() for line in full_console.file.getvalue().splitlines()]
+    assert len(shown) == 19 and shown == full[-19:]
