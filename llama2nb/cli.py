@@ -333,12 +333,21 @@ class _View:
             if self._mid_line:
                 sys.stdout.write("\n")
                 self._mid_line = False
-            if self._stdin_tty:
-                sys.stdout.write("User: ")
             sys.stdout.flush()
-            line = sys.stdin.readline()
-            if not line:
-                return None
+            if self._stdin_tty:
+                try:
+                    import readline  # noqa: F401 - line editing and history for input()
+                except ImportError:  # pragma: no cover - not on every platform
+                    pass
+                try:
+                    line = input("User: ")
+                except EOFError:  # Ctrl-D
+                    sys.stdout.write("\n")
+                    return None
+            else:
+                line = sys.stdin.readline()
+                if not line:
+                    return None
             line = line.rstrip("\r\n")
             if line.strip():
                 return line
