@@ -44,7 +44,8 @@ class Model(Protocol):  # what generation needs of a Transformer (tests may pass
 @dataclass(frozen=True)
 class TokenEvent:
     """A token entering the text: forced from the prompt (`prompt=True`) or sampled. `text` is
-    what it adds (possibly "" while a multi-byte character is incomplete)."""
+    what it adds (possibly "" while a multi-byte character is incomplete). id -1 carries the
+    end of a stream that stopped inside a character (shown as U+FFFD)."""
 
     id: int
     text: str
