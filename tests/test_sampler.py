@@ -230,3 +230,29 @@ def test_bad_logits_are_errors():
         s.sample(np.zeros(4, np.float32))
     with pytest.raises(ValueError, match="finite"):
         s.sample(np.array([0.0, np.nan, 1.0], np.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Property-based: any logits, settings and seed choose what run.c's sampler chooses
+
+from hypothesis import assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra.numpy import arrays  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(logits=st.integers(2, 40).flatmap(lambda n: arrays(np.float32, n, elements=st.sampled_from(
+           [0.0, 1.0, 1.0, -2.5, 3.0, 0.5]) | st.floats(-20, 20, width=32))),
+       temperature=st.sampled_from([0.0, 0.3, 1.0, 1.7]) | st.floats(0.05, 3.0),
+       topp=st.sampled_from([0.0, 0.5, 0.9, 0.95, 1.0]) | st.floats(0.0, 1.0),
+       seed=st.integers(1, 2**64 - 1))
+def test_any_logits_same_choices_as_runc(logits, temperature, topp, seed):
+    n = len(logits)
+    if temperature and 0 < np.float32(topp) < 1:  # run.c reads past its array when no token
+        x = logits.astype(np.float32) / np.float32(temperature)  # passes the cutoff: keep
+        p = np.exp(x - x.max())  # those cases out of the comparison
+        assume((p / p.sum()).max() >= (np.float32(1) - np.float32(topp)) / np.float32(n - 1) * 1.01)
+    ours = Sampler(n, temperature=temperature, topp=topp, seed=seed)
+    theirs = RunCRng(seed)
+    for _ in range(3):
+        assert ours.sample(logits) == runc_sample(logits, temperature, topp, theirs)
