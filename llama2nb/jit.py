@@ -64,8 +64,10 @@ def jit_family(functions: Iterable[Callable], fastmath: str, parallel: bool = Fa
         copy = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
         copy.__qualname__ = f"{fn.__name__}__{tag}"
         copy.__module__ = fn.__module__
-        compiled[fn.__name__] = numba.njit(cache=True, fastmath=set(flags) if isinstance(flags, frozenset) else flags, error_model="numpy",
-                                           parallel=parallel)(copy)
+        # only the functions with a prange loop are compiled parallel (the others would only warn)
+        threaded = parallel and "prange" in fn.__code__.co_names
+        compiled[fn.__name__] = numba.njit(cache=True, fastmath=set(flags) if isinstance(flags, frozenset) else flags,
+                                           error_model="numpy", parallel=threaded)(copy)
     for namespace in namespaces:  # callees resolve to this family's compiled copies
         namespace.update(compiled)
     return types.SimpleNamespace(**compiled)

@@ -145,3 +145,13 @@ if __name__ == "__main__":  # the table for the closing note: python -m tests.te
         print("|---|" + "---|" * len(FASTMATH))
         for name, path in rows:
             print(f"| {name} | " + " | ".join(f"{max_logit_diff(path, f):.2e}" for f in FASTMATH) + " |")
+
+
+@pytest.mark.parametrize("name", ["v1-unshared-gqa", "v2-shared"])
+def test_threads_give_the_single_thread_logits(tiny_models, name):
+    """--threads splits matmul rows across threads: each row's sum is unchanged, so are the logits."""
+    single = Transformer.load(tiny_models[name], fastmath="full")
+    threaded = Transformer.load(tiny_models[name], fastmath="full", threads=2)
+    for pos, token in enumerate([1, 5, 9, 33, 2, 60] * 12):
+        np.testing.assert_array_equal(single.forward(token, pos), threaded.forward(token, pos))
+    np.testing.assert_array_equal(single.prefill(list(range(40))), threaded.prefill(list(range(40))))
