@@ -40,7 +40,7 @@ def fastmath_name(choice: bool | str) -> str:
 
 def _family_hash(functions: Iterable[Callable]) -> str:
     digest = hashlib.sha256(str(numba.config.OPT).encode())
-    for path in sorted({inspect.getsourcefile(f) for f in functions}):
+    for path in sorted({inspect.getsourcefile(f) for f in functions} | {__file__}):
         with open(path, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:10]
