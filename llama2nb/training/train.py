@@ -260,7 +260,14 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, progress: bool =
     if dd.world > 1 and device.startswith("cuda"):
         device = f"cuda:{dd.local_rank}"
         torch.cuda.set_device(device)
-    device_type = device.split(":")[0]  # cpu, cuda, mps
+    try:
+        device_type = torch.device(device).type  # cpu, cuda, mps
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device: expected auto, cpu, cuda, cuda:N or mps, found {device!r}") from None
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: expected a device this torch can use, found {device!r} (no CUDA available)")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device: expected a device this torch can use, found {device!r} (no MPS available)")
     out_dir = Path(cfg.out_dir)
 
     if resume and state is None:
@@ -284,8 +291,8 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, progress: bool =
 
     torch.manual_seed(cfg.seed)
     args = model_args(cfg)
+    args.to_config().validate("model shape")  # heads dividing dim, kv heads dividing heads, ...
     model = Transformer(args).to(device)
-    args.to_config().validate("model")
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
     iter_num, best_val, history = 0, float("inf"), []
     if state is not None:
