@@ -317,10 +317,12 @@ def train_command(preset, resume, stop_after, quiet, **options) -> None:
               "(config.json + *.safetensors or pytorch_model*.bin).")
 @_clean_errors
 def export_command(source: Path, out: Path, version: int, group_size: int | None, hf: bool) -> None:
-    """Export SOURCE (our ckpt.pt, or with --hf a Hugging Face Llama directory) to a llama2.c
-    checkpoint OUT."""
+    """Export SOURCE (our ckpt.pt or the run directory holding it, or with --hf a Hugging Face
+    Llama directory) to a llama2.c checkpoint OUT."""
     from .export import eps_warning, export_ckpt, export_hf
 
+    if source.is_dir() and not hf and (source / "ckpt.pt").is_file() and not (source / "config.json").exists():
+        source = source / "ckpt.pt"  # a training run's --out-dir
     if hf or source.is_dir():
         if not source.is_dir():
             raise click.ClickException(f"{source}: --hf: expected a Hugging Face model directory, found a file")
