@@ -366,7 +366,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, progress: bool =
         if improved:
             best_val = min(best_val, losses["val"]) if not cfg.always_save_checkpoint else losses["val"]
         console.print(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                      + (f" → {out_dir / 'model.bin'}" if improved and it > 0 else ""))
+                      + (f" -> {out_dir / 'model.bin'}" if improved and it > 0 else ""))
         if not cfg.eval_only:
             save(it, improved and it > 0)
 
@@ -380,10 +380,10 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, progress: bool =
 
     bar = None
     if dd.master and progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                       TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+        bar = Progress(TextColumn("[bold]train"), BarColumn(bar_width=15), MofNCompleteColumn(),
+                       TextColumn("{task.description}"), TextColumn("ETA"), TimeRemainingColumn(), console=console,
                        transient=False)
         task = bar.add_task("", total=cfg.max_iters, completed=iter_num)
         bar.start()
@@ -441,7 +441,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, progress: bool =
             tok_rate = rate if tok_rate == 0 else 0.9 * tok_rate + 0.1 * rate
             if bar is not None and (iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters):
                 bar.update(task, completed=iter_num,
-                           description=f"loss {total:.4f} lr {lr:.2e} {tok_rate:,.0f} tok/s {dt * 1000:.0f} ms/it")
+                           description=f"loss {total:.3f} lr {lr:.1e} {tok_rate:,.0f} tok/s")
     finally:
         if bar is not None:
             bar.stop()
