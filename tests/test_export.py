@@ -231,3 +231,26 @@ def test_hf_refuses_other_rope(tmp_path):
     (folder / "config.json").write_text(json.dumps({**cfg, "rope_theta": 500000.0}))
     r = CliRunner().invoke(main, ["export", "--hf", str(folder), str(tmp_path / "o.bin")])
     assert r.exit_code == 1 and "rope_theta: expected 10000" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_export_real_transformers_llama(tie, tmp_path):
+    """Against transformers' own LlamaForCausalLM (GQA 8 heads / 2 kv heads) when it is
+    installed (it is not a dependency: skipped otherwise)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=8,
+                                   num_key_value_heads=2, vocab_size=97, max_position_embeddings=N_POS,
+                                   rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.15 + (1 if "norm" in name else 0))
+    hf.save_pretrained(tmp_path / "hf")
+    export(["--hf", str(tmp_path / "hf"), str(tmp_path / "hf.bin")])
+    toks = tokens(97)
+    with torch.no_grad():
+        expected = hf(torch.tensor([toks])).logits[0].numpy()
+    diff = np.abs(engine_logits(tmp_path / "hf.bin", toks) - expected).max()
+    print(f"transformers LlamaForCausalLM (tied={tie}) vs Numba on the --hf export: {diff:.2e}")
+    assert diff <= 1e-4
