@@ -116,6 +116,11 @@ def test_data_errors(tmp_path):
     assert r.exit_code == 1 and "tok999.model" in r.output and "train-vocab" in r.output
     r = runner.invoke(main, ["data", "train-vocab", "--vocab-size", "300", "--data-dir", str(tmp_path)])
     assert r.exit_code == 1 and "TinyStories_all_data" in r.output and "Traceback" not in r.output
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("hello world\n\nfoo bar\n")
+    r = runner.invoke(main, ["data", "train-vocab", "--vocab-size", "5000", "--text", str(tiny), "--data-dir", str(tmp_path)])
+    assert r.exit_code == 1 and "Vocabulary size too high" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "tok5000.model").exists()
     bad = tmp_path / "bad.model"
     bad.write_bytes(b"garbage")
     r = runner.invoke(main, ["export-tokenizer", str(bad), str(tmp_path / "t.bin")])

@@ -83,12 +83,17 @@ def train_vocab(stories: Iterable[str], vocab_size: int, model_path: str | os.Pa
         if n == 0:
             raise ValueError("train-vocab: expected some text to train on, found none")
         prefix = Path(tmp) / "tok"
-        spm.SentencePieceTrainer.train(
-            input=str(text_file), model_prefix=str(prefix), model_type="bpe", vocab_size=vocab_size,
-            input_format="text", character_coverage=1.0,
-            num_threads=num_threads or os.cpu_count() or 1, split_digits=True,
-            allow_whitespace_only_pieces=True, byte_fallback=True, unk_surface=r" \342\201\207 ",
-            normalization_rule_name="identity", minloglevel=2)
+        try:
+            spm.SentencePieceTrainer.train(
+                input=str(text_file), model_prefix=str(prefix), model_type="bpe", vocab_size=vocab_size,
+                input_format="text", character_coverage=1.0,
+                num_threads=num_threads or os.cpu_count() or 1, split_digits=True,
+                allow_whitespace_only_pieces=True, byte_fallback=True, unk_surface=r" \342\201\207 ",
+                normalization_rule_name="identity", minloglevel=2)
+        except RuntimeError as e:  # e.g. "Vocabulary size too high (5000). Please set it to a value <= 301."
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = reason.split("] ", 1)[-1]
+            raise ValueError(f"train-vocab --vocab-size {vocab_size}: SentencePiece refused: {reason}") from None
         data = (prefix.with_suffix(".model")).read_bytes()
     with atomic_write(model_path) as f:
         f.write(data)
