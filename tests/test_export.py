@@ -254,3 +254,20 @@ def test_export_real_transformers_llama(tie, tmp_path):
     diff = np.abs(engine_logits(tmp_path / "hf.bin", toks) - expected).max()
     print(f"transformers LlamaForCausalLM (tied={tie}) vs Numba on the --hf export: {diff:.2e}")
     assert diff <= 1e-4
+
+
+def test_export_llama2c_ckpt_and_mismatched_weights(tmp_path):
+    """llama2.c's own ckpt.pt (model_args without hidden_dim/shared_classifier, extra keys,
+    torch.compile's _orig_mod. prefix) exports; weights that do not fit model_args are refused."""
+    model = make_model(ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=97, multiple_of=32,
+                                 max_seq_len=N_POS))
+    margs = {k: v for k, v in model.args.to_dict().items() if k not in ("hidden_dim", "shared_classifier", "norm_eps")}
+    sd = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
+    torch.save({"model": sd, "model_args": margs, "iter_num": 5, "config": {}}, tmp_path / "l2c.pt")
+    export([str(tmp_path / "l2c.pt"), str(tmp_path / "l2c.bin")])
+    toks = tokens(97)
+    assert np.abs(engine_logits(tmp_path / "l2c.bin", toks) - torch_logits(model, toks)).max() <= 1e-4
+    torch.save({"model": sd, "model_args": {**margs, "dim": 128}}, tmp_path / "bad.pt")
+    r = CliRunner().invoke(main, ["export", str(tmp_path / "bad.pt"), str(tmp_path / "bad.bin")])
+    assert r.exit_code == 1 and "size mismatch for tok_embeddings.weight" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "bad.bin").exists()

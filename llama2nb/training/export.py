@@ -61,10 +61,19 @@ def load_model(ckpt_path: str | os.PathLike) -> Transformer:
         raise CheckpointError(f"{path}: expected a llama2nb ckpt.pt, found unreadable data ({type(e).__name__})") from None
     if not isinstance(state, dict) or "model_args" not in state or "model" not in state:
         raise CheckpointError(f"{path}: expected a llama2nb ckpt.pt with model_args and model, found other data")
-    args = ModelArgs(**state["model_args"])
-    model = Transformer(args)
-    sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state["model"].items()}
-    model.load_state_dict(sd)
+    known = set(ModelArgs.__dataclass_fields__)
+    margs = {k: v for k, v in dict(state["model_args"]).items() if k in known}  # llama2.c's ckpt.pt too
+    try:
+        args = ModelArgs(**margs)
+        args.to_config().validate(f"{path}: model_args")
+        model = Transformer(args)
+        sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state["model"].items()}
+        model.load_state_dict(sd)
+    except (TypeError, RuntimeError, AssertionError) as e:
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+        detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
+        raise CheckpointError(f"{path}: model weights: expected tensors of the shapes model_args give, found "
+                              f"{detail.rstrip('.')}") from None
     return model.eval()
 
 
