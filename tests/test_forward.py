@@ -149,9 +149,10 @@ if __name__ == "__main__":  # the table for the closing note: python -m tests.te
 
 @pytest.mark.parametrize("name", ["v1-unshared-gqa", "v2-shared"])
 def test_threads_give_the_single_thread_logits(tiny_models, name):
-    """--threads splits matmul rows across threads: each row's sum is unchanged, so are the logits."""
+    """--threads splits matmul rows across threads. Each row is still one sum, but the parallel
+    loop body is compiled apart and may vectorise it in another order: last-bit differences."""
     single = Transformer.load(tiny_models[name], fastmath="full")
     threaded = Transformer.load(tiny_models[name], fastmath="full", threads=2)
     for pos, token in enumerate([1, 5, 9, 33, 2, 60] * 12):
-        np.testing.assert_array_equal(single.forward(token, pos), threaded.forward(token, pos))
-    np.testing.assert_array_equal(single.prefill(list(range(40))), threaded.prefill(list(range(40))))
+        np.testing.assert_allclose(single.forward(token, pos), threaded.forward(token, pos), atol=1e-5)
+    np.testing.assert_allclose(single.prefill(list(range(40))), threaded.prefill(list(range(40))), atol=1e-5)
