@@ -9,39 +9,25 @@ from typing import IO, Iterator
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temp file beside `path`; on success fsync it and rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `path` for a writer that wants a path (torch.save, savefig);
+    on success fsync it and rename it over `path`, on failure remove it."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}{target.suffix}")
     try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
 
 
-def atomic_path(path: str | os.PathLike) -> contextlib.AbstractContextManager[Path]:
-    """Like atomic_write, for writers that want a path (torch.save, np.save, savefig)."""
-
-    @contextlib.contextmanager
-    def manager() -> Iterator[Path]:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}{target.suffix}")
-        try:
-            yield tmp
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
-
-    return manager()
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """atomic_path, opened: write to the yielded file object."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
