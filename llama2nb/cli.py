@@ -171,8 +171,9 @@ def _silence_stdout() -> None:
 @click.option("-i", "--prompt", default=None, help="the story's start (generate) or the first user turn (chat)")
 @click.option("-m", "--mode", type=click.Choice(["generate", "chat"]), default="generate", show_default=True)
 @click.option("-y", "--system", default=None, help="system prompt (chat mode)")
-@click.option("--fastmath/--no-fastmath", default=None,
-              help="let the kernels reassociate float math (faster; results differ in the last bits)")
+@click.option("--fastmath/--no-fastmath", default=True, show_default=True,
+              help="fast-math kernels (as gcc -Ofast: 3-4x faster, last-bit differences); "
+                   "--no-fastmath: IEEE arithmetic")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="threads for the matmuls (llama2nb's point is one core; more can help big models)")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
