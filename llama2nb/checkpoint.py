@@ -81,7 +81,7 @@ class Checkpoint:
     config: ModelConfig
     weights: TransformerWeights
     file_size: int
-    mmap: np.memmap = field(repr=False)
+    buffer: np.ndarray = field(repr=False)  # the np.memmap of the file, or its in-memory copy
 
 
 def layout(config: ModelConfig) -> list[Entry]:
@@ -177,12 +177,24 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     return config
 
 
-def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Map a checkpoint read-only and return named views of its weights (nothing is copied)."""
+def read_checkpoint(path: str | os.PathLike, in_memory: bool = False) -> Checkpoint:
+    """Map a checkpoint read-only and return named views of its weights (nothing is copied).
+
+    in_memory=True reads the file into anonymous memory instead, which the kernel backs with
+    2 MB pages: fewer TLB misses when the weights stream from DRAM (110M fp32: +30% tok/s here),
+    for the memory of a copy."""
     path = Path(path)
     config = read_config(path)
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
-    buf = mm.view(np.ndarray)  # plain ndarray views: Numba types them without the subclass
+    if in_memory:
+        mm = np.empty(path.stat().st_size, np.uint8)  # NumPy advises huge pages for large arrays
+        with open(path, "rb") as f:
+            if f.readinto(memoryview(mm)) != mm.size:
+                raise CheckpointError(f"{path}: file size: changed while it was being read")
+        mm.flags.writeable = False
+        buf = mm
+    else:
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        buf = mm.view(np.ndarray)  # plain ndarray views: Numba types them without the subclass
     offset = header_bytes(config)
     found: dict[str, Any] = {}
     for entry in layout(config):

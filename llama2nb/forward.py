@@ -204,10 +204,18 @@ class Transformer:
 
     @classmethod
     def load(cls, path: str | os.PathLike, fastmath: bool | str = False, threads: int = 1,
-             warm_up: bool = True) -> "Transformer":
+             warm_up: bool = True, in_memory: bool = False) -> "Transformer":
         """Map a llama2.c checkpoint (v0, v1 or v2) and compile (or load cached) kernels. With
-        warm_up, compiling happens here and is timed (compile_seconds); without, at first use."""
-        return cls(read_checkpoint(Path(path)), fastmath, threads, warm_up)
+        warm_up, compiling happens here and is timed (compile_seconds); without, at first use.
+        in_memory reads the weights into RAM instead of mapping them (faster when they stream
+        from DRAM, see read_checkpoint)."""
+        if in_memory:
+            needed = Path(path).stat().st_size if Path(path).is_file() else 0
+            available = available_memory()
+            if available is not None and needed > 0.9 * available:
+                raise CheckpointError(f"{path}: in-memory load: needs {needed / 2**30:.1f} GiB, only "
+                                      f"{available / 2**30:.1f} GiB of memory is available (map it instead)")
+        return cls(read_checkpoint(Path(path), in_memory), fastmath, threads, warm_up)
 
     def _bind_weights(self) -> None:
         """Gather each layer's weight arguments once, so the token loop only indexes lists."""

@@ -156,3 +156,12 @@ def test_threads_give_the_single_thread_logits(tiny_models, name):
     for pos, token in enumerate([1, 5, 9, 33, 2, 60] * 12):
         np.testing.assert_allclose(single.forward(token, pos), threaded.forward(token, pos), atol=1e-5)
     np.testing.assert_allclose(single.prefill(list(range(40))), threaded.prefill(list(range(40))), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["v0-unshared", "v2-unshared-gqa"])
+def test_in_memory_load_gives_the_mapped_logits(tiny_models, name):
+    mapped = Transformer.load(tiny_models[name], fastmath="full")
+    copied = Transformer.load(tiny_models[name], fastmath="full", in_memory=True)
+    assert not isinstance(copied.checkpoint.buffer, np.memmap) and isinstance(mapped.checkpoint.buffer, np.memmap)
+    for pos, token in enumerate([1, 5, 9, 33, 2, 60] * 12):
+        np.testing.assert_array_equal(mapped.forward(token, pos), copied.forward(token, pos))
