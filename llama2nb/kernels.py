@@ -138,10 +138,10 @@ def matmul_q8(out, xq, xs, wq, ws):
     out (B, d), xq (B, n) int8, xs (B, n // GS), wq (d, n) int8, ws (d * n // GS,)
 
     How fast LLVM makes a group's dot product depends on its trip count, so the loop is shaped
-    by the (compile-time) group size: 64 and up, one group at a time, fully unrolled (~27 GMAC/s
-    here); 32, two groups per step with two accumulators (~18; one at a time: ~3); any other
-    size, a loop whose trip count LLVM does not know (~11). The loops stay inline: moved into a
-    helper function they lose half their speed."""
+    by the (compile-time) group size. Measured here (GMAC/s, in cache): 64 and up, one group at
+    a time, fully unrolled (26-31); 32 to 63, two groups per step with two accumulators (20-24;
+    one at a time: 3-8); below 32, a loop whose trip count LLVM does not know (~4). The loops
+    stay inline: moved into a helper function they lose half their speed."""
     d, n = wq.shape
     groups = n // GROUP_SIZE
     unknown_size = n // xs.shape[1]  # = GROUP_SIZE, but opaque to LLVM
@@ -153,22 +153,22 @@ def matmul_q8(out, xq, xs, wq, ws):
             xscales = xs[b]
             acc = ZERO
             g = 0
-            if GROUP_SIZE == 32:
+            if 32 <= GROUP_SIZE < 64:
                 while g + 1 < groups:
-                    start = g * 32
-                    w = row[start:start + 64]
-                    x = xrow[start:start + 64]
+                    start = g * GROUP_SIZE
+                    w = row[start:start + 2 * GROUP_SIZE]
+                    x = xrow[start:start + 2 * GROUP_SIZE]
                     dot0 = np.int32(0)
                     dot1 = np.int32(0)
-                    for j in range(32):
+                    for j in range(GROUP_SIZE):
                         dot0 = np.int32(dot0 + np.int32(x[j]) * np.int32(w[j]))
-                        dot1 = np.int32(dot1 + np.int32(x[j + 32]) * np.int32(w[j + 32]))
+                        dot1 = np.int32(dot1 + np.int32(x[j + GROUP_SIZE]) * np.int32(w[j + GROUP_SIZE]))
                     acc += (np.float32(dot0) * scales[g] * xscales[g]
                             + np.float32(dot1) * scales[g + 1] * xscales[g + 1])
                     g += 2
             while g < groups:
                 start = g * GROUP_SIZE
-                if GROUP_SIZE >= 64:
+                if GROUP_SIZE >= 32:
                     w = row[start:start + GROUP_SIZE]
                     x = xrow[start:start + GROUP_SIZE]
                     total = np.int32(0)
