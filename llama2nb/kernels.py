@@ -140,8 +140,9 @@ def matmul_q8(out, xq, xs, wq, ws):
     How fast LLVM makes a group's dot product depends on its trip count, so the loop is shaped
     by the (compile-time) group size. Measured here (GMAC/s, in cache): 64 and up, one group at
     a time, fully unrolled (26-31); 32 to 63, two groups per step with two accumulators (20-24;
-    one at a time: 3-8); below 32, a loop whose trip count LLVM does not know (~4). The loops
-    stay inline: moved into a helper function they lose half their speed."""
+    one at a time: 3-8, so an odd last group takes the next path); below 32, a loop whose trip
+    count LLVM does not know (~4-11). The loops stay inline: moved into a helper function they
+    lose half their speed."""
     d, n = wq.shape
     groups = n // GROUP_SIZE
     unknown_size = n // xs.shape[1]  # = GROUP_SIZE, but opaque to LLVM
@@ -168,7 +169,7 @@ def matmul_q8(out, xq, xs, wq, ws):
                     g += 2
             while g < groups:
                 start = g * GROUP_SIZE
-                if GROUP_SIZE >= 32:
+                if GROUP_SIZE >= 64:
                     w = row[start:start + GROUP_SIZE]
                     x = xrow[start:start + GROUP_SIZE]
                     total = np.int32(0)
