@@ -232,7 +232,7 @@ def quantize_q80(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray
     return q.reshape(np.shape(w)), scale
 
 
-def rope_tables(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+def freq_cis_tables(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     """The cos/sin tables a v0 file carries (llama2.c's precompute_freqs_cis, theta 10000)."""
     hs = config.head_size
     freqs = 1.0 / (10000.0 ** (np.arange(0, hs, 2, dtype=np.float32)[: hs // 2] / hs))
@@ -246,7 +246,7 @@ def write_checkpoint(path: str | os.PathLike, config: ModelConfig, weights: Mapp
     config.validate(str(path))
     arrays = dict(weights)
     if config.version == 0:
-        arrays["freq_cis_real"], arrays["freq_cis_imag"] = rope_tables(config)
+        arrays["freq_cis_real"], arrays["freq_cis_imag"] = freq_cis_tables(config)
     with atomic_write(path) as f:
         if config.version == 0:
             vocab = config.vocab_size if config.shared_classifier else -config.vocab_size
