@@ -91,9 +91,11 @@ def classifier_q8(logits, x, xq, xs, rms_final, wq, ws):
     matmul_q8(logits, xq[:1], xs[:1], wq, ws)
 
 
-# Tokens per prefill block: enough to reuse each weight row many times while the block's
-# activations (block x hidden_dim floats) stay in L2.
-PREFILL_BLOCK = 32
+# Tokens per prefill block. Each weight row is read once per block and each cached key/value
+# row is shared by the block's queries, so bigger is faster while the block's activations
+# (block x hidden_dim floats) stay in L2: 15M pp256 ran at 2,700 tok/s with 32, 3,800 with 128
+# and 4,500 with 256.
+PREFILL_BLOCK = 256
 
 FAMILY = kernels.KERNELS + (qkv_fp32, ffn_fp32, qkv_q8, ffn_q8, classifier_fp32, classifier_q8)
 
@@ -156,7 +158,7 @@ class RunState:
             raise CheckpointError(f"{source}: KV cache: needs {c.kv_cache_bytes / 2**30:.1f} GiB "
                                   f"(n_layers x seq_len x kv_dim x 2 x 4 bytes), only "
                                   f"{available / 2**30:.1f} GiB of memory is available")
-        f32, block = np.float32, PREFILL_BLOCK
+        f32, block = np.float32, min(PREFILL_BLOCK, c.seq_len)
         gs = c.group_size or 1
         qdim, qhidden = (c.dim, c.hidden_dim) if c.quantized else (0, 0)
         cos, sin = rope_tables(c.seq_len, c.head_size)
@@ -272,12 +274,14 @@ class Transformer:
         if not 0 <= pos or pos + tokens.size > c.seq_len:
             raise ValueError(f"pos: expected positions within 0..{c.seq_len - 1} (seq_len {c.seq_len}), "
                              f"found {pos}..{pos + tokens.size - 1}")
-        for start in range(0, tokens.size, PREFILL_BLOCK):
-            self._run_block(tokens[start:start + PREFILL_BLOCK], pos + start)
+        block = self.state.x.shape[0]  # PREFILL_BLOCK when the state was allocated
+        for start in range(0, tokens.size, block):
+            self._run_block(tokens[start:start + block], pos + start, logits=start + block >= tokens.size)
         return self.state.logits[0]
 
-    def _run_block(self, tokens: np.ndarray, pos: int) -> None:
-        """The forward pass for tokens (B,) at positions pos..pos+B-1; logits of the last one."""
+    def _run_block(self, tokens: np.ndarray, pos: int, logits: bool = True) -> None:
+        """The forward pass for tokens (B,) at positions pos..pos+B-1; with `logits`, the last
+        one's logits (a prompt's earlier blocks only need to fill the KV cache)."""
         c, w, s, k = self.config, self.weights, self.state, self.kernels
         B = tokens.shape[0]
         x, xb, xb2, q, hb, hb2 = s.x[:B], s.xb[:B], s.xb2[:B], s.q[:B], s.hb[:B], s.hb2[:B]  # (B, ...)
@@ -301,4 +305,5 @@ class Transformer:
             # output projection, residual, SwiGLU feed-forward, residual -> x (B, dim)
             self._ffn(x, xb, xb2, hb, hb2, *quantized, *self._ffn_weights[l])
         # final rmsnorm and classifier, for the last token only -> logits (1, vocab_size)
-        self._classifier(s.logits, x[B - 1:], *quantized[:2], *self._classifier_weights)
+        if logits:
+            self._classifier(s.logits, x[B - 1:], *quantized[:2], *self._classifier_weights)

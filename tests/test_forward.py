@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from llama2nb import Transformer
+from llama2nb import forward as forward_module
 from llama2nb.jit import FASTMATH
 
 from .conftest import STORIES260K, TINY_MODELS, requires
@@ -65,8 +66,9 @@ def test_stories260k_q8_matches_reference(tmp_path):
 
 @pytest.mark.parametrize("fastmath", ["off", "full"])
 @pytest.mark.parametrize("name", ["v0-gqa", "v2-unshared-gqa"])
-def test_prefill_matches_the_reference_token_by_token(tiny_models, name, fastmath):
+def test_prefill_matches_the_reference_token_by_token(tiny_models, name, fastmath, monkeypatch):
     """A 70-token prompt in blocks (32 + 32 + 6), then generation continues from its cache."""
+    monkeypatch.setattr(forward_module, "PREFILL_BLOCK", 32)
     model = Transformer.load(tiny_models[name], fastmath=fastmath)
     oracle = Reference(tiny_models[name])
     tokens = np.random.default_rng(1).integers(0, 67, 74)
