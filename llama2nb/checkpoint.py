@@ -177,6 +177,26 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     return config
 
 
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes, or None where there is no such file."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def require_memory(source: str | os.PathLike, what: str, needed: int, detail: str = "", hint: str = "") -> None:
+    """Refuse, before allocating, what would not fit in 90% of the memory available now."""
+    available = available_memory()
+    if available is not None and needed > 0.9 * available:
+        raise CheckpointError(f"{source}: {what}: needs {needed / 2**30:.1f} GiB{detail}, only "
+                              f"{available / 2**30:.1f} GiB of memory is available{hint}")
+
+
 def read_checkpoint(path: str | os.PathLike, in_memory: bool = False) -> Checkpoint:
     """Map a checkpoint read-only and return named views of its weights (nothing is copied).
 
@@ -186,7 +206,9 @@ def read_checkpoint(path: str | os.PathLike, in_memory: bool = False) -> Checkpo
     path = Path(path)
     config = read_config(path)
     if in_memory:
-        mm = np.empty(path.stat().st_size, np.uint8)  # NumPy advises huge pages for large arrays
+        size = expected_file_size(config)  # read_config checked the file has exactly this size
+        require_memory(path, "in-memory load", size, hint=" (map it instead)")
+        mm = np.empty(size, np.uint8)  # NumPy advises huge pages for large arrays
         with open(path, "rb") as f:
             if f.readinto(memoryview(mm)) != mm.size:
                 raise CheckpointError(f"{path}: file size: changed while it was being read")

@@ -21,8 +21,8 @@ import numba
 import numpy as np
 
 from . import kernels
-from .checkpoint import Checkpoint, read_checkpoint
-from .config import CheckpointError, ModelConfig
+from .checkpoint import Checkpoint, read_checkpoint, require_memory
+from .config import ModelConfig
 from .jit import fastmath_name, jit_family
 from .kernels import add, matmul, matmul_q8, quantize, rmsnorm, rope, swiglu
 
@@ -116,18 +116,6 @@ def rope_tables(seq_len: int, head_size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(angle.astype(np.float64)).astype(np.float32), np.sin(angle.astype(np.float64)).astype(np.float32)
 
 
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes, or None where there is no such file."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 @dataclass
 class RunState:
     """Every buffer a forward pass touches, allocated once (run.c's RunState). Activations have
@@ -153,11 +141,7 @@ class RunState:
 
     @classmethod
     def allocate(cls, c: ModelConfig, source: str = "model") -> "RunState":
-        available = available_memory()
-        if available is not None and c.kv_cache_bytes > 0.9 * available:
-            raise CheckpointError(f"{source}: KV cache: needs {c.kv_cache_bytes / 2**30:.1f} GiB "
-                                  f"(n_layers x seq_len x kv_dim x 2 x 4 bytes), only "
-                                  f"{available / 2**30:.1f} GiB of memory is available")
+        require_memory(source, "KV cache", c.kv_cache_bytes, detail=" (n_layers x seq_len x kv_dim x 2 x 4 bytes)")
         f32, block = np.float32, min(PREFILL_BLOCK, c.seq_len)
         gs = c.group_size or 1
         qdim, qhidden = (c.dim, c.hidden_dim) if c.quantized else (0, 0)
@@ -211,12 +195,6 @@ class Transformer:
         warm_up, compiling happens here and is timed (compile_seconds); without, at first use.
         in_memory reads the weights into RAM instead of mapping them (faster when they stream
         from DRAM, see read_checkpoint)."""
-        if in_memory:
-            needed = Path(path).stat().st_size if Path(path).is_file() else 0
-            available = available_memory()
-            if available is not None and needed > 0.9 * available:
-                raise CheckpointError(f"{path}: in-memory load: needs {needed / 2**30:.1f} GiB, only "
-                                      f"{available / 2**30:.1f} GiB of memory is available (map it instead)")
         return cls(read_checkpoint(Path(path), in_memory), fastmath, threads, warm_up)
 
     def _bind_weights(self) -> None:

@@ -135,13 +135,15 @@ def test_missing_file_and_directory(tmp_path):
 
 
 def test_kv_cache_that_cannot_fit_is_refused(tmp_path, monkeypatch):
-    from llama2nb import forward
+    from llama2nb import checkpoint
 
-    monkeypatch.setattr(forward, "available_memory", lambda: 1000)
+    monkeypatch.setattr(checkpoint, "available_memory", lambda: 1000)
     path = tmp_path / "m.bin"
     write_checkpoint(path, TINY, random_weights(TINY))
     with pytest.raises(CheckpointError, match=r"KV cache: needs .* GiB"):
         Transformer.load(path)
+    with pytest.raises(CheckpointError, match=r"in-memory load: needs .* GiB.*\(map it instead\)"):
+        Transformer.load(path, in_memory=True)
 
 
 # ----------------------------------------------------------------------------------------------
