@@ -85,7 +85,7 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise bad("n_kv_heads", f"a divisor of n_heads={self.n_heads}", self.n_kv_heads)
         if self.head_size % 2:
-            raise bad("n_heads", f"an even head size (dim / n_heads) for RoPE's pairs", f"head size {self.head_size}")
+            raise bad("n_heads", "an even head size (dim / n_heads) for RoPE's pairs", f"head size {self.head_size}")
         if self.version not in (0, 1, 2):
             raise bad("version", "0, 1 or 2", self.version)
         if self.version == 2:

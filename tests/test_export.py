@@ -4,7 +4,6 @@ checked by running the Numba engine on the result against the PyTorch model."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np

@@ -4,7 +4,6 @@ being written): the target is always the old file or the complete new one, never
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from llama2nb.cli import main
 from llama2nb.checkpoint import read_checkpoint
-from llama2nb.training.train import config_from, get_lr, train
+from llama2nb.training.train import config_from, get_lr
 from tests.test_training_helpers import prepare_data
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,7 +106,7 @@ def test_lr_schedule_matches_llama2c():
 
 
 def test_presets_match_llama2c_shapes():
-    from llama2nb.training.train import PRESETS, model_args
+    from llama2nb.training.train import model_args
 
     expect = {"260K": (64, 5, 8, 4, 512), "15M": (288, 6, 6, 6, 256), "42M": (512, 8, 8, 8, 1024),
               "110M": (768, 12, 12, 12, 1024)}
