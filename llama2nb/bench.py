@@ -376,8 +376,8 @@ def markdown_table(report: dict) -> str:
     lines += [f"| {s['model']} | {s['ttft_warm_s']:.2f} | {s['ttft_cold_s']:.2f} |" for s in report["startup"]]
     lines.append("")
     lines.append("fp32 roof: tok/s x bytes of weights read per token / measured bandwidth (KV-cache reads not "
-                 "counted). Mapped: the weights are the file's pages (4 KB: a TLB miss every 4 KB of a "
-                 "stream); in memory: read into RAM, which the kernel backs with 2 MB pages (--in-memory).")
+                 "counted). Mapped: the weights are the file's page-cache pages, mapped in 2 MB pages where "
+                 "Linux allows (llama2nb/mapping.py); in memory: a copy in RAM (--in-memory).")
     return "\n".join(lines)
 
 

@@ -177,8 +177,9 @@ def _silence_stdout() -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="threads for the matmuls (llama2nb's point is one core; more can help big models)")
 @click.option("--in-memory", is_flag=True,
-              help="read the weights into RAM instead of mapping the file: +15-30%% tok/s for models "
-                   "whose weights stream from DRAM (huge pages), for the memory of a copy")
+              help="read the weights into RAM instead of mapping the file, for the memory of a copy: "
+                   "faster where the OS cannot map files in 2 MB pages (Linux without transparent "
+                   "huge pages, macOS)")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
               help="keep only the k most likely tokens; 0 = off")
 @click.option("--min-p", type=FiniteFloat(0.0, 1.0), default=0.0, show_default=True,
