@@ -38,24 +38,25 @@ def fastmath_name(choice: bool | str) -> str:
     raise ValueError(f"fastmath: expected one of {', '.join(FASTMATH)} (or True/False), found {choice!r}")
 
 
-def _family_hash(functions: Iterable[Callable]) -> str:
+def _family_hash(functions: Iterable[Callable], sources: Iterable[str] = ()) -> str:
     digest = hashlib.sha256(str(numba.config.OPT).encode())
-    for path in sorted({inspect.getsourcefile(f) for f in functions} | {__file__}):
+    for path in sorted({inspect.getsourcefile(f) for f in functions} | {__file__} | set(sources)):
         with open(path, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:10]
 
 
 def jit_family(functions: Iterable[Callable], fastmath: str, parallel: bool = False,
-               constants: dict[str, int] | None = None) -> types.SimpleNamespace:
+               constants: dict[str, int] | None = None, sources: Iterable[str] = ()) -> types.SimpleNamespace:
     """Compile `functions` (lazily, at first call) as @njit with the named fastmath setting.
     `constants` replace module globals of the same name: Numba freezes globals at compile time,
-    so each value gets code specialised for it (and its own cache entry)."""
+    so each value gets code specialised for it (and its own cache entry). `sources` are other
+    files the compiled code depends on (intrinsics), hashed into the cache names too."""
     functions = list(functions)
     constants = constants or {}
     flags = FASTMATH[fastmath_name(fastmath)]
     suffix = "".join(f"_{name}{value}" for name, value in sorted(constants.items()))
-    tag = f"{fastmath}{'_par' if parallel else ''}{suffix}_{_family_hash(functions)}"
+    tag = f"{fastmath}{'_par' if parallel else ''}{suffix}_{_family_hash(functions, sources)}"
     compiled: dict[str, Callable] = {}
     namespaces: list[dict] = []
     for fn in functions:

@@ -17,6 +17,8 @@ import math
 import numpy as np
 from numba import prange
 
+from .simd import prefetch, row_dot_q8
+
 EPS = np.float32(1e-5)
 ONE = np.float32(1.0)
 ZERO = np.float32(0.0)
@@ -25,6 +27,12 @@ Q_MAX = np.float32(127.0)
 # replaced, so each group's dot product has a constant trip count that LLVM unrolls completely
 # (2x the speed of a runtime group size). The value here is only the default for direct calls.
 GROUP_SIZE = 64
+# Whether matmul_q8 uses simd.row_dot_q8 (AVX-512 VNNI), and whether it asks for rows ahead of
+# use (for weights that stream from DRAM; in cache, prefetching only costs): set per compiled
+# family, like GROUP_SIZE.
+VNNI = False
+PREFETCH = False
+PREFETCH_ROWS = 4
 
 
 def rmsnorm(out, x, weight):
@@ -145,6 +153,19 @@ def matmul_q8(out, xq, xs, wq, ws):
     lose half their speed."""
     d, n = wq.shape
     groups = n // GROUP_SIZE
+    if VNNI:  # the same sums in VNNI instructions, 1.5x faster (see simd.py)
+        for i in prange(d):
+            if PREFETCH:  # the hardware prefetcher alone falls behind: 110M 20 GB/s, 23 with
+                ahead = i + PREFETCH_ROWS
+                for offset in range(0, n, 64):
+                    prefetch(wq, ahead * n + offset)
+                prefetch(ws, ahead * groups * 4)
+                prefetch(ws, (ahead + 1) * groups * 4 - 1)
+            row = wq[i]
+            scales = ws[i * groups:(i + 1) * groups]
+            for b in range(xq.shape[0]):
+                out[b, i] = row_dot_q8(xq[b], xs[b], row, scales, GROUP_SIZE)
+        return
     unknown_size = n // xs.shape[1]  # = GROUP_SIZE, but opaque to LLVM
     for i in prange(d):
         row = wq[i]

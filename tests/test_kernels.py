@@ -1,0 +1,77 @@
+"""The Q8_0 matmul, kernel by kernel: the portable loops and the AVX-512 VNNI intrinsic (simd.py)
+against exact NumPy arithmetic, for every loop shape the group size selects."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from llama2nb import simd
+from llama2nb.forward import compiled
+
+GROUP_SIZES = [8, 16, 32, 48, 64, 96, 128]
+VARIANTS = [("off", False, False), ("full", False, False), ("reassoc", True, False), ("full", True, False),
+            ("full", True, True)]  # (fastmath, vnni, prefetch)
+
+
+def exact_matmul_q8(xq, xs, wq, ws, gs):
+    """float64 of the int32 group dot products times both scales, summed."""
+    B, n = xq.shape
+    d = wq.shape[0]
+    dots = np.einsum("bgk,dgk->bdg", xq.reshape(B, n // gs, gs).astype(np.int64),
+                     wq.reshape(d, n // gs, gs).astype(np.int64))
+    return (dots * ws.reshape(d, n // gs)[None].astype(np.float64) * xs[:, None, :].astype(np.float64)).sum(-1)
+
+
+def random_q8(rng, rows, n, gs, extreme=False):
+    if extreme:  # every product at its largest: the int32 lanes must not overflow
+        q = rng.choice(np.array([-127, 127], np.int8), (rows, n))
+    else:
+        q = rng.integers(-127, 128, (rows, n)).astype(np.int8)
+    return q, rng.random(rows * n // gs).astype(np.float32) + np.float32(0.01)
+
+
+@pytest.mark.parametrize("fastmath,vnni,prefetch", VARIANTS)
+@pytest.mark.parametrize("gs", GROUP_SIZES)
+def test_matmul_q8_matches_exact_arithmetic(gs, fastmath, vnni, prefetch):
+    if vnni and not simd.VNNI:
+        pytest.skip("the CPU has no AVX-512 VNNI")
+    kernels = compiled(fastmath, gs, vnni=vnni, prefetch=prefetch)
+    rng = np.random.default_rng(gs)
+    for groups, rows, B, extreme in [(1, 3, 1, False), (3, 37, 1, False), (9, 64, 5, False), (12, 17, 4, True)]:
+        n = gs * groups
+        wq, ws = random_q8(rng, rows, n, gs, extreme)
+        xq, xs = random_q8(rng, B, n, gs, extreme)
+        xs = xs.reshape(B, groups)
+        out = np.full((B, rows), np.nan, np.float32)
+        kernels.matmul_q8(out, xq, xs, wq, ws)
+        expected = exact_matmul_q8(xq, xs, wq, ws, gs)
+        scale = np.abs(expected).max()
+        assert np.abs(out - expected).max() <= 1e-5 * scale, (groups, rows, B, extreme)
+
+
+@pytest.mark.skipif(not simd.VNNI, reason="the CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("gs,register", [(32, "ymm"), (48, "xmm"), (64, "ymm")])
+def test_row_dot_q8_is_made_of_vpdpbusd(gs, register):
+    @numba.njit  # not cached: Numba inspects only code it compiled in this process
+    def row_dot(x, xs, w, ws):
+        return simd.row_dot_q8(x, xs, w, ws, gs)
+
+    x, w = np.ones(2 * gs, np.int8), np.full(2 * gs, -3, np.int8)
+    scales = np.ones(2, np.float32)
+    assert row_dot(x, scales, w, scales) == -6 * gs
+    asm = row_dot.inspect_asm(row_dot.signatures[0])
+    assert f"vpdpbusd\t%{register}" in asm
+
+
+@pytest.mark.parametrize("fastmath,gs,used", [("full", 32, True), ("reassoc", 64, True), ("off", 32, False),
+                                              ("full", 8, False), ("full", 0, False)])
+def test_the_q8_matmul_uses_vnni_with_fastmath_where_the_cpu_has_it(fastmath, gs, used):
+    name = compiled(fastmath, gs).matmul_q8.py_func.__qualname__
+    assert f"VNNI{used and simd.VNNI}" in name
+
+
+def test_vnni_needs_fastmath_and_a_group_size_it_can_split():
+    assert simd.vnni_chunk(32) == 32 and simd.vnni_chunk(96) == 32 and simd.vnni_chunk(48) == 16
+    assert simd.vnni_chunk(8) == 0 and simd.vnni_chunk(24) == 0 and simd.vnni_chunk(0) == 0
