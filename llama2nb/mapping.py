@@ -7,7 +7,7 @@ against 59-66 from the same bytes copied into (2 MB-page) anonymous memory. Linu
 reads a file into 2 MB page-cache pages and maps them whole when the mapping is advised
 MADV_HUGEPAGE before it is touched, and later mappings of the same cached pages get them too.
 Pages a file was already cached in stay as they are, so when the first 2 MB turn out to be
-mapped in small pages the mapping is dropped, the file's (clean, unmapped) cached pages are
+mapped in small pages the mapping is dropped, the file's cached pages are written back and
 evicted, and the file is mapped again: a one-off re-read, after which every load is fast.
 Elsewhere (no THP, macOS, Windows) this is a plain np.memmap.
 """
@@ -38,6 +38,7 @@ def map_read_only(path: str | os.PathLike) -> np.memmap:
     del mm  # unmapped, the file's cached pages can be evicted
     fd = os.open(path, os.O_RDONLY)
     try:
+        os.fsync(fd)  # only written-back pages can be evicted (a file just written may not be yet)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)

@@ -148,3 +148,16 @@ def prefetch(typingctx, array, byte_offset):
         return context.get_dummy_value()
 
     return types.void(array, byte_offset), codegen
+
+
+@intrinsic
+def float32_from_bits(typingctx, bits):
+    """The float32 whose IEEE bits are the low 32 bits of the integer `bits` (a bitcast, which
+    LLVM vectorises like any arithmetic: it builds 2^k in kernels.exp_poly)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.trunc(args[0], _I32) if bits.bitwidth > 32 else args[0], _F32)
+
+    return types.float32(bits), codegen

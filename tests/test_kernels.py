@@ -75,3 +75,28 @@ def test_the_q8_matmul_uses_vnni_with_fastmath_where_the_cpu_has_it(fastmath, gs
 def test_vnni_needs_fastmath_and_a_group_size_it_can_split():
     assert simd.vnni_chunk(32) == 32 and simd.vnni_chunk(96) == 32 and simd.vnni_chunk(48) == 16
     assert simd.vnni_chunk(8) == 0 and simd.vnni_chunk(24) == 0 and simd.vnni_chunk(0) == 0
+
+
+def test_exp_poly_is_within_a_few_ulp_of_exp():
+    exp_poly = compiled("full", 0).exp_poly
+
+    @numba.njit(fastmath=True)
+    def apply(out, x):
+        for i in range(x.shape[0]):
+            out[i] = exp_poly(x[i])
+
+    x = np.concatenate([np.linspace(-87.0, 88.0, 200_001, dtype=np.float32),
+                        np.float32([-1e-30, 0.0, 1e-30, -0.3466, 0.3466])])
+    out = np.empty_like(x)
+    apply(out, x)
+    exact = np.exp(x.astype(np.float64))
+    assert np.all(np.abs(out - exact) <= 4e-7 * exact)
+    clamped = np.float32([-100.0, -1e4, 100.0])
+    out = np.empty_like(clamped)
+    apply(out, clamped)
+    assert 0 < out[0] == out[1] < 1.2e-38 and out[2] == np.inf  # far below: tiny, never NaN
+
+
+@pytest.mark.parametrize("fastmath,polynomial", [("off", False), ("reassoc", False), ("full", True)])
+def test_only_full_fastmath_trades_libm_exp_for_the_polynomial(fastmath, polynomial):
+    assert f"FAST_EXP{polynomial}" in compiled(fastmath, 0).softmax.py_func.__qualname__
