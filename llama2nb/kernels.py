@@ -245,9 +245,10 @@ HALF = np.float32(0.5)
 
 
 def exp_poly(x):
-    """e^x in float32 (relative error < 4e-7) for x in [EXP_MIN, EXP_MAX], clamped outside, from + - * a
-    floor and a bitcast, so that LLVM vectorises a loop of them: e^x = 2^k e^r, k = round(x / ln 2),
-    |r| <= ln(2) / 2, e^r by its minimax polynomial (Cephes' expf), 2^k from its IEEE bits."""
+    """e^x in float32 (relative error < 4e-7) for x in [EXP_MIN, EXP_MAX], clamped outside.
+    Only arithmetic, a floor and a bitcast, so that LLVM vectorises a loop of them:
+    e^x = 2^k e^r with k = round(x / ln 2) and |r| <= ln(2) / 2; e^r by its minimax polynomial
+    (Cephes' expf), 2^k from its IEEE bits."""
     x = min(max(x, EXP_MIN), EXP_MAX)
     k = np.floor(x * LOG2E + HALF)
     r = x - k * LN2_HIGH - k * LN2_LOW
