@@ -501,6 +501,12 @@ def info(checkpoint: str) -> None:
         ("group size", str(c.group_size) if c.version == 2 else "none (not quantized)"),
         ("KV cache", f"{_size(c.kv_cache_bytes)} ({c.kv_cache_bytes:,} bytes, fp32, at seq_len {c.seq_len})"),
     ]
+    if c.quantized:
+        from . import simd
+
+        vnni = simd.VNNI and simd.vnni_chunk(c.group_size)
+        rows.append(("int8 matmul", "AVX-512 VNNI (with fastmath) on this CPU" if vnni else
+                     "portable loops (this CPU or this group size has no AVX-512 VNNI path)"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
