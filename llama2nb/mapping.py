@@ -36,15 +36,22 @@ def map_read_only(path: str | os.PathLike) -> np.memmap:
     device = os.stat(path).st_dev
     if size >= 2 * HUGE_PAGE and device not in _no_huge_pages and _huge_pages_possible():
         if not _cache_in_huge_pages(path):
-            fd = os.open(path, os.O_RDONLY)
             try:
-                os.fsync(fd)  # only written-back pages can be evicted (a file just written may not be)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+                _evict_from_page_cache(path)
+            except OSError:  # a read-only file system, say: keep the small pages
+                return _map_advised(path)
             if not _cache_in_huge_pages(path):
                 _no_huge_pages.add(device)  # this file system keeps files in small pages
     return _map_advised(path)
+
+
+def _evict_from_page_cache(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # only written-back pages can be evicted (a file just written may not be)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def _map_advised(path: str | os.PathLike) -> np.memmap:

@@ -41,3 +41,15 @@ def test_a_freshly_written_file_ends_up_wholly_in_huge_pages(tmp_path):
         assert np.array_equal(mm.view(np.float32), data)  # and then every page
         assert mapping.mapped_in_huge_pages_kb(mm) == 16 * mapping.HUGE_PAGE // 1024
         del mm
+
+
+def test_a_file_that_cannot_be_evicted_still_maps(tmp_path, monkeypatch):
+    def refuse(*args):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(mapping.os, "fsync", refuse)
+    monkeypatch.setattr(mapping, "_cache_in_huge_pages", lambda path: False)  # as if in small pages
+    path = tmp_path / "f.bin"
+    data = np.arange(3 * mapping.HUGE_PAGE, dtype=np.uint8)
+    data.tofile(path)
+    assert np.array_equal(mapping.map_read_only(path), data)
