@@ -2,9 +2,11 @@
 
 Each kernel writes into a caller-owned output buffer and allocates nothing; shapes are in the
 comments. Activations carry a leading batch axis B: 1 when generating, a block of prompt
-tokens when prefilling, so that each weight row is read once per block rather than per token. They follow run.c (fp32) and runq.c (Q8_0) step for step, so that llama2.c files give
+tokens when prefilling, so that each weight row is read once per block rather than per token.
+They follow run.c (fp32) and runq.c (Q8_0) step for step, so that llama2.c files give
 llama2.c's logits. `llama2nb.jit.jit_family` compiles them once per fastmath setting; without
-Numba (NUMBA_DISABLE_JIT=1) they run as the plain Python they are.
+Numba (NUMBA_DISABLE_JIT=1) they run as the plain Python they are. Three choices are compile-
+time constants set per compiled family: GROUP_SIZE, VNNI (with PREFETCH) and FAST_EXP.
 
 Float32 throughout: every constant is an np.float32 so that no loop is silently promoted to
 float64, which would halve the vector width. Loops index from 0 over slices (`row[start:end]`,

@@ -41,7 +41,7 @@ def test_bench_end_to_end(tmp_path, monkeypatch):
     model_row = rows["stories15M shape, fp32"]
     assert {"tg128", "tg256", "pp128", "pp256", "compile_s", "peak_rss_mb", "roof"} <= set(model_row)
     assert rows["run.c (run)"]["tg128"] == [123.456, 123.456]
-    assert report["bandwidth_gbs"] > 0 and report["startup"][0]["ttft_warm_s"] > 0
+    assert min(report["bandwidth_gbs"]) > 0 and report["startup"][0]["ttft_warm_s"] > 0
     assert (out / "latest.png").stat().st_size > 1000 and "| stories15M shape, fp32 |" in (out / "latest.md").read_text()
     assert "| configuration |" in result.output
 
