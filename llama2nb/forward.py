@@ -109,7 +109,7 @@ def compiled(fastmath: str = "off", group_size: int = 0, parallel: bool = False,
     with `prefetch` asks for weight rows ahead of use (for weights bigger than the caches)."""
     use_vnni = vnni and simd.VNNI and fastmath_name(fastmath) != "off" and simd.vnni_chunk(group_size) > 0
     constants = {"GROUP_SIZE": group_size, "VNNI": use_vnni, "PREFETCH": use_vnni and prefetch,
-                 "FAST_EXP": fastmath_name(fastmath) == "full"}
+                 "FAST_EXP": fastmath_name(fastmath) == "full" and not numba.config.DISABLE_JIT}
     return jit_family(FAMILY, fastmath, parallel=parallel, constants=constants, sources=[simd.__file__])
 
 

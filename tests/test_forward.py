@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -167,3 +172,15 @@ def test_in_memory_load_gives_the_mapped_logits(tiny_models, name):
     assert not isinstance(copied.checkpoint.buffer, np.memmap) and isinstance(mapped.checkpoint.buffer, np.memmap)
     for pos, token in enumerate([1, 5, 9, 33, 2, 60] * 12):
         np.testing.assert_array_equal(mapped.forward(token, pos), copied.forward(token, pos))
+
+
+@pytest.mark.parametrize("name", ["v0-gqa", "v2-unshared-gqa"])
+def test_kernels_run_as_plain_python_without_numba(tiny_models, name):
+    # NUMBA_DISABLE_JIT=1 runs the kernels as Python: the intrinsics (VNNI, the exp polynomial's
+    # bitcast) exist only compiled, so that mode must take the portable paths, fastmath or not.
+    script = ("import sys; from tests.test_forward import max_logit_diff; "
+              "print(max_logit_diff(sys.argv[1], 'full', positions=3))")
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_models[name])], capture_output=True, text=True,
+                          env={**os.environ, "NUMBA_DISABLE_JIT": "1"}, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.split()[-1]) < 2e-4
