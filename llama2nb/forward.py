@@ -101,28 +101,14 @@ FAMILY = kernels.KERNELS + (qkv_fp32, ffn_fp32, qkv_q8, ffn_q8, classifier_fp32,
 
 
 @functools.cache
-def compiled(fastmath: str = "off", group_size: int = 0, parallel: bool = False, vnni: bool = True,
-             prefetch: bool = False) -> SimpleNamespace:
+def compiled(fastmath: str = "off", group_size: int = 0, parallel: bool = False, vnni: bool = True) -> SimpleNamespace:
     """The kernels and layer functions compiled with one fastmath setting (see jit.FASTMATH) and,
     for Q8_0 files, one group size (0 for fp32 files, which never call the Q8_0 kernels). With
-    fastmath, on a CPU with AVX-512 VNNI, the Q8_0 matmul uses it unless `vnni` is False, and
-    with `prefetch` asks for weight rows ahead of use (for weights bigger than the caches)."""
+    fastmath, on a CPU with AVX-512 VNNI, the Q8_0 matmul uses it unless `vnni` is False."""
     use_vnni = vnni and simd.VNNI and fastmath_name(fastmath) != "off" and simd.vnni_chunk(group_size) > 0
-    constants = {"GROUP_SIZE": group_size, "VNNI": use_vnni, "PREFETCH": use_vnni and prefetch,
+    constants = {"GROUP_SIZE": group_size, "VNNI": use_vnni,
                  "FAST_EXP": fastmath_name(fastmath) == "full" and not numba.config.DISABLE_JIT}
     return jit_family(FAMILY, fastmath, parallel=parallel, constants=constants, sources=[simd.__file__])
-
-
-def last_level_cache_bytes() -> int:
-    """The CPU's largest cache (Linux sysfs), or 32 MiB where it cannot be read."""
-    sizes = []
-    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        try:
-            text = entry.read_text().strip()
-            sizes.append(int(text[:-1]) * 1024 if text.endswith("K") else int(text))
-        except (OSError, ValueError):
-            pass
-    return max(sizes, default=32 << 20)
 
 
 def rope_tables(seq_len: int, head_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -201,8 +187,7 @@ class Transformer:
         self.state = RunState.allocate(self.config, str(checkpoint.path))
         if threads > 1:
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        streams = checkpoint.file_size > last_level_cache_bytes()  # weights stream from DRAM
-        self.kernels = compiled(self.fastmath, self.config.group_size, parallel=threads > 1, prefetch=streams)
+        self.kernels = compiled(self.fastmath, self.config.group_size, parallel=threads > 1)
         self._bind_weights()
         self._one_token = np.zeros(1, np.int64)
         self.compile_seconds = self._warm_up() if warm_up else 0.0

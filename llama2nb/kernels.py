@@ -6,7 +6,7 @@ tokens when prefilling, so that each weight row is read once per block rather th
 They follow run.c (fp32) and runq.c (Q8_0) step for step, so that llama2.c files give
 llama2.c's logits. `llama2nb.jit.jit_family` compiles them once per fastmath setting; without
 Numba (NUMBA_DISABLE_JIT=1) they run as the plain Python they are. Three choices are compile-
-time constants set per compiled family: GROUP_SIZE, VNNI (with PREFETCH) and FAST_EXP.
+time constants set per compiled family: GROUP_SIZE, VNNI and FAST_EXP.
 
 Float32 throughout: every constant is an np.float32 so that no loop is silently promoted to
 float64, which would halve the vector width. Loops index from 0 over slices (`row[start:end]`,
@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import prange
 
-from .simd import float32_from_bits, prefetch, row_dot_q8
+from .simd import float32_from_bits, row_dot_q8
 
 EPS = np.float32(1e-5)
 ONE = np.float32(1.0)
@@ -29,12 +29,8 @@ Q_MAX = np.float32(127.0)
 # replaced, so each group's dot product has a constant trip count that LLVM unrolls completely
 # (2x the speed of a runtime group size). The value here is only the default for direct calls.
 GROUP_SIZE = 64
-# Whether matmul_q8 uses simd.row_dot_q8 (AVX-512 VNNI), and whether it asks for rows ahead of
-# use (for weights that stream from DRAM; in cache, prefetching only costs): set per compiled
-# family, like GROUP_SIZE.
+# Whether matmul_q8 uses simd.row_dot_q8 (AVX-512 VNNI): set per compiled family, like GROUP_SIZE.
 VNNI = False
-PREFETCH = False
-PREFETCH_ROWS = 4
 # Whether exp() is exp_poly (a polynomial LLVM vectorises) rather than libm's scalar expf: the
 # full fastmath setting's choice, as gcc -Ofast vectorises expf through glibc's libmvec.
 FAST_EXP = False
@@ -66,9 +62,21 @@ def matmul(out, x, w):
 
     For a block of tokens, 2 weight rows x 4 tokens at a time: 8 accumulators share each load,
     so the block runs compute-bound (~30 GMAC/s here) instead of load-bound (~12). A single
-    token (generation) is a plain matrix-vector product, bound by memory bandwidth."""
+    token (generation) is a matrix-vector product bound by memory bandwidth; it takes its rows
+    from the two halves of w in turn, two streams from DRAM, which the memory system serves
+    faster than one (15M: 1.9-2.1 ms of matmuls a token -> 1.7-1.8)."""
     B, n = x.shape
     d = w.shape[0]
+    if B == 1:
+        x0 = x[0]
+        o = out[0]
+        half = d // 2
+        for i in prange(half):
+            o[i] = dot(x0, w[i])
+            o[half + i] = dot(x0, w[half + i])
+        if d % 2:
+            o[d - 1] = dot(x0, w[d - 1])
+        return
     full_b = B - B % 4
     for pair in prange(d // 2):
         i = 2 * pair
@@ -159,17 +167,17 @@ def matmul_q8(out, xq, xs, wq, ws):
     d, n = wq.shape
     groups = n // GROUP_SIZE
     if VNNI:  # the same sums in VNNI instructions, 1.5-1.6x faster (see simd.py)
-        for i in prange(d):
-            if PREFETCH:  # the hardware prefetcher alone falls behind: 110M 20 GB/s, 23 with
-                ahead = i + PREFETCH_ROWS
-                for offset in range(0, n, 64):
-                    prefetch(wq, ahead * n + offset)
-                prefetch(ws, ahead * groups * 4)
-                prefetch(ws, (ahead + 1) * groups * 4 - 1)
-            row = wq[i]
-            scales = ws[i * groups:(i + 1) * groups]
+        # rows from the two halves of wq in turn: two streams from DRAM keep more reads in
+        # flight than one (110M: 4.0-4.4 ms a token of matmuls against 5.0-5.3)
+        half = d // 2
+        for k in prange(half):
+            i = half + k
             for b in range(xq.shape[0]):
-                out[b, i] = row_dot_q8(xq[b], xs[b], row, scales, GROUP_SIZE)
+                out[b, k] = row_dot_q8(xq[b], xs[b], wq[k], ws[k * groups:(k + 1) * groups], GROUP_SIZE)
+                out[b, i] = row_dot_q8(xq[b], xs[b], wq[i], ws[i * groups:(i + 1) * groups], GROUP_SIZE)
+        if d % 2:
+            for b in range(xq.shape[0]):
+                out[b, d - 1] = row_dot_q8(xq[b], xs[b], wq[d - 1], ws[(d - 1) * groups:], GROUP_SIZE)
         return
     unknown_size = n // xs.shape[1]  # = GROUP_SIZE, but opaque to LLVM
     for i in prange(d):

@@ -133,24 +133,6 @@ than runq.c's, so only kernels compiled with fastmath use it."""
 
 
 @intrinsic
-def prefetch(typingctx, array, byte_offset):
-    """Ask for the cache line at array's data + byte_offset ahead of use (llvm.prefetch: a hint
-    that never faults, even past the end of the array)."""
-    if not (isinstance(array, types.Array) and isinstance(byte_offset, types.Integer)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        address = builder.gep(builder.bitcast(data, _I8.as_pointer()), [args[1]])
-        hint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-            ir.VoidType(), [address.type, _I32, _I32, _I32]), "llvm.prefetch.p0")
-        builder.call(hint, [address, _I32(0), _I32(3), _I32(1)])  # read, keep in all caches, data
-        return context.get_dummy_value()
-
-    return types.void(array, byte_offset), codegen
-
-
-@intrinsic
 def float32_from_bits(typingctx, bits):
     """The float32 whose IEEE bits are the low 32 bits of the integer `bits` (a bitcast, which
     LLVM vectorises like any arithmetic: it builds 2^k in kernels.exp_poly)."""
