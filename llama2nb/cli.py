@@ -505,8 +505,8 @@ def info(checkpoint: str) -> None:
         from . import simd
 
         vnni = simd.VNNI and simd.vnni_chunk(c.group_size)
-        rows.append(("int8 matmul", "AVX-512 VNNI (with fastmath) on this CPU" if vnni else
-                     "portable loops (this CPU or this group size has no AVX-512 VNNI path)"))
+        rows.append(("int8 matmul", "VNNI vpdpbusd (with fastmath) on this CPU" if vnni else
+                     "portable loops (this CPU or this group size has no VNNI path)"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")

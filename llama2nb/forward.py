@@ -104,7 +104,7 @@ FAMILY = kernels.KERNELS + (qkv_fp32, ffn_fp32, qkv_q8, ffn_q8, classifier_fp32,
 def compiled(fastmath: str = "off", group_size: int = 0, parallel: bool = False, vnni: bool = True) -> SimpleNamespace:
     """The kernels and layer functions compiled with one fastmath setting (see jit.FASTMATH) and,
     for Q8_0 files, one group size (0 for fp32 files, which never call the Q8_0 kernels). With
-    fastmath, on a CPU with AVX-512 VNNI, the Q8_0 matmul uses it unless `vnni` is False."""
+    fastmath, on a CPU with VNNI (simd.VNNI), the Q8_0 matmul uses it unless `vnni` is False."""
     use_vnni = vnni and simd.VNNI and fastmath_name(fastmath) != "off" and simd.vnni_chunk(group_size) > 0
     constants = {"GROUP_SIZE": group_size, "VNNI": use_vnni,
                  "FAST_EXP": fastmath_name(fastmath) == "full" and not numba.config.DISABLE_JIT}

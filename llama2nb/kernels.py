@@ -29,7 +29,7 @@ Q_MAX = np.float32(127.0)
 # replaced, so each group's dot product has a constant trip count that LLVM unrolls completely
 # (2x the speed of a runtime group size). The value here is only the default for direct calls.
 GROUP_SIZE = 64
-# Whether matmul_q8 uses simd.row_dot_q8 (AVX-512 VNNI): set per compiled family, like GROUP_SIZE.
+# Whether matmul_q8 uses simd.row_dot_q8 (VNNI): set per compiled family, like GROUP_SIZE.
 VNNI = False
 # Whether exp() is exp_poly (a polynomial LLVM vectorises) rather than libm's scalar expf: the
 # full fastmath setting's choice, as gcc -Ofast vectorises expf through glibc's libmvec.

@@ -1,4 +1,4 @@
-"""The Q8_0 row dot product in AVX-512 VNNI instructions, for CPUs that have them.
+"""The Q8_0 row dot product in VNNI instructions (AVX-512 VNNI or AVX-VNNI), where the CPU has them.
 
 From matmul_q8's portable loops LLVM makes vpmovsxbw + vpdpwssd: bytes widened to 16 bits,
 16 multiply-adds per instruction, and a horizontal sum for every group (17-28 GMAC/s here).
@@ -25,18 +25,19 @@ from numba.extending import intrinsic
 
 
 def target_has_vnni() -> bool:
-    """Whether the CPU Numba compiles for has AVX-512 VNNI on 128/256-bit registers (Intel since
-    Ice Lake, AMD since Zen 4). Honours NUMBA_CPU_NAME / NUMBA_CPU_FEATURES, which make Numba
-    compile for another CPU than this one (a portable cache, say)."""
+    """Whether the CPU Numba compiles for has vpdpbusd on 128/256-bit registers: AVX-512 VNNI
+    (Intel since Ice Lake, AMD since Zen 4) or AVX-VNNI (Intel since Alder Lake), which LLVM
+    selects from the same intrinsic. Honours NUMBA_CPU_NAME / NUMBA_CPU_FEATURES, which make
+    Numba compile for another CPU than this one (a portable cache, say)."""
     if numba.config.DISABLE_JIT:
         return False
     if numba.config.CPU_NAME not in (None, "host"):
-        features = set((numba.config.CPU_FEATURES or "").split(","))
-        return {"+avx512vnni", "+avx512vl"} <= features
-    import llvmlite.binding as llvm
+        listed = {f[1:] for f in (numba.config.CPU_FEATURES or "").split(",") if f.startswith("+")}
+    else:
+        import llvmlite.binding as llvm
 
-    features = llvm.get_host_cpu_features()
-    return bool(features.get("avx512vnni")) and bool(features.get("avx512vl"))
+        listed = {name for name, on in llvm.get_host_cpu_features().items() if on}
+    return {"avx512vnni", "avx512vl"} <= listed or "avxvnni" in listed
 
 
 VNNI = target_has_vnni()
@@ -65,7 +66,7 @@ def row_dot_q8(typingctx, x, xs, w, ws, group_size):
     vnni_chunk() accepts. Only for a target with VNNI (see VNNI); the sum runs in another order
 than runq.c's, so only kernels compiled with fastmath use it."""
     if not VNNI:
-        raise numba.core.errors.TypingError("row_dot_q8: the target CPU has no AVX-512 VNNI")
+        raise numba.core.errors.TypingError("row_dot_q8: the target CPU has no VNNI")
     if not isinstance(group_size, types.IntegerLiteral):
         return None  # Numba retries with the constant's value
     gs = group_size.literal_value

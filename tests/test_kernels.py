@@ -4,6 +4,11 @@ shape the group size selects; and the exp polynomial."""
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+
 import numba
 import numpy as np
 import pytest
@@ -114,3 +119,29 @@ def test_exp_poly_is_within_a_few_ulp_of_exp():
 @pytest.mark.parametrize("fastmath,polynomial", [("off", False), ("reassoc", False), ("full", True)])
 def test_only_full_fastmath_trades_libm_exp_for_the_polynomial(fastmath, polynomial):
     assert f"FAST_EXP{polynomial}" in compiled(fastmath, 0).softmax.py_func.__qualname__
+
+
+COMPILE_FOR = """
+import numba
+from llama2nb import simd
+print(simd.VNNI)
+if simd.VNNI:
+    row_dot = numba.njit(lambda x, xs, w, ws: simd.row_dot_q8(x, xs, w, ws, 32))
+    vector = (numba.types.int8[::1], numba.types.float32[::1], numba.types.int8[::1], numba.types.float32[::1])
+    row_dot.compile(vector)
+    print("{vex}" if "{vex}\\tvpdpbusd" in row_dot.inspect_asm(vector) else "evex")
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 targets")
+@pytest.mark.parametrize("cpu,features,expected", [
+    ("alderlake", "+avx2,+avxvnni,+fma,+avx,+ssse3", ["True", "{vex}"]),  # AVX-VNNI: VEX-encoded
+    ("icelake-server", "+avx512f,+avx512bw,+avx512vl,+avx512vnni,+avx2,+fma", ["True", "evex"]),
+    ("haswell", "+avx2,+fma,+avx,+ssse3", ["False"]),  # no VNNI: the portable loops
+])
+def test_vnni_is_chosen_per_target_cpu(cpu, features, expected):
+    # compiled only, never run: the target need not be this machine
+    env = {**os.environ, "NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": features}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == expected
