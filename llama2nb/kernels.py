@@ -180,40 +180,43 @@ def matmul_q8(out, xq, xs, wq, ws):
                 out[b, d - 1] = row_dot_q8(xq[b], xs[b], wq[d - 1], ws[(d - 1) * groups:], GROUP_SIZE)
         return
     unknown_size = n // xs.shape[1]  # = GROUP_SIZE, but opaque to LLVM
-    for i in prange(d):
-        row = wq[i]
-        scales = ws[i * groups:(i + 1) * groups]
-        for b in range(xq.shape[0]):
-            xrow = xq[b]
-            xscales = xs[b]
-            acc = ZERO
-            g = 0
-            if 32 <= GROUP_SIZE < 64:
-                while g + 1 < groups:
+    half = d // 2
+    for k in prange(half + d % 2):  # rows k and half + k: two streams (110M: 6.0 -> 4.9 ms)
+        for r in range(1 + (k < half)):  # (one loop body, not two copies of this long one)
+            i = d - 1 if k == half else k + r * half
+            row = wq[i]
+            scales = ws[i * groups:(i + 1) * groups]
+            for b in range(xq.shape[0]):
+                xrow = xq[b]
+                xscales = xs[b]
+                acc = ZERO
+                g = 0
+                if 32 <= GROUP_SIZE < 64:
+                    while g + 1 < groups:
+                        start = g * GROUP_SIZE
+                        w = row[start:start + 2 * GROUP_SIZE]
+                        x = xrow[start:start + 2 * GROUP_SIZE]
+                        dot0 = np.int32(0)
+                        dot1 = np.int32(0)
+                        for j in range(GROUP_SIZE):
+                            dot0 = np.int32(dot0 + np.int32(x[j]) * np.int32(w[j]))
+                            dot1 = np.int32(dot1 + np.int32(x[j + GROUP_SIZE]) * np.int32(w[j + GROUP_SIZE]))
+                        acc += (np.float32(dot0) * scales[g] * xscales[g]
+                                + np.float32(dot1) * scales[g + 1] * xscales[g + 1])
+                        g += 2
+                while g < groups:
                     start = g * GROUP_SIZE
-                    w = row[start:start + 2 * GROUP_SIZE]
-                    x = xrow[start:start + 2 * GROUP_SIZE]
-                    dot0 = np.int32(0)
-                    dot1 = np.int32(0)
-                    for j in range(GROUP_SIZE):
-                        dot0 = np.int32(dot0 + np.int32(x[j]) * np.int32(w[j]))
-                        dot1 = np.int32(dot1 + np.int32(x[j + GROUP_SIZE]) * np.int32(w[j + GROUP_SIZE]))
-                    acc += (np.float32(dot0) * scales[g] * xscales[g]
-                            + np.float32(dot1) * scales[g + 1] * xscales[g + 1])
-                    g += 2
-            while g < groups:
-                start = g * GROUP_SIZE
-                if GROUP_SIZE >= 64:
-                    w = row[start:start + GROUP_SIZE]
-                    x = xrow[start:start + GROUP_SIZE]
-                    total = np.int32(0)
-                    for j in range(GROUP_SIZE):
-                        total = np.int32(total + np.int32(x[j]) * np.int32(w[j]))
-                else:
-                    total = group_dot(xrow[start:start + unknown_size], row[start:start + unknown_size])
-                acc += np.float32(total) * scales[g] * xscales[g]
-                g += 1
-            out[b, i] = acc
+                    if GROUP_SIZE >= 64:
+                        w = row[start:start + GROUP_SIZE]
+                        x = xrow[start:start + GROUP_SIZE]
+                        total = np.int32(0)
+                        for j in range(GROUP_SIZE):
+                            total = np.int32(total + np.int32(x[j]) * np.int32(w[j]))
+                    else:
+                        total = group_dot(xrow[start:start + unknown_size], row[start:start + unknown_size])
+                    acc += np.float32(total) * scales[g] * xscales[g]
+                    g += 1
+                out[b, i] = acc
 
 
 def embed_q8(out, q, s, tokens):

@@ -50,7 +50,7 @@ def vnni_chunk(group_size: int) -> int:
     return 32 if group_size % 32 == 0 else 16 if group_size % 16 == 0 else 0
 
 
-_I1, _I8, _I32, _F32 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.FloatType()
+_I8, _I32, _F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
 _CONTRACT = ("contract",)  # fuse multiply and add; the order of the sums is the one written here
 _ACCUMULATORS = 2  # groups in flight: alternating accumulators hide the float adds' latency
 
@@ -64,7 +64,7 @@ def row_dot_q8(typingctx, x, xs, w, ws, group_size):
     """sum over groups g of xs[g] * ws[g] * (x_g . w_g), the int8 dot products exact in int32.
     x, w (n,) int8; xs, ws (n // group_size,) float32; group_size a compile-time constant that
     vnni_chunk() accepts. Only for a target with VNNI (see VNNI); the sum runs in another order
-than runq.c's, so only kernels compiled with fastmath use it."""
+    than runq.c's, so only kernels compiled with fastmath use it."""
     if not VNNI:
         raise numba.core.errors.TypingError("row_dot_q8: the target CPU has no VNNI")
     if not isinstance(group_size, types.IntegerLiteral):
