@@ -302,6 +302,28 @@ def build_rows(paths: dict, shapes: list[str], runs: int, runc: str | None, runq
     return rows
 
 
+def measure_row(row: Row, runs: int, paths: dict, cache_dir: Path) -> dict:
+    """`runs` runs of one row: a worker process, or the user's llama2.c binary."""
+    if row.c_binary:
+        return {f"tg{n}": run_c(row.c_binary, row.path, paths["tokenizer"], n, runs) for n in row.tg}
+    spec = {"path": str(row.path), "fastmath": row.fastmath, "runs": runs, "tg": list(row.tg),
+            "pp": list(row.pp), "threads": row.threads, "pure_python": row.pure_python,
+            "in_memory": row.in_memory}
+    env = dict(row.env)
+    if "NUMBA_OPT" in env:  # its own cache folder: Numba's cache key does not include the opt level
+        env["NUMBA_CACHE_DIR"] = str(cache_dir / "numba-opt0")
+    return run_worker(["worker", json.dumps(spec)], env)
+
+
+def merge_runs(into: dict, new: dict) -> None:
+    """Add one process's measurements to a row's: lists of rates grow, costs keep their worst."""
+    for key, value in new.items():
+        if isinstance(value, list):
+            into.setdefault(key, []).extend(value)
+        else:
+            into[key] = max(into.get(key, value), value)
+
+
 def run_benchmark(shapes: list[str], runs: int = 3, cache_dir: Path | None = None, runc: str | None = None,
                   runq: str | None = None, threads: int = 1, out_dir: Path = Path("benchmarks/results"),
                   log=print) -> dict:
@@ -311,27 +333,17 @@ def run_benchmark(shapes: list[str], runs: int = 3, cache_dir: Path | None = Non
     paths = ensure_models(cache_dir, shapes, log)
     cache_bytes = last_level_cache_bytes()
     rows = build_rows(paths, shapes, runs, runc, runq, threads)
-    bandwidths = []
     for row in rows:
         log(f"  {row.section}: {row.label}")
         config = read_config(row.path)
-        if config.version != 2 and config.weight_bytes_per_token > cache_bytes:
-            # measured again before each row: this shared machine's bandwidth drifts by 10-15% over
-            # minutes, and the roof is the best it showed (a roof is never too low)
-            row.result["bandwidth_gbs"] = run_worker(["bandwidth"])["bandwidth_gbs"]
-            bandwidths.append(row.result["bandwidth_gbs"])
-        if row.c_binary:
-            row.result = {f"tg{n}": run_c(row.c_binary, row.path, paths["tokenizer"], n, row.runs) for n in row.tg}
-            continue
-        spec = {"path": str(row.path), "fastmath": row.fastmath, "runs": row.runs, "tg": list(row.tg),
-                "pp": list(row.pp), "threads": row.threads, "pure_python": row.pure_python,
-                "in_memory": row.in_memory}
-        env = dict(row.env)
-        if "NUMBA_OPT" in env:  # its own cache folder: Numba's cache key does not include the opt level
-            env["NUMBA_CACHE_DIR"] = str(cache_dir / "numba-opt0")
-        row.result.update(run_worker(["worker", json.dumps(spec)], env))
-    if not bandwidths:
-        bandwidths.append(run_worker(["bandwidth"])["bandwidth_gbs"])
+        streams = config.version != 2 and config.weight_bytes_per_token > cache_bytes
+        # A row that gets a roof runs each time in its own process right after a bandwidth probe:
+        # this shared machine's bandwidth drifts by 10-15% within minutes, and a ratio means
+        # something only when both of its sides are measured together.
+        for _ in range(row.runs if streams else 1):
+            if streams:
+                row.result.setdefault("bandwidth_gbs", []).append(run_worker(["bandwidth"])["bandwidth_gbs"])
+            merge_runs(row.result, measure_row(row, 1 if streams else row.runs, paths, cache_dir))
     for row in rows:
         config = read_config(row.path)
         tg = row.result.get("tg128") or row.result.get("tg3") or []
@@ -342,8 +354,12 @@ def run_benchmark(shapes: list[str], runs: int = 3, cache_dir: Path | None = Non
         else:
             # attention reads positions 0..pos of every layer's K and V rows: 64.5 on average in tg128
             kv_bytes = config.n_layers * 2 * config.kv_dim * 4 * (128 + 1) / 2
-            bytes_per_second = max(bandwidths) * 1e9
-            row.result["roof"] = statistics.median(tg) * (config.weight_bytes_per_token + kv_bytes) / bytes_per_second
+            read = config.weight_bytes_per_token + kv_bytes
+            row.result["roof"] = statistics.median(
+                tok_s * read / (gbs * 1e9) for tok_s, gbs in zip(tg, row.result["bandwidth_gbs"]))
+    bandwidths = [gbs for row in rows for gbs in row.result.get("bandwidth_gbs", [])]
+    if not bandwidths:
+        bandwidths.append(run_worker(["bandwidth"])["bandwidth_gbs"])
     # start-up: time to first token in a fresh process, warm and cold Numba cache
     startup = []
     for name, path in [("bundled", BUNDLED)] * BUNDLED.exists() + [(n, paths[n]) for n in shapes]:
@@ -365,9 +381,8 @@ def run_benchmark(shapes: list[str], runs: int = 3, cache_dir: Path | None = Non
 def markdown_table(report: dict) -> str:
     low, high = report["bandwidth_gbs"]
     measured = f"{low:.1f} GB/s" if f"{low:.1f}" == f"{high:.1f}" else f"{low:.1f}-{high:.1f} GB/s"
-    lines = [f"Machine: {report['machine']}; single-core read bandwidth {measured} (before each fp32 row; "
-             f"the roof is the highest); "
-             f"{report['date']}. tok/s as median ± half-range over runs; compile time excluded.", ""]
+    lines = [f"Machine: {report['machine']}; single-core read bandwidth {measured} (measured before each "
+             f"fp32 run); {report['date']}. tok/s as median ± half-range over runs; compile time excluded.", ""]
     columns = ["tg128", "tg256", "pp128", "pp256"]
     for section, title in (("flags", "The flag story (stories15M shape)"), ("models", "Models")):
         lines += [f"**{title}**", "", "| configuration | " + " | ".join(columns) + " | fp32 roof | compile s | peak RSS MB |",
@@ -387,9 +402,10 @@ def markdown_table(report: dict) -> str:
     lines += [f"| {s['model']} | {s['ttft_warm_s']:.2f} | {s['ttft_cold_s']:.2f} |" for s in report["startup"]]
     lines.append("")
     lines.append("fp32 roof: tg128 tok/s x bytes read per token (the weights, and the KV-cache rows attention "
-                 "reads, 64.5 positions on average) / the highest bandwidth measured in the run. Mapped: the "
-                 "weights are the file's page-cache pages, mapped in 2 MB pages where Linux allows "
-                 "(llama2nb/mapping.py); in memory: a copy in RAM (--in-memory).")
+                 "reads, 64.5 positions on average) / the bandwidth measured just before that run; the median "
+                 "over runs, each run of these rows a process of its own. Mapped: the weights are the file's "
+                 "page-cache pages, mapped in 2 MB pages where Linux allows (llama2nb/mapping.py); in memory: "
+                 "a copy in RAM (--in-memory).")
     return "\n".join(lines)
 
 

@@ -25,6 +25,7 @@ def test_bench_end_to_end(tmp_path, monkeypatch):
     tiny = replace(TINY, dim=64, hidden_dim=128, vocab_size=32000, seq_len=256)  # the Llama 2 vocabulary size
     monkeypatch.setattr(bench, "SHAPES", {"15M": tiny})
     monkeypatch.setattr(bench, "BUNDLED", tmp_path / "no-bundled-model.bin")
+    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda: 0)  # every fp32 row gets a roof
     runc = tmp_path / "run"
     runc.write_text(FAKE_RUNC)
     runc.chmod(runc.stat().st_mode | stat.S_IEXEC)
@@ -40,6 +41,10 @@ def test_bench_end_to_end(tmp_path, monkeypatch):
         assert len(rows[label]["tg128"]) == 2 and min(rows[label]["tg128"]) > 0 and rows[label]["pp128"]
     model_row = rows["stories15M shape, fp32"]
     assert {"tg128", "tg256", "pp128", "pp256", "compile_s", "peak_rss_mb", "roof"} <= set(model_row)
+    # a row with a roof: one process per run, each after its own bandwidth probe, the ratio per pair
+    assert len(model_row["tg128"]) == len(model_row["bandwidth_gbs"]) == len(model_row["pp256"]) == 2
+    assert isinstance(model_row["roof"], float) and model_row["roof"] > 0
+    assert "bandwidth_gbs" not in rows["int8 Q8_0, full fastmath"]  # no fp32 roof for int8
     assert rows["run.c (run)"]["tg128"] == [123.456, 123.456]
     assert min(report["bandwidth_gbs"]) > 0 and report["startup"][0]["ttft_warm_s"] > 0
     assert (out / "latest.png").stat().st_size > 1000 and "| stories15M shape, fp32 |" in (out / "latest.md").read_text()
