@@ -164,6 +164,14 @@ def first_token_worker(path: str, fastmath: str) -> None:
     print(json.dumps({"compiled_at": time.time()}))
 
 
+PROBE_GIB = 1.0  # the bandwidth probe's array: 32x the last-level cache here
+
+
+def probe_bandwidth() -> float:
+    """Single-core read bandwidth now, GB/s, from a fresh process pinned like the rows."""
+    return run_worker(["bandwidth", str(PROBE_GIB)])["bandwidth_gbs"]
+
+
 def bandwidth_worker(gib: float = 1.0, runs: int = 5) -> dict:
     """Single-core streaming read of a large array, GB/s (best of `runs`)."""
     import numba
@@ -342,7 +350,7 @@ def run_benchmark(shapes: list[str], runs: int = 3, cache_dir: Path | None = Non
         # something only when both of its sides are measured together.
         for _ in range(row.runs if streams else 1):
             if streams:
-                row.result.setdefault("bandwidth_gbs", []).append(run_worker(["bandwidth"])["bandwidth_gbs"])
+                row.result.setdefault("bandwidth_gbs", []).append(probe_bandwidth())
             merge_runs(row.result, measure_row(row, 1 if streams else row.runs, paths, cache_dir))
     for row in rows:
         config = read_config(row.path)
@@ -359,7 +367,7 @@ def run_benchmark(shapes: list[str], runs: int = 3, cache_dir: Path | None = Non
                 tok_s * read / (gbs * 1e9) for tok_s, gbs in zip(tg, row.result["bandwidth_gbs"]))
     bandwidths = [gbs for row in rows for gbs in row.result.get("bandwidth_gbs", [])]
     if not bandwidths:
-        bandwidths.append(run_worker(["bandwidth"])["bandwidth_gbs"])
+        bandwidths.append(probe_bandwidth())
     # start-up: time to first token in a fresh process, warm and cold Numba cache
     startup = []
     for name, path in [("bundled", BUNDLED)] * BUNDLED.exists() + [(n, paths[n]) for n in shapes]:
@@ -451,7 +459,7 @@ def save_chart(report: dict, path: Path) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """Worker entry points: `python -m llama2nb.bench worker SPEC | first-token PATH FM | bandwidth`."""
+    """Worker entry points: `python -m llama2nb.bench worker SPEC | first-token PATH FM | bandwidth GIB`."""
     kind = argv[0]
     if kind == "worker":
         result = worker(json.loads(argv[1]))
@@ -459,7 +467,7 @@ def main(argv: list[str]) -> None:
         first_token_worker(argv[1], argv[2])
         return
     elif kind == "bandwidth":
-        result = bandwidth_worker()
+        result = bandwidth_worker(float(argv[1]) if len(argv) > 1 else PROBE_GIB)
     else:
         raise SystemExit(f"unknown worker {kind!r}")
     print(json.dumps(result))

@@ -26,6 +26,7 @@ def test_bench_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "SHAPES", {"15M": tiny})
     monkeypatch.setattr(bench, "BUNDLED", tmp_path / "no-bundled-model.bin")
     monkeypatch.setattr(bench, "last_level_cache_bytes", lambda: 0)  # every fp32 row gets a roof
+    monkeypatch.setattr(bench, "PROBE_GIB", 0.125)  # a quicker bandwidth probe
     runc = tmp_path / "run"
     runc.write_text(FAKE_RUNC)
     runc.chmod(runc.stat().st_mode | stat.S_IEXEC)
