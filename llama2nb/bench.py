@@ -172,7 +172,7 @@ def probe_bandwidth() -> float:
     return run_worker(["bandwidth", str(PROBE_GIB)])["bandwidth_gbs"]
 
 
-def bandwidth_worker(gib: float = 1.0, runs: int = 5) -> dict:
+def bandwidth_worker(gib: float = PROBE_GIB, runs: int = 5) -> dict:
     """Single-core streaming read of a large array, GB/s (best of `runs`)."""
     import numba
 
@@ -352,19 +352,17 @@ def run_benchmark(shapes: list[str], runs: int = 3, cache_dir: Path | None = Non
             if streams:
                 row.result.setdefault("bandwidth_gbs", []).append(probe_bandwidth())
             merge_runs(row.result, measure_row(row, 1 if streams else row.runs, paths, cache_dir))
-    for row in rows:
-        config = read_config(row.path)
         tg = row.result.get("tg128") or row.result.get("tg3") or []
         if config.version == 2 or not tg:
             continue
-        if config.weight_bytes_per_token <= cache_bytes:
-            row.result["roof"] = "in cache"  # the weights fit in the last-level cache: no DRAM roof
-        else:
+        if streams:
             # attention reads positions 0..pos of every layer's K and V rows: 64.5 on average in tg128
             kv_bytes = config.n_layers * 2 * config.kv_dim * 4 * (128 + 1) / 2
             read = config.weight_bytes_per_token + kv_bytes
             row.result["roof"] = statistics.median(
                 tok_s * read / (gbs * 1e9) for tok_s, gbs in zip(tg, row.result["bandwidth_gbs"]))
+        else:
+            row.result["roof"] = "in cache"  # the weights fit in the last-level cache: no DRAM roof
     bandwidths = [gbs for row in rows for gbs in row.result.get("bandwidth_gbs", [])]
     if not bandwidths:
         bandwidths.append(probe_bandwidth())

@@ -105,9 +105,10 @@ def compiled(fastmath: str = "off", group_size: int = 0, parallel: bool = False,
     """The kernels and layer functions compiled with one fastmath setting (see jit.FASTMATH) and,
     for Q8_0 files, one group size (0 for fp32 files, which never call the Q8_0 kernels). With
     fastmath, on a CPU with VNNI (simd.VNNI), the Q8_0 matmul uses it unless `vnni` is False."""
-    use_vnni = vnni and simd.VNNI and fastmath_name(fastmath) != "off" and simd.vnni_chunk(group_size) > 0
+    fastmath = fastmath_name(fastmath)
+    use_vnni = vnni and simd.VNNI and fastmath != "off" and simd.vnni_chunk(group_size) > 0
     constants = {"GROUP_SIZE": group_size, "VNNI": use_vnni,
-                 "FAST_EXP": fastmath_name(fastmath) == "full" and not numba.config.DISABLE_JIT}
+                 "FAST_EXP": fastmath == "full" and not numba.config.DISABLE_JIT}
     return jit_family(FAMILY, fastmath, parallel=parallel, constants=constants, sources=[simd.__file__])
 
 

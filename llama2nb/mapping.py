@@ -32,16 +32,16 @@ _no_huge_pages: set[int] = set()
 
 def map_read_only(path: str | os.PathLike) -> np.memmap:
     """np.memmap(path, uint8, "r"), in 2 MB pages when the platform can (see the module doc)."""
-    size = os.stat(path).st_size
-    device = os.stat(path).st_dev
-    if size >= 2 * HUGE_PAGE and device not in _no_huge_pages and _huge_pages_possible():
-        if not _cache_in_huge_pages(path):
-            try:
-                _evict_from_page_cache(path)
-            except OSError:  # a read-only file system, say: keep the small pages
-                return _map_advised(path)
+    stat = os.stat(path)
+    eligible = stat.st_size >= 2 * HUGE_PAGE and stat.st_dev not in _no_huge_pages and _huge_pages_possible()
+    if eligible and not _cache_in_huge_pages(path):
+        try:
+            _evict_from_page_cache(path)
+        except OSError:  # a read-only file system, say: keep the small pages
+            pass
+        else:
             if not _cache_in_huge_pages(path):
-                _no_huge_pages.add(device)  # this file system keeps files in small pages
+                _no_huge_pages.add(stat.st_dev)  # this file system keeps files in small pages
     return _map_advised(path)
 
 
