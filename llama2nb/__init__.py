@@ -1,6 +1,7 @@
 """llama2nb: llama2.c's idea in Python. Train a baby Llama 2 in PyTorch, sample with Numba."""
 
-from .config import CheckpointError, ModelConfig
+from .config import ModelConfig
+from .errors import CheckpointError
 from .forward import Transformer
 from .generate import generate
 from .sampler import Sampler

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_write
-from .checkpoint import random_weights, write_checkpoint
+from .files.llama2c import write_checkpoint
+from .testmodels import random_weights
 from .config import ModelConfig
 
 SHAPES = {  # llama2.c's published models (Llama 2 vocabulary)
@@ -335,7 +336,7 @@ def merge_runs(into: dict, new: dict) -> None:
 def run_benchmark(shapes: list[str], runs: int = 3, cache_dir: Path | None = None, runc: str | None = None,
                   runq: str | None = None, threads: int = 1, out_dir: Path = Path("benchmarks/results"),
                   log=print) -> dict:
-    from .checkpoint import read_config
+    from .files.llama2c import read_config
 
     cache_dir = cache_dir or default_cache_dir()
     paths = ensure_models(cache_dir, shapes, log)

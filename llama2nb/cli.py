@@ -18,7 +18,7 @@ from typing import TextIO
 
 import click
 
-from .config import CheckpointError
+from .errors import Llama2nbError
 from .training.commands import TRAINING_COMMANDS
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -191,7 +191,7 @@ def sample(checkpoint: str | None, tokenizer_path: str | None, temperature: floa
            in_memory: bool, top_k: int, min_p: float, repetition_penalty: float) -> None:
     """Sample a story (or chat) from a llama2.c CHECKPOINT: a path, a downloaded model name
     such as stories15M, or nothing for the bundled model."""
-    from .checkpoint import read_config
+    from .files.llama2c import read_config
     from .generate import GenerationError, chat, generate
     from .sampler import Sampler
     from .tokenizer import Tokenizer
@@ -218,7 +218,7 @@ def sample(checkpoint: str | None, tokenizer_path: str | None, temperature: floa
             run = starter(model)
             view.stream(run, chat_mode=mode == "chat")
             view.summary(run)
-        except (CheckpointError, GenerationError) as e:
+        except (Llama2nbError, GenerationError) as e:
             raise click.ClickException(str(e)) from None
         except ValueError as e:  # e.g. the kernels' own range checks; still one line, no traceback
             raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
@@ -481,12 +481,12 @@ def _size(n: int) -> str:
 @click.argument("checkpoint")
 def info(checkpoint: str) -> None:
     """Describe a llama2.c CHECKPOINT from its header (no weights are mapped)."""
-    from .checkpoint import read_config
+    from .files.llama2c import read_config
 
     try:
         path, _ = resolve_checkpoint(checkpoint)
         c = read_config(path)
-    except CheckpointError as e:
+    except Llama2nbError as e:
         raise click.ClickException(str(e)) from None
     size = path.stat().st_size
     layouts = {0: "legacy fp32", 1: "fp32", 2: "Q8_0 int8"}
@@ -545,7 +545,7 @@ def bench(shapes: str, runs: int, runc: str | None, runq: str | None, threads: i
         report = run_benchmark(names, runs=runs, cache_dir=Path(cache_dir) if cache_dir else None, runc=runc,
                                runq=runq, threads=threads, out_dir=Path(out_dir),
                                log=lambda m: click.echo(m, err=True))
-    except (RuntimeError, OSError, CheckpointError) as e:
+    except (RuntimeError, OSError, Llama2nbError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(report["markdown"])
     click.echo(f"saved {Path(out_dir) / 'latest.md'}, latest.json, latest.png", err=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import CheckpointError
+
 # Upper limits that no real Llama-2-shaped model reaches but that keep a garbage header from
 # asking for terabytes: a header is validated against them before any size is computed from it.
 MAX_DIM = 1 << 16
@@ -11,10 +13,6 @@ MAX_LAYERS = 1024
 MAX_HEADS = 1024
 MAX_VOCAB = 1 << 22
 MAX_SEQ_LEN = 1 << 20
-
-
-class CheckpointError(ValueError):
-    """A checkpoint (or tokenizer) file that cannot be used; the message is one line for users."""
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numba
 import numpy as np
 
 from . import kernels, simd
-from .checkpoint import Checkpoint, read_checkpoint, require_memory
+from .files.llama2c import Checkpoint, read_checkpoint, require_memory
 from .config import ModelConfig
 from .jit import fastmath_name, jit_family
 from .kernels import add, matmul, matmul_q8, quantize, rmsnorm, rope, swiglu

@@ -25,7 +25,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .atomic import atomic_write
-from .config import MAX_VOCAB, CheckpointError
+from .config import MAX_VOCAB
+from .errors import TokenizerError
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 BYTE_OFFSET = 3  # run.c's byte fallback: byte b is token b + 3 (after <unk>, <s>, </s>)
@@ -78,15 +79,15 @@ class Tokenizer:
         try:
             data = path.read_bytes()
         except IsADirectoryError:
-            raise CheckpointError(f"{path}: expected a tokenizer file, found a directory") from None
+            raise TokenizerError(f"{path}: expected a tokenizer file, found a directory") from None
         except OSError as e:
-            raise CheckpointError(f"{path}: cannot read tokenizer: {e.strerror or e}") from None
+            raise TokenizerError(f"{path}: cannot read tokenizer: {e.strerror or e}") from None
         if path.suffix == ".model" or _looks_like_sentencepiece(data):
             tok = cls._from_sentencepiece(path, data)
         else:
             tok = cls._from_bin(path, data)
         if vocab_size is not None and tok.vocab_size != vocab_size:
-            raise CheckpointError(f"{path}: tokenizer vocabulary: expected {vocab_size} tokens (the model's "
+            raise TokenizerError(f"{path}: tokenizer vocabulary: expected {vocab_size} tokens (the model's "
                                   f"vocab_size), found {tok.vocab_size}; pass the model's own tokenizer with -z")
         return tok
 
@@ -96,10 +97,10 @@ class Tokenizer:
         bytes. The count is not stored: read to the end, checking every length against it."""
         size = len(data)
         if size < 4:
-            raise CheckpointError(f"{path}: tokenizer header: expected at least 4 bytes, found a {size}-byte file")
+            raise TokenizerError(f"{path}: tokenizer header: expected at least 4 bytes, found a {size}-byte file")
         (max_len,) = struct.unpack_from("<i", data, 0)
         if not 0 < max_len <= MAX_TOKEN_LENGTH:
-            raise CheckpointError(f"{path}: tokenizer field max_token_length: expected 1..{MAX_TOKEN_LENGTH}, "
+            raise TokenizerError(f"{path}: tokenizer field max_token_length: expected 1..{MAX_TOKEN_LENGTH}, "
                                   f"found {max_len} (not a llama2.c tokenizer.bin?)")
         pieces: list[bytes] = []
         scores: list[float] = []
@@ -107,22 +108,22 @@ class Tokenizer:
         while off < size:
             i = len(pieces)
             if len(pieces) >= MAX_VOCAB:
-                raise CheckpointError(f"{path}: tokenizer: expected at most {MAX_VOCAB} tokens, found more")
+                raise TokenizerError(f"{path}: tokenizer: expected at most {MAX_VOCAB} tokens, found more")
             if size - off < 8:
-                raise CheckpointError(f"{path}: tokenizer token {i}: expected an 8-byte score and length at "
+                raise TokenizerError(f"{path}: tokenizer token {i}: expected an 8-byte score and length at "
                                       f"offset {off}, found {size - off} bytes (truncated?)")
             score, length = struct.unpack_from("<fi", data, off)
             off += 8
             if not math.isfinite(score):
-                raise CheckpointError(f"{path}: tokenizer token {i} score: expected a finite float, found {score}")
+                raise TokenizerError(f"{path}: tokenizer token {i} score: expected a finite float, found {score}")
             if not 0 <= length <= size - off:
-                raise CheckpointError(f"{path}: tokenizer token {i} length: expected 0..{size - off} (the bytes "
+                raise TokenizerError(f"{path}: tokenizer token {i} length: expected 0..{size - off} (the bytes "
                                       f"left at offset {off}), found {length} (truncated or not a tokenizer?)")
             pieces.append(data[off:off + length])
             scores.append(score)
             off += length
         if not pieces:
-            raise CheckpointError(f"{path}: tokenizer: expected at least one token, found none")
+            raise TokenizerError(f"{path}: tokenizer: expected at least one token, found none")
         return cls(pieces, scores, path=path, max_token_length=max_len)
 
     @classmethod
@@ -132,16 +133,16 @@ class Tokenizer:
         try:
             import sentencepiece as spm
         except ImportError:  # pragma: no cover - a dependency, but keep the message clean
-            raise CheckpointError(f"{path}: reading .model tokenizers needs the sentencepiece package") from None
+            raise TokenizerError(f"{path}: reading .model tokenizers needs the sentencepiece package") from None
         sp = spm.SentencePieceProcessor()
         try:
             sp.LoadFromSerializedProto(data)
         except Exception as e:  # sentencepiece raises bare RuntimeError/OSError on bad protos
-            raise CheckpointError(f"{path}: tokenizer: expected a SentencePiece model, found unparsable data "
+            raise TokenizerError(f"{path}: tokenizer: expected a SentencePiece model, found unparsable data "
                                   f"({type(e).__name__})") from None
         n = sp.get_piece_size()
         if n == 0:
-            raise CheckpointError(f"{path}: tokenizer: expected at least one token, found none")
+            raise TokenizerError(f"{path}: tokenizer: expected at least one token, found none")
         pieces, scores = [], []
         for i in range(n):
             piece = sp.id_to_piece(i)
@@ -351,31 +352,3 @@ def write_bin(path: str | os.PathLike, pieces: Sequence[bytes | str], scores: Se
         for p, s in zip(raw, scores):
             f.write(struct.pack("<fi", float(s), len(p)))
             f.write(p)
-
-
-def byte_vocab(words: Sequence[str] = ()) -> tuple[list[bytes], list[float]]:
-    """A small llama2.c-style vocabulary: <unk>, <s>, </s>, the 256 byte tokens, then `words`
-    (scored so that earlier words merge first), plus every prefix a greedy merge needs to build
-    them from single characters. For tests and toy models."""
-    pieces: list[bytes] = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [b"<0x%02X>" % b for b in range(256)]
-    scores: list[float] = [0.0] * len(pieces)
-    seen = set(pieces)
-    score = -1.0
-    for word in words:
-        data = word.encode("utf-8")
-        chars = [c.encode("utf-8") for c in word]
-        for c in chars:  # every character, so no part of a word needs byte fallback
-            if c not in seen:
-                seen.add(c)
-                pieces.append(c)
-                scores.append(0.0)
-        # every prefix built one character at a time, so left-to-right merges reach the word
-        for k in range(2, len(chars) + 1):
-            piece = b"".join(chars[:k])
-            if piece not in seen:
-                seen.add(piece)
-                pieces.append(piece)
-                scores.append(score)
-                score -= 1.0
-        assert data in seen
-    return pieces, scores

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from llama2nb.checkpoint import random_weights, write_checkpoint
+from llama2nb.files.llama2c import write_checkpoint
+from llama2nb.testmodels import random_weights
 from llama2nb.config import ModelConfig
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,6 +1,6 @@
 """The oracle: a plain NumPy forward pass, written independently of llama2nb's kernels.
 
-It parses the checkpoint bytes itself (struct + np.frombuffer, not llama2nb.checkpoint), works
+It parses the checkpoint bytes itself (struct + np.frombuffer, not llama2nb.files.llama2c), works
 on whole matrices with NumPy's own matmul, and repeats the kv heads for grouped-query attention
 instead of indexing into groups. Q8_0 files are computed as runq.c does: activations quantized
 per group (C's round, half away from zero), int32 dot products, float rescale.

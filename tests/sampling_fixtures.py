@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from llama2nb.checkpoint import random_weights, write_checkpoint
+from llama2nb.files.llama2c import write_checkpoint
+from llama2nb.testmodels import random_weights
 from llama2nb.config import ModelConfig
-from llama2nb.tokenizer import byte_vocab, write_bin
+from llama2nb.tokenizer import write_bin
+from llama2nb.testmodels import byte_vocab
 
 # words for a tiny vocabulary: merges build them from characters (byte_vocab adds the prefixes)
 WORDS = [" Once", " upon", " a", " time", " there", " was", " little", " girl", " happy", " the", " cat",

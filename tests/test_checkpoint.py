@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llama2nb import CheckpointError, Transformer
-from llama2nb.checkpoint import (MAGIC, expected_file_size, quantize_q80, random_weights, read_checkpoint,
-                                 read_config, write_checkpoint)
+from llama2nb.files.llama2c import (MAGIC, expected_file_size, quantize_q80, read_checkpoint, read_config,
+                                    write_checkpoint)
+from llama2nb.testmodels import random_weights
 
 from .conftest import STORIES260K, TINY, TINY_MODELS, requires
 
@@ -135,7 +136,7 @@ def test_missing_file_and_directory(tmp_path):
 
 
 def test_kv_cache_that_cannot_fit_is_refused(tmp_path, monkeypatch):
-    from llama2nb import checkpoint
+    from llama2nb.files import llama2c as checkpoint
 
     monkeypatch.setattr(checkpoint, "available_memory", lambda: 1000)
     path = tmp_path / "m.bin"

@@ -15,8 +15,10 @@ import pytest
 from click.testing import CliRunner
 
 from llama2nb import cli
-from llama2nb.checkpoint import random_weights, write_checkpoint
-from llama2nb.tokenizer import byte_vocab, write_bin
+from llama2nb.files.llama2c import write_checkpoint
+from llama2nb.testmodels import random_weights
+from llama2nb.tokenizer import write_bin
+from llama2nb.testmodels import byte_vocab
 
 from .conftest import LLAMA2_BIN, LLAMA2_MODEL, REPO, requires
 from .sampling_fixtures import tiny_config, tiny_vocab, write_tiny_model

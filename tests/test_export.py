@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from llama2nb import Transformer as Engine
-from llama2nb.checkpoint import read_checkpoint
+from llama2nb.files.llama2c import read_checkpoint
 from llama2nb.cli import main
 from llama2nb.training.export import hf_permute, hf_unpermute, pick_group_size
 from llama2nb.training.model import ModelArgs, Transformer

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama2nb.checkpoint import read_checkpoint
+from llama2nb.files.llama2c import read_checkpoint
 from llama2nb.training.model import ModelArgs, Transformer
 from tests.test_training_helpers import prepare_data
 

@@ -54,7 +54,7 @@ def test_stories260k_matches_reference(fastmath):
 
 @requires(STORIES260K)
 def test_stories260k_q8_matches_reference(tmp_path):
-    from llama2nb.checkpoint import read_checkpoint, write_checkpoint
+    from llama2nb.files.llama2c import read_checkpoint, write_checkpoint
     from dataclasses import replace
 
     source = read_checkpoint(STORIES260K)
@@ -138,7 +138,8 @@ if __name__ == "__main__":  # the table for the closing note: python -m tests.te
     import tempfile
     from pathlib import Path
 
-    from llama2nb.checkpoint import random_weights, write_checkpoint
+    from llama2nb.files.llama2c import write_checkpoint
+    from llama2nb.testmodels import random_weights
 
     with tempfile.TemporaryDirectory() as folder:
         rows = []

@@ -16,7 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from llama2nb import hub
-from llama2nb.checkpoint import random_weights, write_checkpoint
+from llama2nb.files.llama2c import write_checkpoint
+from llama2nb.testmodels import random_weights
 from llama2nb.cli import main
 from llama2nb.config import ModelConfig
 from tests.conftest import LLAMA2_BIN, LLAMA2_MODEL, STORIES260K, requires
@@ -83,7 +84,8 @@ def fake_hub(tmp_path):
     write_checkpoint(small, cfg, random_weights(cfg))
     files["karpathy/tinyllamas/stories260K/stories260K.bin"] = (
         STORIES260K.read_bytes() if STORIES260K.exists() else small.read_bytes())
-    from llama2nb.tokenizer import byte_vocab, write_bin
+    from llama2nb.tokenizer import write_bin
+    from llama2nb.testmodels import byte_vocab
 
     pieces, scores = byte_vocab()
     pieces = (pieces + [b"x%d" % i for i in range(512)])[:512]

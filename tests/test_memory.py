@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 from llama2nb.bench import SHAPES
-from llama2nb.checkpoint import random_weights, write_checkpoint
+from llama2nb.files.llama2c import write_checkpoint
+from llama2nb.testmodels import random_weights
 
 PROBE = """
 import sys

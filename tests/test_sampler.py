@@ -115,7 +115,8 @@ def test_same_choices_as_runc_compiled_c(tmp_path):
     """run.c's sampler compiled with the system's cc and libc (glibc's qsort and expf), fed the
     logits of a random 32,000-token model's generation: every choice identical."""
     from llama2nb import Transformer
-    from llama2nb.checkpoint import random_weights, write_checkpoint
+    from llama2nb.files.llama2c import write_checkpoint
+    from llama2nb.testmodels import random_weights
     from llama2nb.config import ModelConfig
 
     (tmp_path / "sampler.c").write_text(RUNC_SAMPLER_C)

@@ -10,8 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from llama2nb.config import CheckpointError
-from llama2nb.tokenizer import BOS_ID, EOS_ID, Tokenizer, byte_vocab, write_bin
+from llama2nb.errors import TokenizerError
+from llama2nb.tokenizer import BOS_ID, EOS_ID, Tokenizer, write_bin
+from llama2nb.testmodels import byte_vocab
 
 from .conftest import LLAMA2_BIN, LLAMA2_MODEL, requires
 from .sampling_fixtures import WORDS, runc_encode, tiny_vocab, write_tiny_tokenizer
@@ -219,7 +220,7 @@ def test_small_vocabulary_byte_fallback_stays_in_range(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Bad files: one-line CheckpointErrors naming the file
+# Bad files: one-line TokenizerErrors naming the file
 
 
 def good_bytes(tmp_path) -> bytes:
@@ -228,7 +229,7 @@ def good_bytes(tmp_path) -> bytes:
 
 
 def assert_clean_error(path, match: str, vocab_size=None):
-    with pytest.raises(CheckpointError, match=match) as info:
+    with pytest.raises(TokenizerError, match=match) as info:
         Tokenizer.load(path, vocab_size=vocab_size)
     message = str(info.value)
     assert "\n" not in message and str(path) in message
@@ -283,7 +284,7 @@ def test_fuzzed_tokenizer_files_never_crash(tmp_path):
         path.write_bytes(bytes(data))
         try:
             tok = Tokenizer.load(path)
-        except CheckpointError as e:
+        except TokenizerError as e:
             assert "\n" not in str(e)
             outcomes["error"] += 1
             continue

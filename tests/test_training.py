@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from llama2nb.cli import main
-from llama2nb.checkpoint import read_checkpoint
+from llama2nb.files.llama2c import read_checkpoint
 from llama2nb.training.train import config_from, get_lr
 from tests.test_training_helpers import prepare_data
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from ..config import CheckpointError
+from ..errors import CheckpointError, Llama2nbError
 
 
 def _clean_errors(fn):
@@ -24,7 +24,7 @@ def _clean_errors(fn):
             return fn(*args, **kwargs)
         except click.ClickException:
             raise
-        except (ValueError, CheckpointError, OSError) as e:
+        except (ValueError, Llama2nbError, OSError) as e:
             if isinstance(e, OSError) and getattr(e, "filename", None):
                 raise click.ClickException(f"{e.filename}: {e.strerror or e}") from None
             raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None

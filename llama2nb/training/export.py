@@ -1,7 +1,7 @@
 """Export to llama2.c checkpoints (v0 fp32 legacy, v1 fp32, v2 Q8_0): from our ckpt.pt, and
 from a Hugging Face Llama directory (config.json + safetensors or pytorch_model.bin weights).
 
-The file format itself lives in llama2nb.checkpoint.write_checkpoint; this module only gathers
+The file format itself lives in llama2nb.files.llama2c.write_checkpoint; this module only gathers
 float32 arrays in its naming and picks the header.
 """
 
@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import write_checkpoint
-from ..config import CheckpointError, ModelConfig
+from ..files.llama2c import write_checkpoint
+from ..config import ModelConfig
+from ..errors import CheckpointError
 from .model import ModelArgs, Transformer
 
 DEFAULT_GROUP_SIZE = 64

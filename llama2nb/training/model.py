@@ -187,7 +187,7 @@ class Transformer(nn.Module):
     # llama2.c export
 
     def export_weights(self) -> dict[str, np.ndarray]:
-        """The float32 arrays llama2nb.checkpoint.write_checkpoint takes."""
+        """The float32 arrays llama2nb.files.llama2c.write_checkpoint takes."""
 
         def arr(t: torch.Tensor) -> np.ndarray:
             return t.detach().to("cpu", torch.float32).numpy().copy()

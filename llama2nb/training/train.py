@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_path, atomic_write
-from ..checkpoint import write_checkpoint
+from ..files.llama2c import write_checkpoint
 from .data import read_meta, shard_files
 from .model import ModelArgs, Transformer
 

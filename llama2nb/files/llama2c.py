@@ -16,9 +16,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .atomic import atomic_write
-from .config import CheckpointError, ModelConfig
-from .mapping import map_read_only
+from ..atomic import atomic_write
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from ..mapping import map_read_only
 
 MAGIC = 0x616B3432  # "ak42" as a little-endian uint32
 V1_HEADER_BYTES = 256
@@ -297,23 +298,3 @@ def write_checkpoint(path: str | os.PathLike, config: ModelConfig, weights: Mapp
                 q, s = quantize_q80(array, config.group_size)
                 f.write(q.tobytes())
                 f.write(s.tobytes())
-
-
-def random_weights(config: ModelConfig, seed: int = 0, scale: float = 0.05) -> dict[str, np.ndarray]:
-    """Random float32 weights of a config's shapes, for tests and benchmarks (timing does not
-    depend on weight values). Norm weights sit near 1 so activations keep a sane scale."""
-    rng = np.random.default_rng(seed)
-    L, D, V = config.n_layers, config.dim, config.vocab_size
-
-    def normal(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)).astype(np.float32)
-
-    weights = {"token_embedding_table": normal(V, D)}
-    weights["rms_att_weight"] = (1 + normal(L, D)).astype(np.float32)
-    weights["rms_ffn_weight"] = (1 + normal(L, D)).astype(np.float32)
-    weights["rms_final_weight"] = (1 + normal(D)).astype(np.float32)
-    for name, (rows, cols) in config.matrix_shapes().items():
-        weights[name] = normal(L, rows, cols)
-    if not config.shared_classifier:
-        weights["wcls"] = normal(V, D)
-    return weights
