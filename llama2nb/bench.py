@@ -41,14 +41,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama2nb" / "bench"
 
 
-def q8_group_size(config: ModelConfig) -> int:
-    """llama2.c's choice: 64, halved until it divides the rows (dim and hidden_dim)."""
-    gs = 64
-    while config.dim % gs or config.hidden_dim % gs:
-        gs //= 2
-    return gs
-
-
 def ensure_models(cache_dir: Path, shapes: list[str], log=print) -> dict[str, Path]:
     """Random-weight v0 and v2 checkpoints of each shape, written once into cache_dir."""
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -60,7 +52,7 @@ def ensure_models(cache_dir: Path, shapes: list[str], log=print) -> dict[str, Pa
             log(f"writing random-weight stories{name} checkpoints into {cache_dir} (once)")
             weights = random_weights(config, seed=0)
             write_checkpoint(v0, config, weights)
-            write_checkpoint(v2, replace(config, version=2, group_size=q8_group_size(config)), weights)
+            write_checkpoint(v2, replace(config, version=2, group_size=config.q8_group_size), weights)
         paths[name], paths[name + "-q8"] = v0, v2
     tokenizer = cache_dir / "tokenizer-32000.bin"
     if not tokenizer.exists():

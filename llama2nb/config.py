@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import CheckpointError
@@ -45,6 +46,17 @@ class ModelConfig:
         d, h, kv = self.dim, self.hidden_dim, self.kv_dim
         return {"wq": (d, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, d),
                 "w1": (h, d), "w2": (d, h), "w3": (h, d)}
+
+    @property
+    def q8_group_size(self) -> int:
+        """The Q8_0 group size this shape gets unless the user picks one: the largest of 64 and
+        32 that divides every row length (32 is GGUF's Q8_0 block and the VNNI kernel's width),
+        else 16, else the largest divisor of every row length up to 64."""
+        rows = math.gcd(self.dim, self.hidden_dim)
+        for size in (64, 32, 16):
+            if rows % size == 0:
+                return size
+        return max(d for d in range(1, min(rows, 64) + 1) if rows % d == 0)
 
     @property
     def n_params(self) -> int:

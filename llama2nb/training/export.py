@@ -8,7 +8,6 @@ float32 arrays in its naming and picks the header.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -20,20 +19,18 @@ from ..config import ModelConfig
 from ..errors import CheckpointError
 from .model import ModelArgs, Transformer
 
-DEFAULT_GROUP_SIZE = 64
 
 
 def pick_group_size(dim: int, hidden_dim: int, requested: int | None, source: str = "export") -> int:
     """Q8_0 group size: `requested` if it divides every row length (dim and hidden_dim), else an
-    error; by default the largest divisor of gcd(dim, hidden_dim) that is at most 64."""
+    error; by default the shape's ModelConfig.q8_group_size (the one policy, shared with the bench)."""
     if requested:
         for name, n in (("dim", dim), ("hidden_dim", hidden_dim)):
             if requested <= 0 or n % requested:
                 raise CheckpointError(f"{source}: --group-size: expected a divisor of {name}={n} "
                                       f"(every row length), found {requested}")
         return requested
-    g = math.gcd(dim, hidden_dim)
-    return max(d for d in range(1, min(g, DEFAULT_GROUP_SIZE) + 1) if g % d == 0)
+    return ModelConfig(dim, hidden_dim, 1, 1, 1, 1, 1).q8_group_size
 
 
 def _header(config: ModelConfig, version: int, group_size: int | None, source: str) -> ModelConfig:
