@@ -501,12 +501,7 @@ def info(checkpoint: str) -> None:
         ("group size", str(c.group_size) if c.version == 2 else "none (not quantized)"),
         ("KV cache", f"{_size(c.kv_cache_bytes)} ({c.kv_cache_bytes:,} bytes, fp32, at seq_len {c.seq_len})"),
     ]
-    if c.quantized:
-        from . import simd
-
-        vnni = simd.VNNI and simd.vnni_chunk(c.group_size)
-        rows.append(("int8 matmul", "VNNI vpdpbusd (with fastmath) on this CPU" if vnni else
-                     "portable loops (this CPU or this group size has no VNNI path)"))
+    rows.append(("matmul", f"{c.weight_format!r}: {c.weight_format.kernel_description()}"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")

@@ -1,4 +1,5 @@
-"""ModelConfig: the llama2.c checkpoint header as a dataclass, with the sizes derived from it."""
+"""ModelConfig: a model's hyperparameters (llama2.c's checkpoint header and the constants it
+leaves implicit), with the sizes derived from them."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ class ModelConfig:
     shared_classifier: bool = True  # the classifier is the token embedding table
     version: int = 0  # llama2.c layout: 0 legacy fp32, 1 fp32, 2 Q8_0
     group_size: int = 0  # Q8_0 group size (version 2 only; 0 otherwise)
+    norm_eps: float = 1e-5  # RMSNorm's epsilon (llama2.c's files imply 1e-5)
+    rope_theta: float = 10000.0  # RoPE's base (llama2.c's files imply 10000)
 
     @property
     def head_size(self) -> int:
@@ -38,8 +41,11 @@ class ModelConfig:
         return self.n_kv_heads * self.head_size
 
     @property
-    def quantized(self) -> bool:
-        return self.version == 2
+    def weight_format(self):
+        """The format of a llama2.c file's matrices: Q8_0 for version 2, else F32."""
+        from .formats import F32, Q8_0
+
+        return Q8_0(self.group_size) if self.version == 2 else F32()
 
     def matrix_shapes(self) -> dict[str, tuple[int, int]]:
         """Shape (rows, cols) of every per-layer weight matrix, torch.nn.Linear style (out, in)."""
@@ -71,12 +77,11 @@ class ModelConfig:
     @property
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights a single-token forward pass reads (one embedding row, not the table)."""
-        per_layer = sum(r * c for r, c in self.matrix_shapes().values())
-        matrices = self.n_layers * per_layer + self.vocab_size * self.dim  # + classifier
+        fmt = self.weight_format
+        matrices = [shape for shape in self.matrix_shapes().values() for _ in range(self.n_layers)]
+        matrices.append((self.vocab_size, self.dim))  # the classifier
         norms = (2 * self.n_layers + 1) * self.dim * 4
-        if self.quantized:
-            return matrices + matrices // self.group_size * 4 + norms + self.dim * 5
-        return matrices * 4 + norms + self.dim * 4
+        return sum(fmt.nbytes(shape) for shape in matrices) + norms + fmt.nbytes((1, self.dim))
 
     def validate(self, source: str = "config") -> None:
         """Raise CheckpointError naming the first field that is out of range or inconsistent."""

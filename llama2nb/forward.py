@@ -1,11 +1,13 @@
 """RunState (preallocated buffers and the KV cache) and the forward pass: token, pos -> logits.
 
-Orchestration only: the arithmetic is in kernels.py. The same code runs one token (generation)
-or a block of prompt tokens (prefill): activations carry a leading batch axis. A layer is three
-calls into compiled code:
-the q k v projections, attention, and the output projection with the feed-forward. Attention is
-called on its own because, compiled into a larger function, LLVM inlines it and vectorises it
-far worse (2-4x slower at 256 positions). A token allocates nothing.
+The layer code is written once, for any mix of weight formats: every matmul is
+`linear(out, x, w, stamp)` on a matrix that carries its own format (llama2nb.formats), resolved
+to that format's kernel when Numba compiles the layer. The arithmetic is in kernels/ and the
+formats' modules; this module only orchestrates. The same code runs one token (generation) or a
+block of prompt tokens (prefill): activations carry a leading batch axis. A layer is three calls
+into compiled code: attention's input (rmsnorm, q k v, RoPE), attention, and the output
+projection with the feed-forward. Attention is called on its own because, compiled into a
+larger function, LLVM inlines it and vectorises it far worse. A token allocates nothing.
 """
 
 from __future__ import annotations
@@ -16,107 +18,82 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numba
 import numpy as np
 
-from . import kernels, simd
-from .files.llama2c import Checkpoint, read_checkpoint, require_memory
+
 from .config import ModelConfig
-from .jit import fastmath_name, jit_family
-from .kernels import add, matmul, matmul_q8, quantize, rmsnorm, rope, swiglu
+from .files.llama2c import Checkpoint, read_checkpoint, require_memory
+from .formats import Format, format_of, linear, new_input
+from .kernels.common import add, rmsnorm, rope, swiglu
+from .kernels.jit import DEFAULT_FASTMATH, compile_family, fastmath_name, kernel
 
 
-def qkv_fp32(x, xb, q, k, v, cos, sin, rms_att, wq, wk, wv):
+@kernel
+def attention_input(x, xb, q, k, v, cos, sin, tick, eps, rms_att, wq, wk, wv):
     """Attention's input: rmsnorm, the q k v projections, RoPE, for a block of B tokens. k and v
     are these positions' rows of the KV cache, written in place.
-    x, xb, q (B, dim), k, v (B, kv_dim), cos, sin (B, head_size // 2)"""
-    rmsnorm(xb, x, rms_att)  # xb (B, dim)
-    matmul(q, xb, wq)  # q (B, dim)
-    matmul(k, xb, wk)  # k (B, kv_dim)
-    matmul(v, xb, wv)  # v (B, kv_dim)
+    x, xb, q (B, dim), k, v (B, kv_dim), cos, sin (B, head_size // 2), tick (1,) int64"""
+    rmsnorm(xb, x, rms_att, eps)  # xb (B, dim)
+    stamp = new_input(tick)  # q, k and v share their input (and its quantized copies)
+    linear(q, xb, wq, stamp)  # q (B, dim)
+    linear(k, xb, wk, stamp)  # k (B, kv_dim)
+    linear(v, xb, wv, stamp)  # v (B, kv_dim)
     rope(q, k, cos, sin)
 
 
-def ffn_fp32(x, xb, xb2, hb, hb2, wo, rms_ffn, w1, w2, w3):
+@kernel
+def attention_output_and_ffn(x, xb, xb2, hb, hb2, tick, eps, wo, rms_ffn, w1, w2, w3):
     """Attention's output projection and residual, then the SwiGLU feed-forward and residual.
     x (B, dim) the residual stream, xb (B, dim) the attention output, hb, hb2 (B, hidden_dim)"""
-    matmul(xb2, xb, wo)  # xb2 (B, dim)
+    linear(xb2, xb, wo, new_input(tick))  # xb2 (B, dim)
     add(x, xb2)
-    rmsnorm(xb, x, rms_ffn)  # xb (B, dim)
-    matmul(hb, xb, w1)  # hb (B, hidden_dim)
-    matmul(hb2, xb, w3)  # hb2 (B, hidden_dim)
+    rmsnorm(xb, x, rms_ffn, eps)  # xb (B, dim)
+    stamp = new_input(tick)
+    linear(hb, xb, w1, stamp)  # hb (B, hidden_dim)
+    linear(hb2, xb, w3, stamp)  # hb2 (B, hidden_dim)
     swiglu(hb, hb2)  # hb (B, hidden_dim)
-    matmul(xb, hb, w2)  # xb (B, dim)
+    linear(xb, hb, w2, new_input(tick))  # xb (B, dim)
     add(x, xb)
 
 
-def qkv_q8(x, xb, q, k, v, cos, sin, xq, xs, rms_att, wq, sq, wk, sk, wv, sv):
-    """qkv_fp32 for Q8_0 weights (runq.c): the normalised input is quantized per group first.
-    xq (B, dim) int8 and xs (B, dim // GS) its scales; w* int8 (rows, cols) with scales s*"""
-    rmsnorm(xb, x, rms_att)  # xb (B, dim)
-    quantize(xq, xs, xb)  # xq (B, dim) int8
-    matmul_q8(q, xq, xs, wq, sq)  # q (B, dim)
-    matmul_q8(k, xq, xs, wk, sk)  # k (B, kv_dim)
-    matmul_q8(v, xq, xs, wv, sv)  # v (B, kv_dim)
-    rope(q, k, cos, sin)
-
-
-def ffn_q8(x, xb, xb2, hb, hb2, xq, xs, hq, hs, wo, so, rms_ffn, w1, s1, w2, s2, w3, s3):
-    """ffn_fp32 for Q8_0 weights: every matmul's input is quantized first.
-    hq (B, hidden_dim) int8 and hs (B, hidden_dim // GS) for w2's input"""
-    quantize(xq, xs, xb)
-    matmul_q8(xb2, xq, xs, wo, so)  # xb2 (B, dim)
-    add(x, xb2)
-    rmsnorm(xb, x, rms_ffn)  # xb (B, dim)
-    quantize(xq, xs, xb)
-    matmul_q8(hb, xq, xs, w1, s1)  # hb (B, hidden_dim)
-    matmul_q8(hb2, xq, xs, w3, s3)  # hb2 (B, hidden_dim)
-    swiglu(hb, hb2)  # hb (B, hidden_dim)
-    quantize(hq, hs, hb)  # hq (B, hidden_dim) int8
-    matmul_q8(xb, hq, hs, w2, s2)  # xb (B, dim)
-    add(x, xb)
-
-
-def classifier_fp32(logits, x, rms_final, wcls):
-    """Final rmsnorm and the classifier, for one token.  logits (1, vocab), x (1, dim)"""
-    rmsnorm(x, x, rms_final)
-    matmul(logits, x, wcls)
-
-
-def classifier_q8(logits, x, xq, xs, rms_final, wq, ws):
-    """classifier_fp32 for Q8_0 weights.  xq (>= 1, dim), xs (>= 1, dim // GS): row 0 is used"""
-    rmsnorm(x, x, rms_final)
-    quantize(xq[:1], xs[:1], x)
-    matmul_q8(logits, xq[:1], xs[:1], wq, ws)
+@kernel
+def classifier(logits, x, tick, eps, rms_final, wcls):
+    """Final rmsnorm and the classifier.  logits (B, vocab), x (B, dim) (normalised in place)"""
+    rmsnorm(x, x, rms_final, eps)
+    linear(logits, x, wcls, new_input(tick))
 
 
 # Tokens per prefill block. Each weight row is read once per block and each cached key/value
 # row is shared by the block's queries, so bigger is faster while the block's activations
-# (block x hidden_dim floats) stay in L2: 15M pp256 ran at 2,700 tok/s with 32, 3,800 with 128
-# and 4,500 with 256.
+# (block x hidden_dim floats) stay in L2 (benchmarks/performance.md).
 PREFILL_BLOCK = 256
-
-FAMILY = kernels.KERNELS + (qkv_fp32, ffn_fp32, qkv_q8, ffn_q8, classifier_fp32, classifier_q8)
 
 
 @functools.cache
-def compiled(fastmath: str = "off", group_size: int = 0, parallel: bool = False, vnni: bool = True) -> SimpleNamespace:
-    """The kernels and layer functions compiled with one fastmath setting (see jit.FASTMATH) and,
-    for Q8_0 files, one group size (0 for fp32 files, which never call the Q8_0 kernels). With
-    fastmath, on a CPU with VNNI (simd.VNNI), the Q8_0 matmul uses it unless `vnni` is False."""
+def compiled(fastmath: str = DEFAULT_FASTMATH, weight_formats: frozenset[Format] = frozenset(),
+             parallel: bool = False, vnni: bool = True) -> SimpleNamespace:
+    """Every kernel compiled with one fastmath setting (see jit.FASTMATH) and the compile-time
+    constants of `weight_formats` (e.g. a Q8_0 group size). `vnni=False` keeps the portable
+    int8 loops on a CPU with VNNI (for tests)."""
     fastmath = fastmath_name(fastmath)
-    use_vnni = vnni and simd.VNNI and fastmath != "off" and simd.vnni_chunk(group_size) > 0
-    constants = {"GROUP_SIZE": group_size, "VNNI": use_vnni,
-                 "FAST_EXP": fastmath == "full" and not numba.config.DISABLE_JIT}
-    return jit_family(FAMILY, fastmath, parallel=parallel, constants=constants, sources=[simd.__file__])
+    constants: dict[str, Any] = {"FAST_EXP": fastmath == "full" and not numba.config.DISABLE_JIT}
+    for fmt in sorted(weight_formats, key=repr):
+        for name, value in fmt.constants(fastmath).items():
+            if constants.setdefault(name, value) != value:
+                raise ValueError(f"weight formats: {sorted(map(repr, weight_formats))} need different {name}")
+    if not vnni:
+        constants["VNNI"] = False
+    return compile_family(fastmath, constants, parallel=parallel)
 
 
-def rope_tables(seq_len: int, head_size: int) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(head_size: int, seq_len: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin of pos * freq, computed in float32 exactly as run.c does per token
-    (freq = 1 / powf(10000, 2j / head_size); val = pos * freq).  each (seq_len, head_size // 2)"""
+    (freq = 1 / powf(theta, 2j / head_size); val = pos * freq).  each (seq_len, head_size // 2)"""
     two_j = np.arange(0, head_size, 2, dtype=np.float32)
-    freq = (np.float32(1.0) / np.power(np.float32(10000.0), two_j / np.float32(head_size))).astype(np.float32)
+    freq = (np.float32(1.0) / np.power(np.float32(theta), two_j / np.float32(head_size))).astype(np.float32)
     angle = (np.arange(seq_len, dtype=np.float32)[:, None] * freq[None, :]).astype(np.float32)
     return np.cos(angle.astype(np.float64)).astype(np.float32), np.sin(angle.astype(np.float64)).astype(np.float32)
 
@@ -139,18 +116,15 @@ class RunState:
     value_cache: np.ndarray  # (n_layers, seq_len, kv_dim)
     cos: np.ndarray  # (seq_len, head_size // 2) RoPE tables
     sin: np.ndarray  # (seq_len, head_size // 2)
-    xq: np.ndarray  # (block, dim) int8 quantized activations (Q8_0 files only, else 0 columns)
-    xs: np.ndarray  # (block, dim // group_size) their scales
-    hq: np.ndarray  # (block, hidden_dim) int8
-    hs: np.ndarray  # (block, hidden_dim // group_size)
+    tick: np.ndarray  # (1,) int64: the last input stamp handed out (formats.new_input)
+    scratch: dict[Format, Any]  # each weight format's activation buffers (Format.scratch)
 
     @classmethod
-    def allocate(cls, c: ModelConfig, source: str = "model") -> "RunState":
+    def allocate(cls, c: ModelConfig, weight_formats: set[Format], source: str = "model") -> "RunState":
         require_memory(source, "KV cache", c.kv_cache_bytes, detail=" (n_layers x seq_len x kv_dim x 2 x 4 bytes)")
         f32, block = np.float32, min(PREFILL_BLOCK, c.seq_len)
-        gs = c.group_size or 1
-        qdim, qhidden = (c.dim, c.hidden_dim) if c.quantized else (0, 0)
-        cos, sin = rope_tables(c.seq_len, c.head_size)
+        cos, sin = rope_tables(c.head_size, c.seq_len, c.rope_theta)
+        width = max(c.dim, c.hidden_dim)  # the longest input a matmul takes
         return cls(
             x=np.zeros((block, c.dim), f32), xb=np.zeros((block, c.dim), f32), xb2=np.zeros((block, c.dim), f32),
             q=np.zeros((block, c.dim), f32), hb=np.zeros((block, c.hidden_dim), f32),
@@ -159,24 +133,25 @@ class RunState:
             logits=np.zeros((1, c.vocab_size), f32),
             key_cache=np.zeros((c.n_layers, c.seq_len, c.kv_dim), f32),
             value_cache=np.zeros((c.n_layers, c.seq_len, c.kv_dim), f32),
-            cos=cos, sin=sin,
-            xq=np.zeros((block, qdim), np.int8), xs=np.zeros((block, qdim // gs), f32),
-            hq=np.zeros((block, qhidden), np.int8), hs=np.zeros((block, qhidden // gs), f32),
+            cos=cos, sin=sin, tick=np.zeros(1, np.int64),
+            scratch={fmt: fmt.scratch(block, width) for fmt in weight_formats},
         )
 
 
 class Transformer:
-    """A llama2.c checkpoint, mapped, with its run state and compiled kernels.
+    """A model's weights (a llama2.c checkpoint, mapped), its run state and compiled kernels.
 
     >>> model = Transformer.load("stories15M.bin")
     >>> logits = model.forward(token=1, pos=0)   # float32 (vocab_size,)
     >>> logits = model.prefill([1, 306, 4658])   # a prompt in blocks; the last token's logits
 
-    Both return the run state's logits buffer: it is overwritten by the next call.
-    `threads` > 1 splits each matmul's rows across that many threads (Numba's prange).
+    Both return the run state's logits buffer: it is overwritten by the next call. fastmath is
+    full by default, as the command line's (jit.DEFAULT_FASTMATH); "off" is IEEE arithmetic.
+    `threads` > 1 splits each matmul's rows across that many threads (Numba's prange), set
+    around each call: nothing process-wide changes.
     """
 
-    def __init__(self, checkpoint: Checkpoint, fastmath: bool | str = False, threads: int = 1,
+    def __init__(self, checkpoint: Checkpoint, fastmath: bool | str = DEFAULT_FASTMATH, threads: int = 1,
                  warm_up: bool = True):
         self.checkpoint = checkpoint
         self.config = checkpoint.config
@@ -184,41 +159,39 @@ class Transformer:
         self.fastmath = fastmath_name(fastmath)
         if threads < 1:
             raise ValueError(f"threads: expected 1 or more, found {threads}")
-        self.threads = threads
-        self.state = RunState.allocate(self.config, str(checkpoint.path))
-        if threads > 1:
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        self.kernels = compiled(self.fastmath, self.config.group_size, parallel=threads > 1)
+        self.threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+        c, w = self.config, self.weights
+        self.matrices = [w.token_embedding_table, w.wcls, *(m for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+                                                            for m in getattr(w, name))]
+        self.weight_formats = {format_of(m) for m in self.matrices}
+        self.state = RunState.allocate(c, self.weight_formats, str(checkpoint.path))
+        self.kernels = compiled(self.fastmath, frozenset(self.weight_formats), parallel=self.threads > 1)
+        self.eps = np.float32(c.norm_eps)
         self._bind_weights()
         self._one_token = np.zeros(1, np.int64)
         self.compile_seconds = self._warm_up() if warm_up else 0.0
 
     @classmethod
-    def load(cls, path: str | os.PathLike, fastmath: bool | str = False, threads: int = 1,
+    def load(cls, path: str | os.PathLike, fastmath: bool | str = DEFAULT_FASTMATH, threads: int = 1,
              warm_up: bool = True, in_memory: bool = False) -> "Transformer":
         """Map a llama2.c checkpoint (v0, v1 or v2) and compile (or load cached) kernels. With
         warm_up, compiling happens here and is timed (compile_seconds); without, at first use.
-        in_memory reads the weights into RAM instead of mapping them (faster when they stream
-        from DRAM, see read_checkpoint)."""
+        in_memory reads the weights into RAM instead of mapping them (see read_checkpoint)."""
         return cls(read_checkpoint(Path(path), in_memory), fastmath, threads, warm_up)
 
+    def _operand(self, matrix: Any) -> Any:
+        fmt = format_of(matrix)
+        return fmt.operand(matrix, self.state.scratch[fmt])
+
     def _bind_weights(self) -> None:
-        """Gather each layer's weight arguments once, so the token loop only indexes lists."""
-        c, w, k = self.config, self.weights, self.kernels
-        layers = range(c.n_layers)
-        if c.quantized:
-            def qs(m):
-                return (m.q, m.s)
-            self._qkv, self._ffn, self._classifier = k.qkv_q8, k.ffn_q8, k.classifier_q8
-            self._qkv_weights = [(w.rms_att_weight[l], *qs(w.wq[l]), *qs(w.wk[l]), *qs(w.wv[l])) for l in layers]
-            self._ffn_weights = [(*qs(w.wo[l]), w.rms_ffn_weight[l], *qs(w.w1[l]), *qs(w.w2[l]), *qs(w.w3[l]))
-                                 for l in layers]
-            self._classifier_weights = (w.rms_final_weight, *qs(w.wcls))
-        else:
-            self._qkv, self._ffn, self._classifier = k.qkv_fp32, k.ffn_fp32, k.classifier_fp32
-            self._qkv_weights = [(w.rms_att_weight[l], w.wq[l], w.wk[l], w.wv[l]) for l in layers]
-            self._ffn_weights = [(w.wo[l], w.rms_ffn_weight[l], w.w1[l], w.w2[l], w.w3[l]) for l in layers]
-            self._classifier_weights = (w.rms_final_weight, w.wcls)
+        """Each layer's arguments gathered once (matrices as their formats' operands), so the
+        token loop only indexes lists."""
+        w, op = self.weights, self._operand
+        layers = range(self.config.n_layers)
+        self._attention_input = [(w.rms_att_weight[l], op(w.wq[l]), op(w.wk[l]), op(w.wv[l])) for l in layers]
+        self._ffn = [(op(w.wo[l]), w.rms_ffn_weight[l], op(w.w1[l]), op(w.w2[l]), op(w.w3[l])) for l in layers]
+        self._classifier = (w.rms_final_weight, op(w.wcls))
+        self._embedding = op(w.token_embedding_table)
 
     def _warm_up(self) -> float:
         """Run a 2-token prefill and a token twice: the first time compiles (or loads from Numba's
@@ -263,30 +236,35 @@ class Transformer:
         return self.state.logits[0]
 
     def _run_block(self, tokens: np.ndarray, pos: int, logits: bool = True) -> None:
-        """The forward pass for tokens (B,) at positions pos..pos+B-1; with `logits`, the last
-        one's logits (a prompt's earlier blocks only need to fill the KV cache)."""
-        c, w, s, k = self.config, self.weights, self.state, self.kernels
+        """The forward pass for tokens (B,) at positions pos..pos+B-1, on self.threads threads;
+        with `logits`, the last one's logits (a prompt's earlier blocks only fill the KV cache)."""
+        if self.threads == 1:
+            return self._layers(tokens, pos, logits)
+        caller_threads = numba.get_num_threads()
+        numba.set_num_threads(self.threads)
+        try:
+            self._layers(tokens, pos, logits)
+        finally:
+            numba.set_num_threads(caller_threads)
+
+    def _layers(self, tokens: np.ndarray, pos: int, logits: bool) -> None:
+        c, s, k, eps = self.config, self.state, self.kernels, self.eps
         B = tokens.shape[0]
         x, xb, xb2, q, hb, hb2 = s.x[:B], s.xb[:B], s.xb2[:B], s.q[:B], s.hb[:B], s.hb2[:B]  # (B, ...)
         cos, sin = s.cos[pos:pos + B], s.sin[pos:pos + B]  # (B, head_size // 2) these positions' angles
-        quantized = (s.xq[:B], s.xs[:B], s.hq[:B], s.hs[:B]) if c.quantized else ()
-        # the tokens' embeddings -> x (B, dim)
-        if c.quantized:
-            k.embed_q8(x, w.token_embedding_table.q, w.token_embedding_table.s, tokens)
-        else:
-            np.take(w.token_embedding_table, tokens, axis=0, out=x)
+        k.embed(x, self._embedding, tokens)  # the tokens' embeddings -> x (B, dim)
         for l in range(c.n_layers):
             key_cache, value_cache = s.key_cache[l], s.value_cache[l]  # (seq_len, kv_dim) each
             # rmsnorm, q k v (k and v straight into these positions' cache rows), RoPE
-            self._qkv(x, xb, q, key_cache[pos:pos + B], value_cache[pos:pos + B], cos, sin, *quantized[:2],
-                      *self._qkv_weights[l])
+            k.attention_input(x, xb, q, key_cache[pos:pos + B], value_cache[pos:pos + B], cos, sin, s.tick, eps,
+                              *self._attention_input[l])
             # causal attention over positions 0..pos(+b) -> xb (B, dim)
             if B == 1:
                 k.attention(xb[0], q[0], key_cache, value_cache, s.att, pos, c.n_kv_heads)
             else:
                 k.attention_block(xb, q, key_cache, value_cache, s.att_block[:B], pos, c.n_kv_heads)
             # output projection, residual, SwiGLU feed-forward, residual -> x (B, dim)
-            self._ffn(x, xb, xb2, hb, hb2, *quantized, *self._ffn_weights[l])
+            k.attention_output_and_ffn(x, xb, xb2, hb, hb2, s.tick, eps, *self._ffn[l])
         # final rmsnorm and classifier, for the last token only -> logits (1, vocab_size)
         if logits:
-            self._classifier(s.logits, x[B - 1:], *quantized[:2], *self._classifier_weights)
+            k.classifier(s.logits, x[B - 1:], s.tick, eps, *self._classifier)

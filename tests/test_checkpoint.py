@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llama2nb import CheckpointError, Transformer
-from llama2nb.files.llama2c import (MAGIC, expected_file_size, quantize_q80, read_checkpoint, read_config,
-                                    write_checkpoint)
+from llama2nb.files.llama2c import MAGIC, expected_file_size, read_checkpoint, read_config, write_checkpoint
+from llama2nb.formats import Q8_0
 from llama2nb.testmodels import random_weights
 
 from .conftest import STORIES260K, TINY, TINY_MODELS, requires
@@ -37,10 +37,10 @@ def test_round_trip(tmp_path, name):
             matrices = [stored] if key in ("token_embedding_table", "wcls") else stored
             originals = [weights[key]] if key in ("token_embedding_table", "wcls") else weights[key]
             for m, original in zip(matrices, originals):
-                q, s = quantize_q80(original, config.group_size)
-                np.testing.assert_array_equal(m.q, q)
-                np.testing.assert_array_equal(m.s, s)
-                assert np.max(np.abs(m.dequantize() - original)) <= np.max(s) / 2 + 1e-7
+                expected = Q8_0(config.group_size).quantize(original)
+                np.testing.assert_array_equal(m.q, expected.q)
+                np.testing.assert_array_equal(m.s, expected.s)
+                assert np.max(np.abs(m.dequantize() - original)) <= np.max(m.s) / 2 + 1e-7
         else:
             np.testing.assert_array_equal(np.asarray(stored), weights[key])
     if config.shared_classifier:

@@ -108,14 +108,15 @@ def test_info(runner, tiny):
     for fragment in ["version 0", "dim 16", "hidden_dim 32", "2 layers", "2 heads", "seq_len 128",
                      "parameters", "shared", "KV cache", "group size", f"{tiny.stat().st_size:,} bytes"]:
         assert fragment in out, fragment
-    assert "int8 matmul" not in out  # an fp32 file
+    assert "f32: float32 multiply-adds" in out  # an fp32 file
 
 
 def test_info_names_the_int8_matmul_this_cpu_runs(runner, tiny_models):
-    from llama2nb import simd
+    from llama2nb.kernels import simd
 
     out = runner.invoke(cli.main, ["info", str(tiny_models["v2-unshared-gqa"])]).stdout  # group size 32
-    assert ("VNNI vpdpbusd" if simd.VNNI else "portable loops") in out
+    assert "q8_0(group_size=32)" in out
+    assert ("VNNI vpdpbusd" if simd.VNNI else "portable int8 loops") in out
 
 
 # ----------------------------------------------------------------------------------------------

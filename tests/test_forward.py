@@ -12,7 +12,7 @@ import pytest
 
 from llama2nb import Transformer
 from llama2nb import forward as forward_module
-from llama2nb.jit import FASTMATH
+from llama2nb.kernels.jit import FASTMATH
 
 from .conftest import STORIES260K, TINY_MODELS, requires
 from .reference import Reference
@@ -79,7 +79,7 @@ def test_prefill_matches_the_reference_token_by_token(tiny_models, name, fastmat
     tokens = np.random.default_rng(1).integers(0, 67, 74)
     for pos, token in enumerate(tokens[:70]):
         expected = oracle.forward(int(token), pos)
-    kind = "q8" if model.config.quantized else "fp32"
+    kind = "q8" if model.config.version == 2 else "fp32"
     assert np.max(np.abs(model.prefill(tokens[:70]) - expected)) <= TOLERANCE[kind, fastmath]
     for pos in range(70, 74):
         diff = np.max(np.abs(model.forward(int(tokens[pos]), pos) - oracle.forward(int(tokens[pos]), pos)))

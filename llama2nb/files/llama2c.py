@@ -1,9 +1,10 @@
 """Read and write llama2.c checkpoints: v0 (legacy fp32), v1 (fp32) and v2 (Q8_0).
 
-The file format is the spec: `layout()` lists every tensor in file order, and both the reader
-(named read-only views into one np.memmap) and the writer walk that one list. Every header
-field and the exact file size are checked before a single view is made, because the Numba
-kernels do not bounds-check: a bad file must never reach them.
+The file format is the spec: `layout()` lists every tensor in file order with its weight format
+(llama2nb.formats), and both the reader (named read-only views into one mapping of the file)
+and the writer walk that one list; neither branches on formats. Every header field and the
+exact file size are checked before a single view is made, because the Numba kernels do not
+bounds-check: a bad file must never reach them.
 """
 
 from __future__ import annotations
@@ -19,49 +20,34 @@ import numpy as np
 from ..atomic import atomic_write
 from ..config import ModelConfig
 from ..errors import CheckpointError
+from ..formats import F32, Format
 from ..mapping import map_read_only
 
 MAGIC = 0x616B3432  # "ak42" as a little-endian uint32
 V1_HEADER_BYTES = 256
 V0_HEADER_BYTES = 7 * 4
 LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-FP32, Q8 = "fp32", "q8"
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One tensor of the file: `name`, its layer (None for whole/stacked tensors), kind, shape."""
+    """One tensor of the file: `name`, its layer (None for whole/stacked tensors), format, shape."""
 
     name: str
     layer: int | None
-    kind: str  # FP32 or Q8
+    format: Format
     shape: tuple[int, ...]
 
-    def nbytes(self, group_size: int) -> int:
-        n = int(np.prod(self.shape, dtype=np.int64))
-        return 4 * n if self.kind == FP32 else n + 4 * (n // group_size)
-
-
-@dataclass(frozen=True)
-class QuantizedMatrix:
-    """Q8_0 matrix: int8 values q (rows, cols) and one fp32 scale per group of `group_size`."""
-
-    q: np.ndarray  # (rows, cols) int8
-    s: np.ndarray  # (rows * cols // group_size,) float32
-    group_size: int
-
     @property
-    def shape(self) -> tuple[int, int]:
-        return self.q.shape
-
-    def dequantize(self) -> np.ndarray:
-        return (self.q.reshape(-1, self.group_size) * self.s[:, None]).reshape(self.q.shape)
+    def nbytes(self) -> int:
+        return self.format.nbytes(self.shape)
 
 
 @dataclass
 class TransformerWeights:
     """run.c's TransformerWeights. Per-layer fields index by layer: `w.wq[l]` is layer l's matrix
-    (a slice of one stacked array for fp32 files, a QuantizedMatrix for Q8_0 files)."""
+    view in its format (a slice of one stacked float32 array for fp32 files, a Q8_0Matrix for
+    Q8_0 files); norms are float32."""
 
     token_embedding_table: Any  # (vocab_size, dim)
     rms_att_weight: np.ndarray  # (n_layers, dim)
@@ -82,7 +68,6 @@ class Checkpoint:
     path: Path
     config: ModelConfig
     weights: TransformerWeights
-    file_size: int
     buffer: np.ndarray = field(repr=False)  # the np.memmap of the file, or its in-memory copy
 
 
@@ -91,28 +76,26 @@ def layout(config: ModelConfig) -> list[Entry]:
     c = config
     L, D, V = c.n_layers, c.dim, c.vocab_size
     shapes = c.matrix_shapes()
-    norms = [Entry("rms_att_weight", None, FP32, (L, D)), Entry("rms_ffn_weight", None, FP32, (L, D)),
-             Entry("rms_final_weight", None, FP32, (D,))]
+    f32, matrix = F32(), c.weight_format
+    norms = [Entry("rms_att_weight", None, f32, (L, D)), Entry("rms_ffn_weight", None, f32, (L, D)),
+             Entry("rms_final_weight", None, f32, (D,))]
     if c.version == 0:
-        entries = [Entry("token_embedding_table", None, FP32, (V, D)), norms[0]]
-        entries += [Entry(n, None, FP32, (L, *shapes[n])) for n in ("wq", "wk", "wv", "wo")]
+        entries = [Entry("token_embedding_table", None, f32, (V, D)), norms[0]]
+        entries += [Entry(n, None, f32, (L, *shapes[n])) for n in ("wq", "wk", "wv", "wo")]
         entries.append(norms[1])
-        entries += [Entry(n, None, FP32, (L, *shapes[n])) for n in ("w1", "w2", "w3")]
+        entries += [Entry(n, None, f32, (L, *shapes[n])) for n in ("w1", "w2", "w3")]
         entries.append(norms[2])
         # RoPE tables: run.c skips them; we write them as llama2.c does, and never read them.
-        entries += [Entry(n, None, FP32, (c.seq_len, c.head_size // 2)) for n in ("freq_cis_real", "freq_cis_imag")]
-        kind = FP32
+        entries += [Entry(n, None, f32, (c.seq_len, c.head_size // 2)) for n in ("freq_cis_real", "freq_cis_imag")]
     elif c.version == 1:
-        entries = norms + [Entry("token_embedding_table", None, FP32, (V, D))]
-        entries += [Entry(n, None, FP32, (L, *shapes[n])) for n in LAYER_MATRICES]
-        kind = FP32
+        entries = norms + [Entry("token_embedding_table", None, f32, (V, D))]
+        entries += [Entry(n, None, f32, (L, *shapes[n])) for n in LAYER_MATRICES]
     else:
         # Q8_0: each layer's matrix is its int8 values followed by its scales, so layers interleave.
-        entries = norms + [Entry("token_embedding_table", None, Q8, (V, D))]
-        entries += [Entry(n, layer, Q8, shapes[n]) for n in LAYER_MATRICES for layer in range(L)]
-        kind = Q8
+        entries = norms + [Entry("token_embedding_table", None, matrix, (V, D))]
+        entries += [Entry(n, layer, matrix, shapes[n]) for n in LAYER_MATRICES for layer in range(L)]
     if not c.shared_classifier:
-        entries.append(Entry("wcls", None, kind, (V, D)))
+        entries.append(Entry("wcls", None, matrix, (V, D)))
     return entries
 
 
@@ -121,7 +104,7 @@ def header_bytes(config: ModelConfig) -> int:
 
 
 def expected_file_size(config: ModelConfig) -> int:
-    return header_bytes(config) + sum(e.nbytes(config.group_size) for e in layout(config))
+    return header_bytes(config) + sum(e.nbytes for e in layout(config))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,14 +206,8 @@ def read_checkpoint(path: str | os.PathLike, in_memory: bool = False) -> Checkpo
     offset = header_bytes(config)
     found: dict[str, Any] = {}
     for entry in layout(config):
-        n = int(np.prod(entry.shape, dtype=np.int64))
-        if entry.kind == FP32:
-            view = np.ndarray(entry.shape, np.float32, buffer=buf, offset=offset)
-        else:
-            q = np.ndarray(entry.shape, np.int8, buffer=buf, offset=offset)
-            s = np.ndarray((n // config.group_size,), np.float32, buffer=buf, offset=offset + n)
-            view = QuantizedMatrix(q, s, config.group_size)
-        offset += entry.nbytes(config.group_size)
+        view = entry.format.view(buf, offset, entry.shape)
+        offset += entry.nbytes
         if entry.layer is None:
             found[entry.name] = view
         else:
@@ -240,21 +217,11 @@ def read_checkpoint(path: str | os.PathLike, in_memory: bool = False) -> Checkpo
     found.pop("freq_cis_imag", None)
     if config.shared_classifier:
         found["wcls"] = found["token_embedding_table"]
-    return Checkpoint(path, config, TransformerWeights(**found), len(buf), mm)
+    return Checkpoint(path, config, TransformerWeights(**found), mm)
 
 
 # ----------------------------------------------------------------------------------------------
 # Writing
-
-
-def quantize_q80(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """llama2.c export.py's Q8_0: per group, scale = max|w| / 127 and q = round(w / scale) (half
-    to even, as torch.round); an all-zero group gets scale 0 and q 0 rather than NaNs."""
-    groups = np.asarray(w, np.float32).reshape(-1, group_size)
-    scale = (np.abs(groups).max(axis=1) / np.float32(127.0)).astype(np.float32)
-    safe = np.where(scale == 0, np.float32(1), scale)
-    q = np.round(groups / safe[:, None]).astype(np.int8)
-    return q.reshape(np.shape(w)), scale
 
 
 def freq_cis_tables(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -292,9 +259,5 @@ def write_checkpoint(path: str | os.PathLike, config: ModelConfig, weights: Mapp
                 array = array[entry.layer]
             if array.shape != entry.shape:
                 raise CheckpointError(f"{path}: cannot write {entry.name}: expected shape {entry.shape}, found {array.shape}")
-            if entry.kind == FP32:
-                f.write(np.ascontiguousarray(array).tobytes())
-            else:
-                q, s = quantize_q80(array, config.group_size)
-                f.write(q.tobytes())
-                f.write(s.tobytes())
+            for part in entry.format.encode(array):
+                f.write(memoryview(np.ascontiguousarray(part)).cast("B"))

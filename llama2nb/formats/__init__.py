@@ -1,0 +1,11 @@
+"""Weight formats, one module each; importing this package registers them all (see base.py).
+
+Adding a format is one module here (its Format subclass, matrix view, operand and kernels),
+its tests, and one line below.
+"""
+
+from .base import REGISTRY, Format, embed, format_of, linear, new_input, register
+from .f32 import F32
+from .q8_0 import Q8_0
+
+__all__ = ["F32", "Format", "Q8_0", "REGISTRY", "embed", "format_of", "linear", "new_input", "register"]

@@ -1,0 +1,158 @@
+"""The fastmath choice, made in one place, and the compiler that builds every variant.
+
+Kernels are plain Python functions that register themselves with `@kernel`. `compile_family`
+compiles every registered kernel with one fastmath setting and one set of compile-time
+constants (module globals such as a format's group size, replaced in each copy: Numba freezes
+globals at compile time, so each value gets code specialised for it). The functions of a family
+call each other, so each copy is given globals in which its callees are the same family's
+compiled versions; registering is what puts a kernel there, so no hand-kept list can forget one.
+
+A `@generic` function picks its implementation by the type of one argument: `linear(out, x, w,
+stamp)` runs the matmul of w's weight format. Compiled, that choice is made while Numba types
+the caller (an `overload`), so the layer code is written once and specialised per format with no
+branch at run time; from Python, and under NUMBA_DISABLE_JIT, it is made per call.
+
+Every variant is cached on disk (`cache=True`) under its own name, and that name carries a hash
+of the sources of every kernel file, because Numba's cache checks only the file of the function
+itself: an edit to a callee would otherwise leave a stale compiled caller in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import types
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numba
+from numba.extending import overload
+
+# off: IEEE semantics, as gcc -O3. reassoc: reassociate and contract into FMAs, which is what lets
+# LLVM vectorise a dot product's reduction (gcc's -funsafe-math-optimizations, near enough).
+# full: every LLVM fast-math flag (no NaN/Inf, approximate reciprocals), as gcc -Ofast.
+FASTMATH: dict[str, bool | frozenset[str]] = {
+    "off": False,
+    "reassoc": frozenset({"reassoc", "contract"}),
+    "full": True,
+}
+
+# The default of every entry point (CLI, Transformer.load, bench): the fastest setting, as
+# llama2.c's Makefile builds run.c with -Ofast. IEEE arithmetic is one argument away.
+DEFAULT_FASTMATH = "full"
+
+
+def fastmath_name(choice: bool | str | None) -> str:
+    """Normalise a user's choice (True/False or a FASTMATH name) to a FASTMATH name."""
+    if choice is True:
+        return "full"
+    if choice is False or choice is None:
+        return "off"
+    if choice in FASTMATH:
+        return choice
+    raise ValueError(f"fastmath: expected one of {', '.join(FASTMATH)} (or True/False), found {choice!r}")
+
+
+KERNELS: dict[str, Callable] = {}  # name -> plain Python function, every family compiles them all
+
+
+def kernel(fn: Callable) -> Callable:
+    """Register `fn` to be compiled into every family under its own name."""
+    other = KERNELS.setdefault(fn.__name__, fn)
+    if other is not fn:
+        raise ValueError(f"kernel {fn.__name__}: defined twice ({other.__module__} and {fn.__module__})")
+    return fn
+
+
+@dataclass(frozen=True)
+class Generic:
+    """A function whose implementation is chosen by the type of its argument number `arg`:
+    choose(value) and choose_type(numba_type) name the registered kernel to run (choose_type
+    returns None for a type no implementation takes)."""
+
+    name: str
+    arg: int
+    choose: Callable[[Any], str]
+    choose_type: Callable[[Any], str | None]
+
+    def bind(self, kernels: dict[str, Callable]) -> Callable:
+        """The function for Python callers: one dispatch per call, to `kernels`."""
+
+        def dispatch(*args):
+            return kernels[self.choose(args[self.arg])](*args)
+
+        dispatch.__name__ = dispatch.__qualname__ = self.name
+        return dispatch
+
+
+GENERICS: dict[str, Generic] = {}
+
+
+def generic(arg: int, choose: Callable[[Any], str], choose_type: Callable[[Any], str | None]):
+    """Register the decorated function's name as a Generic dispatching on argument `arg`. The
+    decorated function documents the signature; what it becomes calls the plain kernels."""
+
+    def register(template: Callable) -> Callable:
+        g = GENERICS[template.__name__] = Generic(template.__name__, arg, choose, choose_type)
+        function = g.bind(KERNELS)
+        function.__doc__ = template.__doc__
+        return function
+
+    return register
+
+
+def _sources_hash() -> str:
+    from . import simd  # intrinsics are compiled into their callers: part of every family
+
+    files = {inspect.getsourcefile(f) for f in KERNELS.values()} | {__file__, simd.__file__}
+    digest = hashlib.sha256(str(numba.config.OPT).encode())
+    for path in sorted(files):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:10]
+
+
+def compile_family(fastmath: str, constants: dict[str, Any], parallel: bool = False) -> types.SimpleNamespace:
+    """Every registered kernel and generic, compiled (lazily, at first call) as @njit with the
+    named fastmath setting and `constants` in place of module globals of the same names."""
+    flags = FASTMATH[fastmath_name(fastmath)]
+    suffix = "".join(f"_{name}{int(value)}" for name, value in sorted(constants.items()))
+    tag = f"{fastmath}{'_par' if parallel else ''}{suffix}_{_sources_hash()}"
+    compiled: dict[str, Callable] = {}
+    namespaces: list[dict] = []
+
+    for name, fn in KERNELS.items():
+        namespace = {**fn.__globals__, **constants}
+        namespaces.append(namespace)
+        clone = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+        clone.__qualname__ = f"{fn.__name__}__{tag}"
+        clone.__module__ = fn.__module__
+        # only the functions with a prange loop are compiled parallel (the others would only warn)
+        threaded = parallel and "prange" in fn.__code__.co_names
+        compiled[name] = numba.njit(cache=True, fastmath=set(flags) if isinstance(flags, frozenset) else flags,
+                                    error_model="numpy", parallel=threaded)(clone)
+    for name, g in GENERICS.items():
+        compiled[name] = _family_generic(g, compiled)
+    for namespace in namespaces:  # callees resolve to this family's compiled copies
+        namespace.update(compiled)
+    return types.SimpleNamespace(**compiled)
+
+
+def _family_generic(g: Generic, compiled: dict[str, Callable]) -> Callable:
+    """g for one family: from Python it dispatches per call to the family's kernels; in
+    compiled callers an overload resolves it by type, at compile time, to the same kernels."""
+    function = g.bind(compiled)
+
+    @overload(function)
+    def typed(*args):
+        name = g.choose_type(args[g.arg])
+        if name is None:
+            return None
+        implementation = compiled[name]
+
+        def call(*args):
+            return implementation(*args)
+
+        return call
+
+    return function
