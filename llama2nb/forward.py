@@ -213,13 +213,33 @@ class Transformer:
         if not 0 <= pos < c.seq_len:
             raise ValueError(f"pos: expected a position in 0..{c.seq_len - 1} (seq_len {c.seq_len}), found {pos}")
         self._one_token[0] = token
-        self._run_block(self._one_token, pos)
+        self._run_block(self._one_token, pos, self.state.logits)
         return self.state.logits[0]
 
     def prefill(self, tokens, pos: int = 0) -> np.ndarray:
         """Run a prompt's tokens at positions pos, pos+1, ... in blocks of PREFILL_BLOCK, each
         weight row read once per block; return the last token's logits (vocab_size,). The KV
         cache ends as if forward() had been called on each token in turn."""
+        tokens = self._checked(tokens, pos)
+        block = self.state.x.shape[0]  # PREFILL_BLOCK when the state was allocated
+        for start in range(0, tokens.size, block):
+            last = start + block >= tokens.size
+            self._run_block(tokens[start:start + block], pos + start, self.state.logits if last else None)
+        return self.state.logits[0]
+
+    def logits(self, tokens, pos: int = 0) -> np.ndarray:
+        """prefill(), returning the logits of every position: a new (len(tokens), vocab_size)
+        float32 array (row i predicts the token after tokens[i]). For scoring text (eval)."""
+        tokens = self._checked(tokens, pos)
+        out = np.empty((tokens.size, self.config.vocab_size), np.float32)
+        block = self.state.x.shape[0]
+        for start in range(0, tokens.size, block):
+            chunk = tokens[start:start + block]
+            self._run_block(chunk, pos + start, out[start:start + chunk.size])
+        return out
+
+    def _checked(self, tokens, pos: int) -> np.ndarray:
+        """tokens as int64 (n,), checked against the vocabulary and the context."""
         c = self.config
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if tokens.size == 0:
@@ -230,14 +250,12 @@ class Transformer:
         if not 0 <= pos or pos + tokens.size > c.seq_len:
             raise ValueError(f"pos: expected positions within 0..{c.seq_len - 1} (seq_len {c.seq_len}), "
                              f"found {pos}..{pos + tokens.size - 1}")
-        block = self.state.x.shape[0]  # PREFILL_BLOCK when the state was allocated
-        for start in range(0, tokens.size, block):
-            self._run_block(tokens[start:start + block], pos + start, logits=start + block >= tokens.size)
-        return self.state.logits[0]
+        return tokens
 
-    def _run_block(self, tokens: np.ndarray, pos: int, logits: bool = True) -> None:
-        """The forward pass for tokens (B,) at positions pos..pos+B-1, on self.threads threads;
-        with `logits`, the last one's logits (a prompt's earlier blocks only fill the KV cache)."""
+    def _run_block(self, tokens: np.ndarray, pos: int, logits: np.ndarray | None) -> None:
+        """The forward pass for tokens (B,) at positions pos..pos+B-1, on self.threads threads,
+        into `logits`: (1, vocab) for the last token's, (B, vocab) for every one's, None for
+        none (a prompt's earlier blocks only fill the KV cache)."""
         if self.threads == 1:
             return self._layers(tokens, pos, logits)
         caller_threads = numba.get_num_threads()
@@ -247,7 +265,7 @@ class Transformer:
         finally:
             numba.set_num_threads(caller_threads)
 
-    def _layers(self, tokens: np.ndarray, pos: int, logits: bool) -> None:
+    def _layers(self, tokens: np.ndarray, pos: int, logits: np.ndarray | None) -> None:
         c, s, k, eps = self.config, self.state, self.kernels, self.eps
         B = tokens.shape[0]
         x, xb, xb2, q, hb, hb2 = s.x[:B], s.xb[:B], s.xb2[:B], s.q[:B], s.hb[:B], s.hb2[:B]  # (B, ...)
@@ -265,6 +283,6 @@ class Transformer:
                 k.attention_block(xb, q, key_cache, value_cache, s.att_block[:B], pos, c.n_kv_heads)
             # output projection, residual, SwiGLU feed-forward, residual -> x (B, dim)
             k.attention_output_and_ffn(x, xb, xb2, hb, hb2, s.tick, eps, *self._ffn[l])
-        # final rmsnorm and classifier, for the last token only -> logits (1, vocab_size)
-        if logits:
-            k.classifier(s.logits, x[B - 1:], s.tick, eps, *self._classifier)
+        # final rmsnorm and classifier, for the last token or all -> logits (1 or B, vocab_size)
+        if logits is not None:
+            k.classifier(logits, x[B - logits.shape[0]:], s.tick, eps, *self._classifier)

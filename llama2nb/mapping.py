@@ -1,19 +1,19 @@
 """Map a file read-only in 2 MB pages where Linux allows it, so that streaming the weights
 runs at the speed of memory rather than of the TLB.
 
-Generating a token reads every weight once. Mapped in 4 KB pages, that is a TLB miss every
-4 KB, and the hardware prefetcher starts over at each page: 110M fp32 ran 52 tok/s mapped
-against 59-66 from the same bytes copied into (2 MB-page) anonymous memory. Linux (5.18+)
-reads a file into 2 MB page-cache pages when a mapping advised MADV_HUGEPAGE faults on it,
-and any later mapping of those pages maps them whole. But a fault reads ahead around itself,
-and the forward pass reads the file out of order (wq of layer 0, then wk of layer 0, ...): the
-read-ahead windows then collide and leave gaps filled in small pages. So before the real
-mapping, a throwaway one is faulted in file order, once every 2 MB, which leaves the whole file
-cached in 2 MB pages (a no-op when it already is). Pages the file was already cached in stay
-as they are, so when that pass finds small pages, the file's cached pages are written back and
-evicted, and the pass runs again: a one-off re-read, after which every load is fast. The real
-mapping starts untouched (loading adds nothing to RSS). Elsewhere (no THP, macOS, Windows)
-this is a plain np.memmap.
+Generating a token reads every weight once. Mapped in 4 KB pages, that is a TLB miss every 4
+KB, and the hardware prefetcher starts over at each page: a model mapped in small pages
+generates measurably slower than the same bytes copied into (2 MB-page) anonymous memory
+(benchmarks/performance.md). Linux (5.18+) reads a file into 2 MB page-cache pages when a
+mapping advised MADV_HUGEPAGE faults on it, and any later mapping of those pages maps them
+whole. But a fault reads ahead around itself, and the forward pass reads the file out of order
+(wq of layer 0, then wk of layer 0, ...): the read-ahead windows then collide and leave gaps
+filled in small pages. So before the real mapping, a throwaway one is faulted in file order,
+once every 2 MB, which leaves the whole file cached in 2 MB pages (a no-op when it already is).
+Pages the file was already cached in stay as they are, so when that pass finds small pages, the
+file's cached pages are written back and evicted, and the pass runs again: a one-off re-read,
+after which every load is fast. The real mapping starts untouched (loading adds nothing to
+RSS). Elsewhere (no THP, macOS, Windows) this is a plain np.memmap.
 """
 
 from __future__ import annotations

@@ -57,10 +57,29 @@ def test_eval_matches_pytorch(setup):
     assert result.perplexity == pytest.approx(np.exp(result.loss))
 
 
-def test_eval_cli(setup):
+def test_eval_runs_windows_through_the_block_forward(setup):
+    """One Transformer.logits call per window, never forward(): the prompt path, not token by token."""
+    data, model, path = setup
+    engine = Engine.load(path)
+    calls = []
+
+    class Counting:
+        config = engine.config
+
+        def logits(self, tokens, pos=0):
+            calls.append(len(tokens))
+            return engine.logits(tokens, pos)
+
+    ids = list(range(1, 100))
+    result = evaluate(Counting(), ids, 48)
+    assert calls == [48, 48, 2] and result.n_windows == 3 and result.n_tokens == 98
+
+
+@pytest.mark.parametrize("fastmath", [[], ["--no-fastmath"]])
+def test_eval_cli(setup, fastmath):
     data, model, path = setup
     r = CliRunner().invoke(main, ["eval", str(path), "--text", str(data["val_txt"]), "-z", str(data["model"]),
-                                  "--max-tokens", "200"])
+                                  "--max-tokens", "200", *fastmath])
     assert r.exit_code == 0, r.output
     m = re.search(r"199 tokens in 5 windows of <= 48: loss ([\d.]+) nats/token, perplexity ([\d.]+)", r.output)
     assert m, r.output

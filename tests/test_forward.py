@@ -86,6 +86,20 @@ def test_prefill_matches_the_reference_token_by_token(tiny_models, name, fastmat
         assert diff <= TOLERANCE[kind, fastmath]
 
 
+@pytest.mark.parametrize("fastmath", ["off", "full"])
+@pytest.mark.parametrize("name", ["v0-gqa", "v2-unshared-gqa"])
+def test_logits_of_every_position_are_forward_s(tiny_models, name, fastmath, monkeypatch):
+    """Transformer.logits (eval's path) over 70 tokens in blocks of 32 gives each position the
+    logits forward() gives it token by token."""
+    monkeypatch.setattr(forward_module, "PREFILL_BLOCK", 32)
+    model = Transformer.load(tiny_models[name], fastmath=fastmath)
+    tokens = np.random.default_rng(2).integers(0, 67, 70)
+    every = model.logits(tokens)
+    assert every.shape == (70, 67)
+    for pos, token in enumerate(tokens):
+        np.testing.assert_allclose(every[pos], model.forward(int(token), pos), atol=2e-6, rtol=0)
+
+
 def test_prefill_rejects_bad_tokens_and_overflow(tiny_models):
     model = Transformer.load(tiny_models["v0-shared"])
     with pytest.raises(ValueError, match="token"):

@@ -1,10 +1,11 @@
 """The Q8_0 row dot product in VNNI instructions (AVX-512 VNNI or AVX-VNNI), where the CPU has them.
 
 From matmul_q8's portable loops LLVM makes vpmovsxbw + vpdpwssd: bytes widened to 16 bits,
-16 multiply-adds per instruction, and a horizontal sum for every group (17-28 GMAC/s here).
+16 multiply-adds per instruction, and a horizontal sum for every group.
 VNNI's vpdpbusd multiplies 32 pairs of bytes and adds them in fours into 8 int32 lanes in one
 instruction, but LLVM does not find it in scalar code and Numba has no vector types, so
-`row_dot_q8` writes the loop in LLVM IR itself, as a Numba intrinsic (26-45 GMAC/s):
+`row_dot_q8` writes the loop in LLVM IR itself, as a Numba intrinsic (1.5-1.6x the portable
+loops' speed; figures in benchmarks/performance.md):
 
     for each group g:                              # group_size bytes, 16 or 32 at a time
         lanes = vpdpbusd(0, |x|, w * sign(x))      # vpdpbusd wants unsigned x signed bytes

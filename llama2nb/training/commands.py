@@ -369,8 +369,10 @@ def _default_tokenizer(checkpoint: Path, vocab_size: int) -> Path | None:
               help="tokenizer.bin or .model. [tokenizer.bin or tokN.bin beside CHECKPOINT, or data/tokN.bin]")
 @click.option("--max-tokens", type=click.IntRange(min=2), help="Score only the first N tokens.")
 @click.option("--seq-len", type=click.IntRange(min=1), help="Window length. [the model's seq_len]")
+@click.option("--fastmath/--no-fastmath", default=True, show_default=True,
+              help="Full fastmath kernels, as `sample` uses; --no-fastmath for IEEE arithmetic.")
 @_clean_errors
-def eval_command(checkpoint: str, text: Path, tokenizer: Path | None, max_tokens, seq_len) -> None:
+def eval_command(checkpoint: str, text: Path, tokenizer: Path | None, max_tokens, seq_len, fastmath: bool) -> None:
     """Mean loss per token and perplexity of a llama2.c CHECKPOINT (or known model name) on a
     text file, computed by the Numba engine."""
     from .. import Transformer
@@ -388,7 +390,7 @@ def eval_command(checkpoint: str, text: Path, tokenizer: Path | None, max_tokens
                                        "(llama2nb download NAME), found neither")
         ckpt_path, known_tok = found
         tokenizer = tokenizer or known_tok
-    model = Transformer.load(ckpt_path)
+    model = Transformer.load(ckpt_path, fastmath="full" if fastmath else "off")
     vocab = model.config.vocab_size
     tokenizer = tokenizer or _default_tokenizer(ckpt_path, vocab)
     if tokenizer is None:

@@ -3,7 +3,9 @@
 The text is split into stories (as `data pretokenize` does), each encoded with BOS in front,
 and the token stream is cut into windows of seq_len + 1 tokens that overlap by one token, so
 every token but the first is predicted exactly once. Each window starts a fresh sequence at
-position 0: the loss is the mean over predicted tokens of -log softmax(logits)[next token].
+position 0 and runs through the engine's block forward (Transformer.logits: the logits of every
+position, each weight row read once per block, as prompts are processed), not token by token:
+the loss is the mean over predicted tokens of -log softmax(logits)[next token], in float64.
 """
 
 from __future__ import annotations
@@ -43,16 +45,16 @@ def encode_text(stories: Sequence[str], tokenizer) -> list[int]:
 
 def evaluate(model, tokens: Sequence[int], seq_len: int | None = None,
              advance: Callable[[int], None] | None = None) -> EvalResult:
-    """Mean loss of `model` (a llama2nb.Transformer: forward(token, pos) -> logits) on tokens."""
+    """Mean loss of `model` (a llama2nb.Transformer: logits(tokens) -> (n, vocab)) on tokens."""
     seq_len = min(seq_len or model.config.seq_len, model.config.seq_len)
     total, count = 0.0, 0
     wins = windows(tokens, seq_len)
     for w in wins:
-        for pos in range(len(w) - 1):
-            logits = model.forward(int(w[pos]), pos).astype(np.float64)
-            m = logits.max()
-            total += m + math.log(np.exp(logits - m).sum()) - logits[int(w[pos + 1])]
-            count += 1
+        logits = model.logits(w[:-1]).astype(np.float64)  # (len(w) - 1, vocab)
+        top = logits.max(axis=1, keepdims=True)
+        log_sum = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+        total += float((log_sum - logits[np.arange(len(w) - 1), w[1:]]).sum())
+        count += len(w) - 1
         if advance:
             advance(len(w) - 1)
     if count == 0:
