@@ -31,8 +31,7 @@ TINY_LLAMA = replace(TINY, dim=64, hidden_dim=128, vocab_size=32000, seq_len=256
 
 
 def test_bench_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "SHAPES", {"15M": TINY_LLAMA})
-    monkeypatch.setattr("llama2nb.bench.SHAPES", models.SHAPES)  # what the CLI checks names against
+    monkeypatch.setitem(models.SHAPES, "15M", TINY_LLAMA)  # the dict the CLI checks names against, too
     monkeypatch.setattr(models, "BUNDLED", tmp_path / "no-bundled-model.bin")
     monkeypatch.setattr(probes, "last_level_cache_bytes", lambda: 0)  # every fp32 row gets a roof
     monkeypatch.setattr(probes, "PROBE_GIB", 0.125)  # a quicker bandwidth probe

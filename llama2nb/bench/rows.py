@@ -46,15 +46,15 @@ def flag_rows(files: ModelFiles, shapes: list[str], runs: int, runc: str | None,
     """The gcc-flag story, in Numba's terms, on the 15M shape (else the first one asked for)."""
     story = "15M" if "15M" in shapes else shapes[0]
     base, q8 = files.fp32[story], files.q8[story]
-    short = {"tg": GENERATION[:1], "pp": PREFILL[:1], "runs": runs}
+    first_lengths = {"tg": GENERATION[:1], "pp": PREFILL[:1], "runs": runs}
     rows = [
         Row("flags", "pure Python (NUMBA_DISABLE_JIT=1)", base, "off", {"NUMBA_DISABLE_JIT": "1"},
             tg=(PURE_PYTHON_STEPS,), pp=(), runs=1, pure_python=True),
-        Row("flags", "NUMBA_OPT=0, no fastmath", base, "off", {"NUMBA_OPT": "0"}, **short),
-        Row("flags", "opt 3, no fastmath (≈ -O3)", base, "off", **short),
-        Row("flags", "reassoc + contract (≈ -funsafe-math)", base, "reassoc", **short),
-        Row("flags", "full fastmath (≈ -Ofast)", base, "full", **short),
-        Row("flags", "int8 Q8_0, full fastmath", q8, "full", **short),
+        Row("flags", "NUMBA_OPT=0, no fastmath", base, "off", {"NUMBA_OPT": "0"}, **first_lengths),
+        Row("flags", "opt 3, no fastmath (≈ -O3)", base, "off", **first_lengths),
+        Row("flags", "reassoc + contract (≈ -funsafe-math)", base, "reassoc", **first_lengths),
+        Row("flags", "full fastmath (≈ -Ofast)", base, "full", **first_lengths),
+        Row("flags", "int8 Q8_0, full fastmath", q8, "full", **first_lengths),
     ]
     if runc:
         rows.append(Row("flags", f"run.c ({Path(runc).name})", base, tg=GENERATION[:1], pp=(), runs=runs,
