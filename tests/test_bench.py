@@ -1,4 +1,6 @@
-"""`llama2nb bench` end to end on tiny shapes: every row measured, files written, C rows parsed."""
+"""`llama2nb bench`: end to end on tiny shapes (every row measured, files written, C rows parsed),
+and its parts apart: the model files, the roof for any generation length, measuring a row
+(probe before each run), and the report's rendering."""
 
 from __future__ import annotations
 
@@ -6,10 +8,16 @@ import json
 import stat
 from dataclasses import replace
 
+import pytest
 from click.testing import CliRunner
 
-from llama2nb import bench
+from llama2nb.bench import measure as bench_measure
+from llama2nb.bench import models, probes, roofs
+from llama2nb.bench.report import markdown_table, shown_generation
+from llama2nb.bench.rows import GENERATION, PREFILL, Row
 from llama2nb.cli import main
+from llama2nb.files.llama2c import read_config
+from llama2nb.tokenizer import Tokenizer
 
 from .conftest import TINY
 
@@ -19,14 +27,14 @@ FAKE_RUNC = """#!/bin/sh
 echo "once upon a time"
 echo "achieved tok/s: 123.456000" >&2
 """
+TINY_LLAMA = replace(TINY, dim=64, hidden_dim=128, vocab_size=32000, seq_len=256)  # the Llama 2 vocabulary size
 
 
 def test_bench_end_to_end(tmp_path, monkeypatch):
-    tiny = replace(TINY, dim=64, hidden_dim=128, vocab_size=32000, seq_len=256)  # the Llama 2 vocabulary size
-    monkeypatch.setattr(bench, "SHAPES", {"15M": tiny})
-    monkeypatch.setattr(bench, "BUNDLED", tmp_path / "no-bundled-model.bin")
-    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda: 0)  # every fp32 row gets a roof
-    monkeypatch.setattr(bench, "PROBE_GIB", 0.125)  # a quicker bandwidth probe
+    monkeypatch.setitem(models.SHAPES, "15M", TINY_LLAMA)  # the dict the CLI checks names against, too
+    monkeypatch.setattr(models, "BUNDLED", tmp_path / "no-bundled-model.bin")
+    monkeypatch.setattr(probes, "last_level_cache_bytes", lambda: 0)  # every fp32 row gets a roof
+    monkeypatch.setattr(probes, "PROBE_GIB", 0.125)  # a quicker bandwidth probe
     runc = tmp_path / "run"
     runc.write_text(FAKE_RUNC)
     runc.chmod(runc.stat().st_mode | stat.S_IEXEC)
@@ -44,12 +52,12 @@ def test_bench_end_to_end(tmp_path, monkeypatch):
     assert {"tg128", "tg256", "pp128", "pp256", "compile_s", "peak_rss_mb", "roof"} <= set(model_row)
     # a row with a roof: one process per run, each after its own bandwidth probe, the ratio per pair
     assert len(model_row["tg128"]) == len(model_row["bandwidth_gbs"]) == len(model_row["pp256"]) == 2
-    assert isinstance(model_row["roof"], float) and model_row["roof"] > 0
+    assert set(model_row["roof"]) == {"tg128", "tg256"} and min(model_row["roof"].values()) > 0
     assert "bandwidth_gbs" not in rows["int8 Q8_0, full fastmath"]  # no fp32 roof for int8
     assert rows["run.c (run)"]["tg128"] == [123.456, 123.456]
     assert min(report["bandwidth_gbs"]) > 0 and report["startup"][0]["ttft_warm_s"] > 0
     assert (out / "latest.png").stat().st_size > 1000 and "| stories15M shape, fp32 |" in (out / "latest.md").read_text()
-    assert "| configuration |" in result.output
+    assert "| configuration | tg128 | tg256 | pp128 | pp256 | fp32 roof | compile s | peak RSS MB |" in result.output
 
 
 def test_bench_rejects_unknown_shapes():
@@ -58,5 +66,175 @@ def test_bench_rejects_unknown_shapes():
 
 
 def test_group_size_follows_llama2c():
-    assert bench.SHAPES["15M"].q8_group_size == 32  # 288 = 9 x 32: the bench measures what export writes
-    assert bench.SHAPES["110M"].q8_group_size == 64
+    assert models.SHAPES["15M"].q8_group_size == 32  # 288 = 9 x 32: the bench measures what export writes
+    assert models.SHAPES["110M"].q8_group_size == 64
+
+
+# ----------------------------------------------------------------------------------------------
+# The files
+
+
+def test_model_files_written_once_with_the_export_group_size(tmp_path, monkeypatch):
+    shape = replace(TINY, dim=96, hidden_dim=288, vocab_size=300)  # q8_group_size 32, not 64
+    monkeypatch.setattr(models, "SHAPES", {"tiny": shape})
+    monkeypatch.setattr(models, "BUNDLED", tmp_path / "absent.bin")
+    logged: list[str] = []
+    files = models.ensure_models(tmp_path, ["tiny"], logged.append)
+    assert read_config(files.fp32["tiny"]).version == 0 and files.bundled is None
+    q8 = read_config(files.q8["tiny"])
+    assert (q8.version, q8.group_size) == (2, shape.q8_group_size) and shape.q8_group_size == 32
+    tokenizer = Tokenizer.load(files.tokenizer, shape.vocab_size)
+    assert tokenizer.vocab_size == 300 and tokenizer.decode([3 + ord("A")]) == "A"  # byte pieces in place
+    models.ensure_models(tmp_path, ["tiny"], logged.append)
+    assert len(logged) == 1  # the second call finds the files
+
+
+def test_placeholder_vocab_fills_to_the_vocabulary_size():
+    pieces, scores = models.placeholder_vocab(1000)
+    assert len(pieces) == len(scores) == 1000 and len(set(pieces)) == 1000
+    assert pieces[:3] == [b"<unk>", b"\n<s>\n", b"\n</s>\n"]
+
+
+def test_parse_cache_size():
+    assert probes.parse_cache_size("32768K\n") == 32 * 2**20
+    assert probes.parse_cache_size("32M") == 32 * 2**20
+    assert probes.parse_cache_size("1024") == 1024
+    with pytest.raises(ValueError):
+        probes.parse_cache_size("")
+
+
+# ----------------------------------------------------------------------------------------------
+# The roof
+
+
+@pytest.mark.parametrize("steps", [2, 3, 100, 128, 256, 1000])
+def test_bytes_read_per_token_counts_the_kv_rows_of_any_length(steps):
+    kv_row = TINY.n_layers * 2 * TINY.kv_dim * 4  # K and V, fp32, every layer, one position
+    expected = TINY.weight_bytes_per_token + kv_row * (steps + 1) / 2  # positions 0..pos, on average
+    assert roofs.bytes_read_per_token(TINY, steps) == pytest.approx(expected)
+
+
+def test_roof_pairs_each_run_with_the_probe_before_it():
+    # run 1: 100 tok/s at 2 GB/s -> 0.5 of the roof; run 2: 200 tok/s at 1 GB/s -> 2.0
+    assert roofs.roof_fraction([100.0, 200.0], [2.0, 1.0], 1e7) == pytest.approx(1.25)
+    assert roofs.roof_fraction([100.0, 200.0], [1.0, 2.0], 1e7) == pytest.approx(1.0)
+
+
+def test_generation_roofs_for_whatever_lengths_a_row_measures():
+    result = {"tg16": [50.0, 60.0], "tg300": [40.0, 40.0], "pp16": [9.0, 9.0], "bandwidth_gbs": [1.0, 1.0]}
+    got = roofs.generation_roofs(TINY, (16, 300, 4096), result)  # 4096: beyond the context, not measured
+    assert set(got) == {"tg16", "tg300"}
+    assert got["tg16"] == pytest.approx(55.0 * roofs.bytes_read_per_token(TINY, 16) / 1e9)
+    assert got["tg300"] == pytest.approx(40.0 * roofs.bytes_read_per_token(TINY, 300) / 1e9)
+
+
+def test_only_fp32_weights_beyond_the_cache_get_a_dram_roof():
+    fp32, q8 = TINY, replace(TINY, version=2, group_size=32)
+    assert roofs.gets_dram_roof(fp32, cache_bytes=0)
+    assert not roofs.gets_dram_roof(fp32, cache_bytes=fp32.weight_bytes_per_token)
+    assert not roofs.gets_dram_roof(q8, cache_bytes=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring a row (the worker and the probe stand in: no processes)
+
+
+class FakeMachine:
+    """Stands in for the worker processes and the bandwidth probe, recording their order."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        self.bandwidths = iter([2.0, 4.0, 8.0])
+        monkeypatch.setattr(probes, "probe_bandwidth", self.probe)
+        monkeypatch.setattr(bench_measure, "run_worker", self.worker)
+
+    def probe(self) -> float:
+        self.calls.append("probe")
+        return next(self.bandwidths)
+
+    def worker(self, args: list[str], env: dict) -> dict:
+        spec = json.loads(args[1])
+        self.calls.append(f"worker x{spec['runs']}")
+        result = {f"tg{n}": [100.0] * spec["runs"] for n in spec["tg"]}
+        return {**result, "compile_s": 0.5, "peak_rss_mb": 10.0 + len(self.calls)}
+
+
+@pytest.fixture
+def tiny_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "SHAPES", {"tiny": TINY})
+    return models.ensure_models(tmp_path, ["tiny"], lambda message: None)
+
+
+def test_a_roofed_row_runs_each_time_after_its_own_probe(tiny_checkpoints, tmp_path, monkeypatch):
+    machine = FakeMachine(monkeypatch)
+    row = Row("models", "tiny", tiny_checkpoints.fp32["tiny"], tg=(8, 40), pp=(), runs=3)
+    bench_measure.measure_row(row, tiny_checkpoints, tmp_path, cache_bytes=0)
+    assert machine.calls == ["probe", "worker x1"] * 3
+    assert row.result["bandwidth_gbs"] == [2.0, 4.0, 8.0] and row.result["tg40"] == [100.0] * 3
+    assert row.result["peak_rss_mb"] == 16.0  # costs keep their worst
+    config = read_config(row.path)
+    assert row.result["roof"] == {
+        f"tg{n}": pytest.approx(roofs.roof_fraction([100.0] * 3, [2.0, 4.0, 8.0], roofs.bytes_read_per_token(config, n)))
+        for n in (8, 40)}
+
+
+def test_rows_in_cache_or_int8_run_in_one_process_without_probes(tiny_checkpoints, tmp_path, monkeypatch):
+    machine = FakeMachine(monkeypatch)
+    fp32 = Row("models", "fp32", tiny_checkpoints.fp32["tiny"], tg=(8,), pp=(), runs=3)
+    q8 = Row("models", "int8", tiny_checkpoints.q8["tiny"], tg=(8,), pp=(), runs=3)
+    bench_measure.measure_row(fp32, tiny_checkpoints, tmp_path, cache_bytes=2**30)
+    bench_measure.measure_row(q8, tiny_checkpoints, tmp_path, cache_bytes=0)
+    assert machine.calls == ["worker x3", "worker x3"]
+    assert fp32.result["roof"] == roofs.IN_CACHE and "roof" not in q8.result
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+
+
+def report_of(rows: list[dict], generation=GENERATION, prefill=PREFILL) -> dict:
+    return {"machine": "a CPU, 2 cores", "bandwidth_gbs": [20.0, 30.0], "date": "2026-12-01 12:00",
+            "tg": list(generation), "pp": list(prefill), "rows": rows,
+            "startup": [{"model": "15M", "ttft_warm_s": 0.4, "ttft_cold_s": 3.2}]}
+
+
+def table_row(markdown: str, label: str) -> list[str]:
+    line = next(line for line in markdown.splitlines() if line.startswith(f"| {label} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")][1:]
+
+
+def test_markdown_table_columns_cells_and_roofs():
+    rows = [
+        {"section": "flags", "label": "pure Python", "tg": [3], "pp": [], "tg3": [0.5], "roof": {"tg3": 0.004},
+         "compile_s": 0.0, "peak_rss_mb": 150.0},
+        {"section": "models", "label": "fp32", "tg": [128, 256], "pp": [128, 256], "tg128": [500.0, 520.0],
+         "tg256": [480.0], "pp128": [4000.0], "pp256": [3900.0], "roof": {"tg128": 0.97, "tg256": 0.9},
+         "compile_s": 0.17, "peak_rss_mb": 209.4},
+        {"section": "models", "label": "bundled", "tg": [128, 256], "pp": [128, 256], "tg128": [6000.0],
+         "roof": "in cache"},
+        {"section": "models", "label": "int8", "tg": [128, 256], "pp": [128, 256], "tg128": [1200.0]},
+    ]
+    markdown = markdown_table(report_of(rows))
+    assert "| configuration | tg128 | tg256 | pp128 | pp256 | fp32 roof | compile s | peak RSS MB |" in markdown
+    assert "single-core read bandwidth 20.0-30.0 GB/s" in markdown
+    assert table_row(markdown, "pure Python") == ["0.5 (3 tokens)", "–", "–", "–", "0%", "0.00", "150"]
+    assert table_row(markdown, "fp32") == ["510 ± 10", "480", "4000", "3900", "97%", "0.17", "209"]
+    assert table_row(markdown, "bundled")[4] == "in cache" and table_row(markdown, "int8")[4] == "–"
+    assert "| 15M | 0.40 | 3.20 |" in markdown
+    assert "fp32 roof: tg128 tok/s" in markdown and "64.5 positions on average" in markdown
+
+
+def test_markdown_table_follows_the_configured_lengths():
+    rows = [{"section": "models", "label": "fp32", "tg": [64], "pp": [32], "tg64": [300.0], "pp32": [900.0],
+             "roof": {"tg64": 0.5}}]
+    markdown = markdown_table(report_of(rows, generation=(64,), prefill=(32,)))
+    assert "| configuration | tg64 | pp32 | fp32 roof |" in markdown
+    assert table_row(markdown, "fp32") == ["300", "900", "50%", "–", "–"]
+    assert "fp32 roof: tg64 tok/s" in markdown and "32.5 positions on average" in markdown
+
+
+def test_shown_generation_prefers_the_first_column_then_a_short_run():
+    assert shown_generation({"tg": [128, 256], "tg128": [1.0], "tg256": [1.0]}, [128, 256]) == 128
+    assert shown_generation({"tg": [256], "tg256": [1.0]}, [128, 256]) is None  # a column of its own
+    assert shown_generation({"tg": [3], "tg3": [1.0]}, [128, 256]) == 3
+    assert shown_generation({"tg": [128], "pp128": [1.0]}, [128, 256]) is None

@@ -1,0 +1,42 @@
+"""`llama2nb bench`: llama-bench-style speed measurements, side by side in one run.
+
+Every measurement runs in a fresh worker process pinned to one core, with the environment that
+defines its row (NUMBA_OPT, NUMBA_DISABLE_JIT, its own Numba cache folder), and reports JSON on
+stdout (worker.py, __main__.py). Timing does not depend on weight values, so the stories15M/42M/110M
+shapes are random weights written once into a cache folder (models.py). rows.py says what is
+measured, measure.py how, roofs.py against which bound, probes.py what the machine offers,
+startup.py how long a first token takes, report.py how it is shown. This module runs them in order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import probes
+from .measure import measure_row
+from .models import SHAPES, default_cache_dir, ensure_models
+from .report import build_report, save_report
+from .rows import GENERATION, PREFILL, build_rows
+from .startup import measure_startup, startup_models
+
+__all__ = ["SHAPES", "run_benchmark"]
+
+
+def run_benchmark(shapes: list[str], runs: int = 3, cache_dir: Path | None = None, runc: str | None = None,
+                  runq: str | None = None, threads: int = 1, out_dir: Path = Path("benchmarks/results"),
+                  log=print) -> dict:
+    """Measure every row and start-up for these shapes, save the report into out_dir, return it."""
+    cache_dir = cache_dir or default_cache_dir()
+    files = ensure_models(cache_dir, shapes, log)
+    cache_bytes = probes.last_level_cache_bytes()
+    rows = build_rows(files, shapes, runs, runc, runq, threads)
+    for row in rows:
+        log(f"  {row.section}: {row.label}")
+        measure_row(row, files, cache_dir, cache_bytes)
+    bandwidths = [gbs for row in rows for gbs in row.result.get("bandwidth_gbs", [])]
+    if not bandwidths:  # every model fits the cache: the header still reports the machine's bandwidth
+        bandwidths.append(probes.probe_bandwidth())
+    startup = measure_startup(startup_models(files, shapes), runs, log)
+    report = build_report(rows, startup, bandwidths, probes.machine_description(), GENERATION, PREFILL)
+    save_report(report, out_dir)
+    return report

@@ -1,0 +1,59 @@
+"""Measuring one row: its runs, in worker processes or the user's llama2.c binary, and its roof.
+
+A row that gets a roof runs each time in a process of its own right after a bandwidth probe: the
+bandwidth of a shared machine drifts within minutes (see benchmarks/performance.md), and a ratio
+means something only when both of its sides are measured together. Other rows make all their
+runs in one process.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import probes, roofs
+from .models import ModelFiles, file_config
+from .rows import Row
+from .runc import measure_c_row
+from .worker import generation_key, run_worker
+
+
+def measure_row(row: Row, files: ModelFiles, cache_dir: Path, cache_bytes: int) -> None:
+    """Fill row.result: the rates of every run, costs, and the roof where the row has one."""
+    config = file_config(row.path)
+    if not roofs.gets_dram_roof(config, cache_bytes):
+        merge_runs(row.result, measure_runs(row, row.runs, files, cache_dir))
+        if config.version != 2 and measures_generation(row):
+            row.result["roof"] = roofs.IN_CACHE
+        return
+    for _ in range(row.runs):
+        row.result.setdefault("bandwidth_gbs", []).append(probes.probe_bandwidth())
+        merge_runs(row.result, measure_runs(row, 1, files, cache_dir))
+    if measures_generation(row):
+        row.result["roof"] = roofs.generation_roofs(config, row.tg, row.result)
+
+
+def measures_generation(row: Row) -> bool:
+    return any(generation_key(n) in row.result for n in row.tg)
+
+
+def measure_runs(row: Row, runs: int, files: ModelFiles, cache_dir: Path) -> dict:
+    """`runs` runs of one row: a worker process, or the user's llama2.c binary."""
+    if row.c_binary:
+        return measure_c_row(row.c_binary, row.path, files.tokenizer, row.tg, runs)
+    spec = {"path": str(row.path), "fastmath": row.fastmath, "runs": runs, "tg": list(row.tg),
+            "pp": list(row.pp), "threads": row.threads, "pure_python": row.pure_python,
+            "in_memory": row.in_memory}
+    env = dict(row.env)
+    if "NUMBA_OPT" in env:  # its own cache folder: Numba's cache key does not include the opt level
+        env["NUMBA_CACHE_DIR"] = str(cache_dir / "numba-opt0")
+    return run_worker(["row", json.dumps(spec)], env)
+
+
+def merge_runs(into: dict, new: dict) -> None:
+    """Add one process's measurements to a row's: lists of rates grow, costs keep their worst."""
+    for key, value in new.items():
+        if isinstance(value, list):
+            into.setdefault(key, []).extend(value)
+        else:
+            into[key] = max(into.get(key, value), value)
