@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -148,13 +148,17 @@ class Transformer:
     Both return the run state's logits buffer: it is overwritten by the next call. fastmath is
     full by default, as the command line's (jit.DEFAULT_FASTMATH); "off" is IEEE arithmetic.
     `threads` > 1 splits each matmul's rows across that many threads (Numba's prange), set
-    around each call: nothing process-wide changes.
+    around each call: nothing process-wide changes. `ctx` caps the context (the file's seq_len
+    by default): the KV cache is allocated for that many positions, and `config.seq_len` is it.
     """
 
     def __init__(self, checkpoint: Checkpoint, fastmath: bool | str = DEFAULT_FASTMATH, threads: int = 1,
-                 warm_up: bool = True):
+                 warm_up: bool = True, ctx: int | None = None):
         self.checkpoint = checkpoint
-        self.config = checkpoint.config
+        if ctx is not None and ctx < 1:
+            raise ValueError(f"ctx: expected 1 or more positions, found {ctx}")
+        self.config = replace(checkpoint.config, seq_len=min(ctx or checkpoint.config.seq_len,
+                                                             checkpoint.config.seq_len))
         self.weights = checkpoint.weights
         self.fastmath = fastmath_name(fastmath)
         if threads < 1:
@@ -173,11 +177,11 @@ class Transformer:
 
     @classmethod
     def load(cls, path: str | os.PathLike, fastmath: bool | str = DEFAULT_FASTMATH, threads: int = 1,
-             warm_up: bool = True, in_memory: bool = False) -> "Transformer":
+             warm_up: bool = True, in_memory: bool = False, ctx: int | None = None) -> "Transformer":
         """Map a llama2.c checkpoint (v0, v1 or v2) and compile (or load cached) kernels. With
         warm_up, compiling happens here and is timed (compile_seconds); without, at first use.
         in_memory reads the weights into RAM instead of mapping them (see read_checkpoint)."""
-        return cls(read_checkpoint(Path(path), in_memory), fastmath, threads, warm_up)
+        return cls(read_checkpoint(Path(path), in_memory), fastmath, threads, warm_up, ctx)
 
     def _operand(self, matrix: Any) -> Any:
         fmt = format_of(matrix)

@@ -128,6 +128,19 @@ def test_one_model_mixes_weight_formats_per_tensor(tiny_models, fastmath):
         assert diff <= TOLERANCE["q8", fastmath]
 
 
+def test_ctx_caps_the_context_and_the_kv_cache(tiny_models):
+    full = Transformer.load(tiny_models["v0-gqa"])
+    capped = Transformer.load(tiny_models["v0-gqa"], ctx=20)
+    assert capped.config.seq_len == 20 and capped.checkpoint.config.seq_len == 80
+    assert capped.state.key_cache.shape[1] == 20 and Transformer.load(tiny_models["v0-gqa"], ctx=500).config.seq_len == 80
+    for pos, token in enumerate(range(1, 21)):
+        np.testing.assert_array_equal(capped.forward(token, pos), full.forward(token, pos))
+    with pytest.raises(ValueError, match="pos"):
+        capped.forward(1, 20)
+    with pytest.raises(ValueError, match="ctx"):
+        Transformer.load(tiny_models["v0-gqa"], ctx=0)
+
+
 def test_two_group_sizes_in_one_model_are_refused():
     from llama2nb.formats import Q8_0
 
