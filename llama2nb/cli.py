@@ -233,8 +233,8 @@ def sample(checkpoint: str | None, tokenizer_path: str | None, temperature: floa
                                              steps)
             view.seed = sampler.seed
             if threads > (cores := usable_cores()):
-                view.notice(f"--threads {threads} is more than the {cores} cores this process may use: threads will "
-                            f"wait for each other, far slower than --threads {cores}")
+                view.notice(f"--threads {threads} is more than the {_count(cores, 'core')} this process may use: "
+                            f"far slower than --threads {cores}")
             model, view.compile_seconds = view.load(ckpt, fastmath, threads, in_memory)
             run = starter(model)
             view.stream(run, chat_mode=mode == "chat")
@@ -362,6 +362,7 @@ class _View:
     def _end_line(self) -> None:
         if self._mid_line:
             sys.stdout.write("\n")
+            sys.stdout.flush()  # before a note on stderr, which shares the terminal
             self._mid_line = False
 
     def read_user(self) -> str | None:
@@ -376,14 +377,14 @@ class _View:
                     import readline  # noqa: F401 - line editing and history for input()
                 except ImportError:  # pragma: no cover - not on every platform
                     pass
-                self._at_prompt = True
+                self._at_prompt = True  # until a line or Ctrl-D comes; Ctrl-C leaves it set for interrupted()
                 try:
                     line = input("User: ")
                 except EOFError:  # Ctrl-D
+                    self._at_prompt = False
                     sys.stdout.write("\n")
                     return None
-                finally:
-                    self._at_prompt = False
+                self._at_prompt = False
             else:
                 line = sys.stdin.readline()
                 if not line:
@@ -454,7 +455,8 @@ class _View:
             click.echo(_fit(parts, self.sep, width) if width else self.sep.join(parts), err=True)
 
     def interrupted(self, run) -> None:
-        """Ctrl-C: show what was generated and the summary, nothing more."""
+        """Ctrl-C: end the open line, then the summary, nothing more. The summary still shows
+        when stdout's reader died of the same Ctrl-C (`| cat`): it goes to stderr then."""
         try:
             if self._live is not None:
                 self._live.stop()
@@ -464,6 +466,9 @@ class _View:
                 if self._at_prompt:  # the summary goes below `User: ...^C`, not on it
                     sys.stdout.write("\n")
                 sys.stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout()
+        try:
             if not self.interactive and _is_terminal(sys.stderr):
                 sys.stderr.write("\n")  # the terminal's ^C echo left the cursor mid-line
             if run is None:
