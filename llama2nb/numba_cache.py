@@ -46,8 +46,8 @@ def cache_enabled(source_file: str | os.PathLike = PACKAGE_DIR / "__init__.py") 
         before = os.environ.get("NUMBA_CACHE_DIR"), numba.config.CACHE_DIR
         os.environ["NUMBA_CACHE_DIR"] = numba.config.CACHE_DIR = str(folder)
         if _numba_can_cache(path):
-            _note_once(f"cannot write Numba's cache beside {Path(path).parent} nor in the user cache folder: "
-                       f"caching compiled kernels in {folder}")
+            _note_once(f"Numba cannot cache beside {Path(path).parent} nor in the user cache folder: caching "
+                       f"compiled kernels in {folder}")
             return True
         if before[0] is None:
             del os.environ["NUMBA_CACHE_DIR"]
@@ -55,7 +55,7 @@ def cache_enabled(source_file: str | os.PathLike = PACKAGE_DIR / "__init__.py") 
             os.environ["NUMBA_CACHE_DIR"] = before[0]
         numba.config.CACHE_DIR = before[1]
     _note_once(f"no writable folder for Numba's cache (beside {Path(path).parent}, the user cache folder, "
-               f"{tempfile.gettempdir()}): compiling kernels without an on-disk cache, every run")
+               f"{tempfile.gettempdir()}): compiling kernels anew every run")
     return False
 
 
