@@ -24,7 +24,7 @@ from typing import TextIO
 
 import click
 
-from .errors import Llama2nbError
+from .errors import Llama2nbError, UsageError
 from .sampler import FLOAT32_MAX
 from .training.commands import TRAINING_COMMANDS
 
@@ -239,6 +239,8 @@ def sample(checkpoint: str | None, tokenizer_path: str | None, temperature: floa
             run = starter(model)
             view.stream(run, chat_mode=mode == "chat")
             view.summary(run)
+        except UsageError as e:  # a flag's value the sampler cannot use (e.g. 1e-50 rounds to 0 in float32)
+            raise click.UsageError(str(e)) from None
         except Llama2nbError as e:
             raise click.ClickException(str(e)) from None
         except OSError as e:

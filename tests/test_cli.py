@@ -167,6 +167,7 @@ def test_info_names_the_int8_matmul_this_cpu_runs(runner, tiny_models):
     (["-s", "-3"], "seed"), (["--top-k", "-1"], "top-k"), (["--min-p", "2"], "min-p"),
     (["--repetition-penalty", "0"], "repetition-penalty"), (["-n", "many"], "steps"), (["--threads", "0"], "threads"),
     (["-t", "1e39"], "float32's largest"), (["--repetition-penalty", "1e39"], "float32's largest"),
+    (["--repetition-penalty", "1e-50"], "repetition_penalty: expected a number > 0"),  # 0 in float32
 ])
 def test_out_of_range_flags(runner, tiny, args, fragment):
     result = sample(runner, str(tiny), *args)
@@ -334,37 +335,47 @@ def test_ctrl_c_summary_survives_a_reader_killed_by_the_same_ctrl_c(monkeypatch,
     assert err.startswith("3 tokens sampled in 4 positions") and err.rstrip().endswith("interrupted"), err
 
 
-def read_pty(fd: int) -> str:
+def interrupted_on_a_terminal(args: list[str], on_pty: set[str], ready) -> tuple[subprocess.Popen, str]:
+    """Run the CLI with the named streams ("stdin", "stdout", "stderr") on a pseudo-terminal,
+    the others piped, send SIGINT once `ready(proc, pty)` returns; the process, and all the
+    terminal received."""
+    import pty
+
+    master, slave = pty.openpty()
+    streams = {name: slave if name in on_pty else default
+               for name, default in (("stdin", subprocess.DEVNULL), ("stdout", subprocess.PIPE),
+                                     ("stderr", subprocess.PIPE))}
+    proc = subprocess.Popen([*CLI, *args], cwd=REPO, **streams)
+    os.close(slave)
+    try:
+        ready(proc, master)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:  # the signal fell in a gap (see the chat prompt test)
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+    finally:
+        proc.kill()
     chunks = []
     while True:
         try:
-            chunk = os.read(fd, 4096)
+            chunk = os.read(master, 4096)
         except OSError:  # EIO: the other side closed
             break
         if not chunk:
             break
         chunks.append(chunk)
-    return b"".join(chunks).decode(errors="replace")
+    os.close(master)
+    return proc, b"".join(chunks).decode(errors="replace")
 
 
 def test_terminal_stderr_loading_line_is_cleared_and_ctrl_c_starts_a_new_line(tmp_path):
     """stdout to a file, stderr on a terminal: "loading ..." shows while the kernels load, then
     is erased; after Ctrl-C (whose ^C the terminal echoes) the summary starts a line of its own."""
-    import pty
-
     model = write_tiny_model(tmp_path / "long", seq_len=200_000)
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([*CLI, "sample", str(model), "-n", "0", "-s", "1"], stdout=subprocess.PIPE,
-                            stderr=slave, stdin=subprocess.DEVNULL, cwd=REPO)
-    os.close(slave)
-    try:
-        assert proc.stdout.read(20)
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    err = read_pty(master)
-    os.close(master)
+    proc, err = interrupted_on_a_terminal(["sample", str(model), "-n", "0", "-s", "1"], {"stderr"},
+                                          lambda proc, pty: proc.stdout.read(20))
     assert proc.returncode == 130, err
     loading = err.index("loading model.bin, compiling kernels")
     cleared = err.index("\r\x1b[K", loading)
@@ -372,30 +383,17 @@ def test_terminal_stderr_loading_line_is_cleared_and_ctrl_c_starts_a_new_line(tm
 
 
 def test_ctrl_c_at_the_chat_prompt_puts_the_summary_below_it(tiny):
-    import pty
-
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([*CLI, "sample", str(tiny), "-m", "chat", "-s", "1"], stdin=slave, stdout=slave,
-                            stderr=subprocess.PIPE, cwd=REPO)
-    os.close(slave)
-    seen = b""
-    try:
+    def at_the_prompt(proc, pty):
+        seen = b""
         while not seen.endswith(b"User: "):
-            seen += os.read(master, 1)
+            seen += os.read(pty, 1)
         # readline prints the prompt before it waits: a signal in between is noted but wakes
-        # nothing (a CPython race no typing person hits), so give it a moment, and a second try
+        # nothing (a CPython race no typing person hits), so give it a moment
         time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=60)
-    finally:
-        proc.kill()
-    rest = read_pty(master)
-    os.close(master)
-    assert proc.returncode == 130, proc.stderr.read()
+
+    proc, rest = interrupted_on_a_terminal(["sample", str(tiny), "-m", "chat", "-s", "1"], {"stdin", "stdout"},
+                                           at_the_prompt)
+    assert proc.returncode == 130, rest
     assert re.match(r"\r?\n(\x1b\[[0-9;]*m)*0 tokens sampled in 0 positions", rest), repr(rest)
 
 
