@@ -1,4 +1,9 @@
-"""Atomic file writes: a kill at any moment leaves the old file or the new one, never a torn one."""
+"""Atomic file writes: a kill at any moment leaves the old file or the new one, never a torn one.
+
+The work happens in a temp file beside the target, but an OSError about that temp file (a
+read-only folder, a full disk, a directory in the way) is re-raised naming the target: the
+user asked for that path and has never heard of `.name.tmp-PID`.
+"""
 
 from __future__ import annotations
 
@@ -20,9 +25,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # never hide the error itself behind the clean-up's
             tmp.unlink()
+        if isinstance(e, OSError) and e.errno is not None and e.filename is not None \
+                and os.fspath(e.filename) == os.fspath(tmp):
+            raise type(e)(e.errno, e.strerror, os.fspath(target)).with_traceback(e.__traceback__) from None
         raise
 
 

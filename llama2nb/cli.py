@@ -3,8 +3,14 @@
 `sample` and `info` never import torch (the training commands import it inside their bodies).
 Output contract of `sample`: on a terminal, Rich streams the story with a live status line;
 otherwise stdout carries only the text (flushed per token, as run.c) and everything else goes
-to stderr. Errors are one line on stderr with exit 1; Ctrl-C prints the summary and exits 130;
-a reader that goes away (`| head`) ends the run quietly with 141, as SIGPIPE would.
+to stderr, where the "loading" line is shown only on a terminal and cleared once loaded. The
+summary fits the terminal's width (broken between its parts, never inside one). Ctrl-C prints
+the summary on a line of its own and exits 130; a reader that goes away (`| head`) ends the run
+quietly with 141, as SIGPIPE would.
+
+Errors: a user's error (`Llama2nbError`, or an OSError naming one of the user's files) is one
+line `Error: ...` on stderr with exit 1; a flag out of range is a usage error, exit 2. Anything
+else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from typing import TextIO
 
 import click
 
-from .errors import Llama2nbError
+from .errors import Llama2nbError, UsageError
+from .sampler import FLOAT32_MAX
 from .training.commands import TRAINING_COMMANDS
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -27,7 +34,7 @@ BUNDLED_MODEL = BUNDLED_DIR / "model.bin"
 TOKENIZER_NAMES = ("tokenizer.bin", "tokenizer.model")
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what run.c would die with under `| head`
-STATUS_EVERY = 0.2  # seconds between live redraws (each costs ~1 ms of the generation loop's time)
+STATUS_EVERY = 0.2  # seconds between live redraws (each redraw takes its time from the generation loop)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,7 +52,8 @@ for _command in TRAINING_COMMANDS:
 
 
 class FiniteFloat(click.FloatRange):
-    """A FloatRange that also refuses nan and inf (nan passes every range comparison)."""
+    """A FloatRange that also refuses nan (it passes every range comparison), inf, and values
+    beyond float32's largest (the sampler computes in float32, where they would be infinite)."""
 
     name = "float"
 
@@ -53,7 +61,17 @@ class FiniteFloat(click.FloatRange):
         number = super().convert(value, param, ctx)
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
+        if abs(number) > FLOAT32_MAX:
+            self.fail(f"{value!r} is beyond float32's largest value ({FLOAT32_MAX:.8g}).", param, ctx)
         return number
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +179,7 @@ def _silence_stdout() -> None:
 @click.option("-z", "--tokenizer", "tokenizer_path", metavar="PATH",
               help="tokenizer.bin or .model [default: beside the checkpoint, else the bundled one]")
 @click.option("-t", "--temperature", type=FiniteFloat(min=0.0), default=1.0, show_default=True,
-              help="0 = greedy (argmax)")
+              help="0 = greedy (argmax); so small that logits / t overflow float32 (e.g. 1e-38): greedy too")
 @click.option("-p", "--topp", type=FiniteFloat(0.0, 1.0), default=0.9, show_default=True,
               help="top-p (nucleus) sampling; 0 or 1 = off")
 @click.option("-s", "--seed", type=click.IntRange(0, (1 << 64) - 1), default=0,
@@ -172,7 +190,7 @@ def _silence_stdout() -> None:
 @click.option("-m", "--mode", type=click.Choice(["generate", "chat"]), default="generate", show_default=True)
 @click.option("-y", "--system", default=None, help="system prompt (chat mode)")
 @click.option("--fastmath/--no-fastmath", default=True, show_default=True,
-              help="fast-math kernels (as gcc -Ofast: 3-4x faster, last-bit differences); "
+              help="fast-math kernels (as gcc -Ofast: faster, last-bit differences); "
                    "--no-fastmath: IEEE arithmetic")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="threads for the matmuls (llama2nb's point is one core; more can help big models)")
@@ -192,7 +210,7 @@ def sample(checkpoint: str | None, tokenizer_path: str | None, temperature: floa
     """Sample a story (or chat) from a llama2.c CHECKPOINT: a path, a downloaded model name
     such as stories15M, or nothing for the bundled model."""
     from .files.llama2c import read_config
-    from .generate import GenerationError, chat, generate
+    from .generate import chat, generate
     from .sampler import Sampler
     from .tokenizer import Tokenizer
 
@@ -214,14 +232,21 @@ def sample(checkpoint: str | None, tokenizer_path: str | None, temperature: floa
                 starter = lambda model: chat(model, tok, sampler, view.read_user, system or "", prompt,  # noqa: E731
                                              steps)
             view.seed = sampler.seed
+            if threads > (cores := usable_cores()):
+                view.notice(f"--threads {threads} is more than the {_count(cores, 'core')} this process may use: "
+                            f"far slower than --threads {cores}")
             model, view.compile_seconds = view.load(ckpt, fastmath, threads, in_memory)
             run = starter(model)
             view.stream(run, chat_mode=mode == "chat")
             view.summary(run)
-        except (Llama2nbError, GenerationError) as e:
+        except UsageError as e:  # a flag's value the sampler cannot use (e.g. 1e-50 rounds to 0 in float32)
+            raise click.UsageError(str(e)) from None
+        except Llama2nbError as e:
             raise click.ClickException(str(e)) from None
-        except ValueError as e:  # e.g. the kernels' own range checks; still one line, no traceback
-            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        except OSError as e:
+            if e.filename is None:  # not about a file of the user's (BrokenPipeError is handled below)
+                raise
+            raise click.ClickException(f"{e.filename}: {e.strerror or e}") from None
     except KeyboardInterrupt:
         view.interrupted(run)
         sys.exit(EXIT_INTERRUPTED)
@@ -241,7 +266,8 @@ class _View:
         self._console = None
         self._live = None
         self._stdin_tty = _is_terminal(sys.stdin)
-        self._mid_line = False  # chat: the assistant's line is still open
+        self._mid_line = False  # the story's or the assistant's line is still open
+        self._at_prompt = False  # chat: waiting at the `User: ` prompt
         self.seed: int | None = None
         self.compile_seconds: float | None = None
 
@@ -291,9 +317,15 @@ class _View:
         if self.interactive:
             with self.console.status(message):
                 return work()
-        if _is_terminal(sys.stderr):
-            click.echo(message, err=True)
-        return work()
+        if not _is_terminal(sys.stderr):  # a log file gets no progress line
+            return work()
+        sys.stderr.write(message)
+        sys.stderr.flush()
+        try:
+            return work()
+        finally:  # transient: the line is cleared once loaded
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
 
     # streaming -------------------------------------------------------------------------------
 
@@ -332,6 +364,7 @@ class _View:
     def _end_line(self) -> None:
         if self._mid_line:
             sys.stdout.write("\n")
+            sys.stdout.flush()  # before a note on stderr, which shares the terminal
             self._mid_line = False
 
     def read_user(self) -> str | None:
@@ -346,11 +379,14 @@ class _View:
                     import readline  # noqa: F401 - line editing and history for input()
                 except ImportError:  # pragma: no cover - not on every platform
                     pass
+                self._at_prompt = True  # until a line or Ctrl-D comes; Ctrl-C leaves it set for interrupted()
                 try:
                     line = input("User: ")
                 except EOFError:  # Ctrl-D
+                    self._at_prompt = False
                     sys.stdout.write("\n")
                     return None
+                self._at_prompt = False
             else:
                 line = sys.stdin.readline()
                 if not line:
@@ -390,40 +426,53 @@ class _View:
 
     # the end ---------------------------------------------------------------------------------
 
-    def summary_line(self, run) -> str:
-        compile_seconds, seed = self.compile_seconds, self.seed
+    def summary_parts(self, run) -> list[str]:
         s = run.stats
         rate = s.tokens_per_second
-        parts = [f"{s.sampled_tokens} tokens sampled in {s.positions} positions ({s.prompt_tokens} prompt incl. BOS)",
-                 f"{rate:.1f} tok/s" if rate else "tok/s n/a",
-                 f"first token {s.first_token_seconds * 1000:.0f} ms" if s.first_token_seconds is not None
-                 else "no token sampled"]
-        if compile_seconds is not None:
-            parts.append(f"JIT compile {compile_seconds:.2f} s")
-        if seed is not None:
-            parts.append(f"seed {seed}")
+        counts = f"{_count(s.sampled_tokens, 'token')} sampled in {_count(s.positions, 'position')}"
+        parts = [counts + (f" ({s.prompt_tokens} prompt incl. BOS)" if s.prompt_tokens else "")]
+        if rate:
+            parts.append(f"{rate:.1f} tok/s")
+        elif s.sampled_tokens:
+            parts.append("tok/s n/a")  # one token: no span to time
+        if s.first_token_seconds is not None:
+            parts.append(f"first token {s.first_token_seconds * 1000:.0f} ms")
+        if self.compile_seconds is not None:
+            parts.append(f"JIT compile {self.compile_seconds:.2f} s")
+        if self.seed is not None:
+            parts.append(f"seed {self.seed}")
         if s.stop_reason == "interrupted":
             parts.append("interrupted")
-        return self.sep.join(parts)
+        return parts
 
     def summary(self, run) -> None:
-        line = self.summary_line(run)
+        """The summary, broken between parts to fit a terminal's width (one line in a log)."""
+        parts = self.summary_parts(run)
         if self.interactive:
             from rich.text import Text
 
-            self.console.print(Text(line, style="dim"))
+            self.console.print(Text(_fit(parts, self.sep, self.console.width), style="dim"), soft_wrap=True)
         else:
-            click.echo(line, err=True)
+            width = _terminal_width(sys.stderr)
+            click.echo(_fit(parts, self.sep, width) if width else self.sep.join(parts), err=True)
 
     def interrupted(self, run) -> None:
-        """Ctrl-C: show what was generated and the summary, nothing more."""
+        """Ctrl-C: end the open line, then the summary, nothing more. The summary still shows
+        when stdout's reader died of the same Ctrl-C (`| cat`): it goes to stderr then."""
         try:
             if self._live is not None:
                 self._live.stop()
                 self.console.print("".join(self.text_parts), markup=False, highlight=False)
             elif run is not None:
-                self._end_line()
+                self._end_line()  # the story's or the reply's line (a pipe gets its last newline)
+                if self._at_prompt:  # the summary goes below `User: ...^C`, not on it
+                    sys.stdout.write("\n")
                 sys.stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout()
+        try:
+            if not self.interactive and _is_terminal(sys.stderr):
+                sys.stderr.write("\n")  # the terminal's ^C echo left the cursor mid-line
             if run is None:
                 click.echo("interrupted", err=True)
                 return
@@ -431,6 +480,31 @@ class _View:
             self.summary(run)
         except BrokenPipeError:
             _silence_stdout()
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _terminal_width(stream: TextIO) -> int | None:
+    if not _is_terminal(stream):
+        return None
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError):
+        return None
+
+
+def _fit(parts: list[str], sep: str, width: int) -> str:
+    """`parts` joined by `sep`, broken into lines of at most `width` columns between parts (a
+    part longer than the width gets a line of its own)."""
+    lines = [parts[0]]
+    for part in parts[1:]:
+        if len(lines[-1]) + len(sep) + len(part) <= width:
+            lines[-1] += sep + part
+        else:
+            lines.append(part)
+    return "\n".join(lines)
 
 
 class _Tail:
@@ -474,7 +548,6 @@ def _size(n: int) -> str:
         if n < 1024 or unit == "TiB":
             return f"{n:,} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1024
-    return str(n)
 
 
 @main.command()

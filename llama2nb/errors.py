@@ -18,3 +18,7 @@ class CheckpointError(Llama2nbError, ValueError):
 
 class TokenizerError(Llama2nbError, ValueError):
     """A tokenizer file that cannot be used."""
+
+
+class UsageError(Llama2nbError, ValueError):
+    """A setting outside its range (a flag's value, or an argument of the Python API)."""

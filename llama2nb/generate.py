@@ -13,7 +13,15 @@ since it, which is run.c's figure ((pos - 1) / time since the first token) when 
 prompt, and the generation speed alone when there is one.
 
 `generate()` returns a Generation: iterate it for events; its `stats` are current at every
-moment, so a caller interrupted mid-stream (Ctrl-C) can still report them.
+moment, so a caller interrupted mid-stream (Ctrl-C) can still report them. Its clock stops while
+chat waits for the user's next line, so the first-token time and tok/s measure the model, not
+the typing.
+
+Errors: inputs a user can get wrong (a prompt that does not fit, steps < 0, text that is not
+Unicode, a tokenizer of another model) raise GenerationError, a `Llama2nbError`; a chat whose
+first turn does not fit is such an error too, as a generate prompt is. A later turn that does
+not fit, or a reply that uses up the positions, ends the chat with a NoticeEvent naming the limit
+(steps, i.e. -n, or the model's seq_len).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import Callable, Iterable, Iterator, Protocol, Union
 
 import numpy as np
 
+from .errors import Llama2nbError
 from .sampler import Sampler
 from .tokenizer import BOS_ID, EOS_ID, Tokenizer
 
@@ -31,7 +40,7 @@ SYSTEM_TEMPLATE = "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]"
 USER_TEMPLATE = "[INST] {user} [/INST]"
 
 
-class GenerationError(ValueError):
+class GenerationError(Llama2nbError, ValueError):
     """Inputs generation cannot run with (e.g. a prompt longer than the context); one line."""
 
 
@@ -79,7 +88,7 @@ class Stats:
     elapsed_seconds: float = 0.0  # from the start to the last token
     timed_seconds: float = 0.0  # from the first sampled token to the last (run.c's timer)
     timed_positions: int = 0  # positions run after it (run.c's pos - 1 when there is no prompt)
-    stop_reason: str = "running"  # steps | bos | eof | context | interrupted
+    stop_reason: str = "running"  # steps | bos | eof | context | interrupted | closed
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -117,9 +126,10 @@ class Generation:
         self._start: float | None = None
         self._timer: float | None = None  # set when the first token enters the text
         self._timer_pos = 0
+        self._paused = 0.0  # seconds spent waiting for the user, left out of every figure
 
     def __iter__(self) -> Iterator[Event]:
-        self._start = time.perf_counter()
+        self._start = self._clock()
         try:
             yield from self._body(self)
         except KeyboardInterrupt:
@@ -132,11 +142,22 @@ class Generation:
 
     # bookkeeping shared by both loops -------------------------------------------------------
 
+    def _clock(self) -> float:
+        return time.perf_counter() - self._paused
+
+    def _untimed(self, wait: Callable[[], str | None]) -> str | None:
+        """Call `wait` (the user typing) with the clock stopped."""
+        started = time.perf_counter()
+        try:
+            return wait()
+        finally:
+            self._paused += time.perf_counter() - started
+
     def _emitted(self, sampled: bool, pos: int) -> None:
         """A token entered the text with `pos` positions run: the timer starts at the first
         sampled token (run.c's first printed token when there is no prompt) and counts the
         positions run since."""
-        now = time.perf_counter()
+        now = self._clock()
         s = self.stats
         s.elapsed_seconds = now - self._start
         if not sampled:
@@ -153,7 +174,7 @@ class Generation:
     def _finish(self, positions: int) -> None:
         """The final figures, over the time since the first sampled token, up to the end of the
         last forward pass (e.g. the one that sampled BOS, as run.c counts it)."""
-        now = time.perf_counter()
+        now = self._clock()
         self.stats.elapsed_seconds = now - self._start
         if self._timer is not None:
             self.stats.timed_positions = positions - self._timer_pos
@@ -167,7 +188,7 @@ def generate(model: Model, tokenizer: Tokenizer, sampler: Sampler, prompt: str =
     included, as run.c prints them), NoticeEvents, and a DoneEvent with the Stats last."""
     seq_len = model.config.seq_len
     steps, notice = resolve_steps(steps, seq_len)
-    prompt_tokens = tokenizer.encode(prompt, bos=True, eos=False)
+    prompt_tokens = tokenizer.encode(_check_text(prompt, "prompt"), bos=True, eos=False)
     if len(prompt_tokens) > seq_len:
         raise GenerationError(f"prompt: expected at most {seq_len} tokens (the model's seq_len), found "
                               f"{len(prompt_tokens)} tokens")
@@ -227,41 +248,57 @@ def chat(model: Model, tokenizer: Tokenizer, sampler: Sampler, read_user: Callab
     position, prompt positions too, discarding those; here a turn runs as one prefill and the
     discarded samples' coins are drawn unused, so seeds still choose what run.c chooses.
 
-    Unlike run.c, the system prompt comes only from `system` (run.c asks for it on stdin first),
-    and a turn that does not fit in the remaining positions ends the chat with a notice."""
+    Unlike run.c, the system prompt comes only from `system` (run.c asks for it on stdin first).
+    A first turn that does not fit in `steps` is a GenerationError (raised here when `prompt`
+    gives it, else while iterating); a later one, or a reply that uses up the positions, ends
+    the chat with a notice naming the limit."""
     seq_len = model.config.seq_len
     steps, notice = resolve_steps(steps, seq_len)
     _check_vocab(model, tokenizer)
     if not callable(read_user):
         lines = iter(read_user)
         read_user = lambda: next(lines, None)  # noqa: E731 - an iterator as the callable form
+    # which limit ends the chat: steps (-n) below the model's context, else the context itself
+    reason, hint = ("steps", " (raise -n)") if steps < seq_len else ("context", "")
+    limit = f"the -n limit of {steps} positions" if reason == "steps" else f"the model's context of {seq_len} positions"
+
+    _check_text(system, "system prompt")
+
+    def encode_turn(user: str, first: bool) -> list[int]:
+        template = SYSTEM_TEMPLATE if first and system else USER_TEMPLATE
+        user = _check_text(user, "first turn" if first else "turn")
+        turn = tokenizer.encode(template.format(system=system, user=user), bos=True, eos=False)
+        if first and len(turn) >= steps:
+            raise GenerationError(f"first turn: expected at most {steps - 1} tokens with the chat template ({limit}, "
+                                  f"one position left for the reply), found {len(turn)} tokens")
+        return turn
+
+    first_turn = encode_turn(prompt, True) if prompt is not None else None
 
     def body(run: Generation) -> Iterator[Event]:
         if notice:
             yield NoticeEvent(notice)
         stats = run.stats
         pos = 0
-        first = True
         pending = prompt
         nxt = EOS_ID
-        while pos < steps:
+        while True:
+            if pos >= steps:  # a reply took the last positions: no room for another turn
+                stats.stop_reason = reason
+                yield NoticeEvent(f"{limit} is used up: the chat ends here and later turns are not read{hint}")
+                break
             # the user's turn
-            user = pending if pending is not None else read_user()
+            user = pending if pending is not None else run._untimed(read_user)
             pending = None
             if user is None:
                 stats.stop_reason = "eof"
                 break
             yield TurnEvent("user", user)
-            if first and system:
-                rendered = SYSTEM_TEMPLATE.format(system=system, user=user)
-            else:
-                rendered = USER_TEMPLATE.format(user=user)
-            first = False
-            turn = tokenizer.encode(rendered, bos=True, eos=False)
+            turn = first_turn if first_turn is not None and pos == 0 else encode_turn(user, pos == 0)
             if pos + len(turn) >= steps:
-                stats.stop_reason = "context"
+                stats.stop_reason = reason
                 yield NoticeEvent(f"the conversation is full: this turn needs {len(turn)} positions and "
-                                  f"{steps - pos} of {steps} remain")
+                                  f"{steps - pos} of {limit} remain{hint}")
                 break
             stats.prompt_tokens += len(turn)
             yield TurnEvent("assistant")
@@ -296,8 +333,6 @@ def chat(model: Model, tokenizer: Tokenizer, sampler: Sampler, read_user: Callab
                 sampler.skip(1)
                 pos += 1
                 stats.positions = pos
-        else:
-            stats.stop_reason = "steps"
         run._finish(pos)
 
     return Generation(body, steps)
@@ -312,6 +347,17 @@ def _prefill(model: Model, tokens: list[int], pos: int) -> np.ndarray:
     for i, token in enumerate(tokens):
         logits = model.forward(token, pos + i)
     return logits
+
+
+def _check_text(text: str, field: str) -> str:
+    """A user's text, if it is Unicode: a lone surrogate that no undecodable input byte explains
+    is the user's error, named by `field` (surrogate escapes encode as their bytes)."""
+    try:
+        text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as e:
+        raise GenerationError(f"{field}: expected text, found a lone surrogate {text[e.start]!r} at character "
+                              f"{e.start}") from None
+    return text
 
 
 def _check_vocab(model: Model, tokenizer: Tokenizer) -> None:

@@ -5,17 +5,26 @@ run.c, per token: argmax at temperature 0; otherwise logits /= temperature, soft
 from xorshift64*, then multinomial sampling (top-p <= 0 or >= 1) or top-p sampling, whose
 candidates are the probabilities >= (1 - topp) / (n - 1), sorted descending by qsort. All of it
 is float32 with sequential sums and glibc's expf, reproduced here by small @njit loops (NumPy's
-`sum` adds pairwise, its `cumsum` is 4x slower than a compiled loop, and its SIMD `exp` is not
-expf to the last bit). Tie order: glibc's qsort is a
-merge sort, so equal probabilities keep ascending token order; the stable radix sort here does
-the same, in O(n) (a comparison sort of a flat 32,000-token distribution costs ~1-3 ms, as much
-as a forward pass). (Other C libraries'
+`sum` adds pairwise, its `cumsum` is slower than a compiled loop, and its SIMD `exp` is not
+expf to the last bit). Tie order: glibc's qsort is a merge sort, so equal probabilities keep
+ascending token order; the stable radix sort here does the same, in O(n) (a comparison sort of
+a flat 32,000-token distribution costs about as much as a forward pass). (Other C libraries'
 quicksorts may order ties differently, and another libm's expf may differ in the last bit;
 either changes a choice only when a coin lands on such a boundary.)
+
+Temperatures at float32's edges: a temperature must be a finite float32 (at most
+3.4028235e38; beyond that float32 would make it infinite). A temperature (or a repetition penalty below 1) so
+small that some logit divided by it overflows float32 (e.g. 1e-38 with any logit above 3.4) samples as greedy,
+as temperature 0 does: that is softmax's limit as the temperature goes to 0, and no coin is
+drawn for such a token. (A temperature that rounds to 0 in float32 is greedy from the start.)
 
 Extras, all off by default so that run.c's choices are unchanged: repetition penalty (CTRL's:
 a seen token's logit is divided by the penalty when positive, multiplied when negative), top-k
 and min-p (drop tokens below min_p times the top probability; the survivors are renormalised).
+
+Errors: settings out of range raise `errors.UsageError`; non-finite logits (a model with broken
+weights) raise `LogitsError`; both are user errors (`Llama2nbError`, and ValueError). A logits
+array of the wrong shape is a caller's bug: plain ValueError.
 """
 
 from __future__ import annotations
@@ -26,8 +35,24 @@ import time
 import numba
 import numpy as np
 
+from .errors import Llama2nbError, UsageError
+from .numba_cache import cache_enabled
+
 _MASK64 = (1 << 64) - 1
 _XORSHIFT_MULT = 0x2545F4914F6CDD1D
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+_CACHE = cache_enabled(__file__)
+
+
+class LogitsError(Llama2nbError, ValueError):
+    """Logits that cannot be sampled (nan or inf): the model's weights are broken."""
+
+
+def _float32_setting(name: str, value: float, rule: str, ok) -> np.float32:
+    """`value` as the float32 the arithmetic uses, if it is finite there and `ok` holds."""
+    if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX and ok(value)):
+        raise UsageError(f"{name}: expected {rule}, found {value}")
+    return np.float32(value)
 
 
 class XorShift64Star:
@@ -58,23 +83,18 @@ class Sampler:
     def __init__(self, vocab_size: int, temperature: float = 1.0, topp: float = 0.9, seed: int | None = None,
                  top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0) -> None:
         if vocab_size < 1:
-            raise ValueError(f"vocab_size: expected >= 1, found {vocab_size}")
-        if not (math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"temperature: expected a finite number >= 0, found {temperature}")
-        if not (math.isfinite(topp) and 0 <= topp <= 1):
-            raise ValueError(f"topp: expected a number in [0, 1], found {topp}")
+            raise UsageError(f"vocab_size: expected >= 1, found {vocab_size}")
         if top_k < 0:
-            raise ValueError(f"top_k: expected >= 0 (0 = off), found {top_k}")
-        if not (math.isfinite(min_p) and 0 <= min_p <= 1):
-            raise ValueError(f"min_p: expected a number in [0, 1] (0 = off), found {min_p}")
-        if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty: expected a finite number > 0 (1 = off), found {repetition_penalty}")
+            raise UsageError(f"top_k: expected >= 0 (0 = off), found {top_k}")
         self.vocab_size = vocab_size
-        self.temperature = np.float32(temperature)
-        self.topp = np.float32(topp)
+        self.temperature = _float32_setting("temperature", temperature, "a number from 0 to float32's largest "
+                                            f"({FLOAT32_MAX:.8g})", lambda t: t >= 0)
+        self.topp = _float32_setting("topp", topp, "a number in [0, 1]", lambda p: 0 <= p <= 1)
         self.top_k = int(top_k)
-        self.min_p = np.float32(min_p)
-        self.repetition_penalty = np.float32(repetition_penalty)
+        self.min_p = _float32_setting("min_p", min_p, "a number in [0, 1] (0 = off)", lambda p: 0 <= p <= 1)
+        self.repetition_penalty = _float32_setting(
+            "repetition_penalty", repetition_penalty, f"a number > 0 and at most float32's largest ({FLOAT32_MAX:.8g}) "
+            "(1 = off)", lambda r: np.float32(r) > 0)
         # run.c treats seed 0 as "use the time" (xorshift's state 0 would only ever give 0)
         self.seed = time_seed() if not seed else int(seed) & _MASK64
         self.rng = XorShift64Star(self.seed)
@@ -97,15 +117,12 @@ class Sampler:
         probs = np.full(4, 0.25, np.float32)
         _softmax(probs.copy())
         _sequential_sum(probs)
+        _divide(probs.copy(), np.float32(0.5))
         _first_past(probs, np.float32(0.5))
         buf = np.empty(4, np.int64)
         _sample_topp(probs, probs.view(np.uint32), np.float32(0), np.float32(0.9), np.float32(0.5), buf,
                      buf.copy(), buf.copy(), buf.copy(), np.empty(256, np.int64))
         return time.perf_counter() - started
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
     def skip(self, n: int) -> None:
         """Advance the RNG as `n` discarded samples would (each draws one coin, unless greedy)."""
@@ -131,44 +148,56 @@ class Sampler:
         if self.temperature == 0:
             return int(np.argmax(x))  # the first maximum, as run.c's argmax
         if self.temperature != 1:
-            np.divide(x, self.temperature, out=x)
+            _divide(x, self.temperature)  # compiled: an overflow is handled below, not warned about
         if self.top_k and self.top_k < self.vocab_size:
             self._keep_top_k(x)
-        self._softmax(x)
+        total = _softmax(x)
+        if not (math.isfinite(total) and total > 0):
+            return self._overflowed(logits)
         if self.min_p > 0:
             self._apply_min_p(x)
         coin = self.rng.random_f32()
         if self.topp <= 0 or self.topp >= 1:
-            return self._sample_mult(x, coin)
-        return self._sample_topp(x, coin)
+            return self._pick_multinomial(x, coin)
+        return self._pick_topp(x, coin)
 
     # ------------------------------------------------------------------------------------------
 
     def _penalise(self, x: np.ndarray) -> None:
         seen = self._seen
         pen = self.repetition_penalty
-        x[seen & (x > 0)] /= pen
-        x[seen & (x <= 0)] *= pen
+        with np.errstate(over="ignore"):  # a penalty far below 1 can overflow: see _overflowed
+            x[seen & (x > 0)] /= pen
+            x[seen & (x <= 0)] *= pen
 
     def _keep_top_k(self, x: np.ndarray) -> None:
         """Keep the k largest logits (ties at the boundary: the lower ids) and drop the rest.
-        A partition finds the k-th value in O(n); a full sort of 32,000 logits costs ~1 ms."""
+        A partition finds the k-th value in O(n), cheaper than a full sort."""
         k, n = self.top_k, self.vocab_size
         kth = np.partition(x, n - k)[n - k]
         keep = x > kth
         keep[np.flatnonzero(x == kth)[: k - int(np.count_nonzero(keep))]] = True
         x[~keep] = -np.inf
 
-    def _softmax(self, x: np.ndarray) -> None:
-        total = _softmax(x)
-        if not (math.isfinite(total) and total > 0):
-            raise ValueError(f"logits: expected finite values, found a softmax sum of {total}")
+    def _overflowed(self, logits: np.ndarray) -> int:
+        """The softmax's sum was not finite. With finite logits only the scaling can have done
+        it (a logit divided by a tiny temperature or penalty passed float32's largest value):
+        the greedy choice then, softmax's limit, with no coin drawn, as at temperature 0."""
+        bad = np.count_nonzero(~np.isfinite(logits))
+        if bad:
+            raise LogitsError(f"logits: expected finite values, found {bad} nan or inf of {logits.size} (the "
+                              "model's weights are broken)")
+        x = self._probs
+        x[:] = logits
+        if self.repetition_penalty != 1:
+            self._penalise(x)
+        return int(np.argmax(x))
 
     def _apply_min_p(self, x: np.ndarray) -> None:
         x[x < self.min_p * x.max()] = 0
         np.divide(x, _sequential_sum(x), out=x)
 
-    def _sample_mult(self, probs: np.ndarray, coin: np.float32) -> int:
+    def _pick_multinomial(self, probs: np.ndarray, coin: np.float32) -> int:
         """The first index whose float32 running sum exceeds the coin."""
         i = _first_past(probs, coin)
         if i >= 0:
@@ -178,7 +207,7 @@ class Sampler:
         nonzero = np.flatnonzero(probs)
         return int(nonzero[-1]) if len(nonzero) else self.vocab_size - 1
 
-    def _sample_topp(self, probs: np.ndarray, coin: np.float32) -> int:
+    def _pick_topp(self, probs: np.ndarray, coin: np.float32) -> int:
         """run.c's sample_topp: candidates >= (1 - topp) / (n - 1) (no token below it can be
         needed to pass topp), sorted descending, cut after the running sum passes topp, then
         a coin scaled by that sum picks within the cut."""
@@ -191,11 +220,11 @@ class Sampler:
 # Compiled loops (IEEE float32, no fastmath: the order of additions is part of the result)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=_CACHE)
 def _softmax(x):
     """run.c's softmax, in place: max, expf(x - max), in-order float32 sum, divide. math.exp
     on a float32 is glibc's expf here, as in run.c; NumPy's vectorised float32 exp differs from
-    it in the last bit for ~40% of inputs, which flipped ~1 choice in 1,000 against run.c."""
+    it in the last bit for many inputs, which flipped choices against run.c."""
     n = x.shape[0]
     m = x[0]
     for i in range(1, n):
@@ -211,7 +240,14 @@ def _softmax(x):
     return total
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=_CACHE)
+def _divide(x, t):
+    """x /= t in place, as run.c's loop (IEEE float32 division; overflow gives inf, silently)."""
+    for i in range(x.shape[0]):
+        x[i] /= t
+
+
+@numba.njit(cache=_CACHE)
 def _sequential_sum(x):
     total = np.float32(0)
     for i in range(x.shape[0]):
@@ -219,7 +255,7 @@ def _sequential_sum(x):
     return total
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=_CACHE)
 def _first_past(probs, coin):
     """run.c's sample_mult: the first i with coin < probs[0] + ... + probs[i], or -1."""
     cdf = np.float32(0)
@@ -230,7 +266,7 @@ def _first_past(probs, coin):
     return -1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=_CACHE)
 def _sample_topp(probs, bits, cutoff, topp, coin, idx, keys, idx2, keys2, counts):
     n0 = 0
     for i in range(probs.shape[0]):

@@ -243,6 +243,90 @@ def test_chat_stops_when_the_context_is_full(tok):
     assert done.stats.positions <= 40
 
 
+def test_chat_full_names_the_limit(tok):
+    model = ScriptedModel(tok.vocab_size, 40, lambda pos: EOS_ID)
+    events, done = run(chat(model, tok, greedy(tok), iter(["hello there"] * 10), steps=30))
+    notices = [e.message for e in events if isinstance(e, NoticeEvent)]
+    assert done.stats.stop_reason == "steps"
+    assert len(notices) == 1 and "the -n limit of 30 positions" in notices[0] and "raise -n" in notices[0]
+    events, _ = run(chat(model, tok, greedy(tok), iter(["hello there"] * 10), steps=0))
+    notices = [e.message for e in events if isinstance(e, NoticeEvent)]
+    assert len(notices) == 1 and "the model's context of 40 positions" in notices[0] and "-n" not in notices[0]
+
+
+def test_chat_says_when_a_reply_uses_up_the_steps(tok):
+    model = ScriptedModel(tok.vocab_size, 64, lambda pos: piece(tok, " cat"))  # never says EOS
+    asked = []
+
+    def read_user():
+        asked.append(1)
+        return ["Hi", "Tell me a story", "Bye"][len(asked) - 1]
+
+    events, done = run(chat(model, tok, greedy(tok), read_user, steps=20))
+    notices = [e.message for e in events if isinstance(e, NoticeEvent)]
+    assert len(asked) == 1 and done.stats.positions == 20 and done.stats.stop_reason == "steps"
+    assert notices == ["the -n limit of 20 positions is used up: the chat ends here and later turns are not read "
+                       "(raise -n)"]
+
+
+def test_chat_first_turn_that_does_not_fit_is_an_error(tok):
+    model = ScriptedModel(tok.vocab_size, 64, lambda pos: EOS_ID)
+    words = " ".join(["cat"] * 30)
+    with pytest.raises(GenerationError, match=r"first turn: expected at most 19 tokens .*-n limit of 20 positions.*"
+                                              r"found \d+ tokens"):
+        chat(model, tok, greedy(tok), [], prompt=words, steps=20)  # before any model work
+    with pytest.raises(GenerationError, match="first turn: expected at most 63 tokens .*model's context of 64"):
+        list(chat(model, tok, greedy(tok), [words * 3]))
+    assert model.fed == []
+
+
+def test_chat_clock_stops_while_the_user_types(tok, monkeypatch):
+    import importlib
+    import types
+
+    now = [1000.0]  # a fake clock: each forward takes 0.5 s, each line typed 100 s
+    monkeypatch.setattr(importlib.import_module("llama2nb.generate"), "time",
+                        types.SimpleNamespace(perf_counter=lambda: now[0]))
+    slow_user = iter(["hi", "more"])
+
+    def read_user():
+        now[0] += 100.0
+        return next(slow_user, None)
+
+    class Ticking(ScriptedModel):
+        def forward(self, token, pos):
+            now[0] += 0.5
+            return super().forward(token, pos)
+
+    model = Ticking(tok.vocab_size, 200, lambda pos: EOS_ID if pos % 12 == 0 else piece(tok, " cat"))
+    _, done = run(chat(model, tok, greedy(tok), read_user))
+    s = done.stats
+    assert s.sampled_tokens >= 2 and done.stats.stop_reason == "eof"
+    assert s.first_token_seconds == 0.5 * len(tok.encode(USER_TEMPLATE.format(user="hi")))  # the prefill only
+    assert s.elapsed_seconds == 0.5 * len(model.fed)  # forwards only, no typing
+    assert 0 < s.timed_seconds < s.elapsed_seconds
+
+
+@pytest.mark.parametrize("where", ["prompt", "chat prompt", "chat line", "system"])
+def test_text_that_is_not_unicode_is_a_user_error(tok, where):
+    model = ScriptedModel(tok.vocab_size, 64)
+    bad = "lone \ud800"
+    field = {"prompt": "prompt", "system": "system prompt"}.get(where, "first turn")
+    with pytest.raises(GenerationError, match=rf"^{field}: expected text, found a lone surrogate '\\ud800' at "
+                                              r"character 5$"):
+        if where == "prompt":
+            generate(model, tok, greedy(tok), bad)
+        elif where == "chat prompt":
+            chat(model, tok, greedy(tok), [], prompt=bad)
+        elif where == "system":
+            chat(model, tok, greedy(tok), [], system=bad)
+        else:
+            list(chat(model, tok, greedy(tok), [bad]))
+    # undecodable input bytes (surrogate escapes) are not refused: they encode as their bytes
+    events, _ = run(generate(model, tok, greedy(tok), "caf\udcc3\udca9", steps=8))
+    assert "".join(e.text for e in events if e.prompt) == "café"
+
+
 def test_chat_samples_at_every_position_like_runc(tok):
     """run.c's chat calls sample() after every forward, prompt positions included: the RNG
     advances once per position, which is what makes seeds reproduce run.c's chats."""

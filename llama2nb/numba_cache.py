@@ -1,0 +1,91 @@
+"""Where Numba caches llama2nb's compiled kernels, decided once per process before any `cache=True`.
+
+Contract: `cache_enabled(source_file)` returns whether `numba.njit(cache=True)` works for functions
+defined in `source_file` (a path; default: this package's folder), and is the value to pass as
+`cache=`. Numba decides at decoration time, so a module decorating at import (sampler.py) or a
+compiler of kernel families (jit.py) asks this before `njit`.
+
+Why: Numba caches beside the source (`__pycache__`) or in the user's cache folder (~/.cache); when
+neither can be written (a system-wide install read by another user, HOME read-only or absent),
+`njit(cache=True)` raises "cannot cache function ...: no locator available" and every command,
+even `--help`, dies at import. Here, in that case, the cache moves to a private per-user folder
+in the temp directory (NUMBA_CACHE_DIR, also set in the environment so child processes and
+Numba's config reloads agree); if that cannot be used either, kernels compile without an on-disk
+cache (each run compiles again). Either way one `note:` line on stderr says so, once per process.
+
+The check is Numba's own: decorating a probe function whose code claims to live in
+`source_file`, so NUMBA_CACHE_DIR, NUMBA_CACHE_LOCATOR_CLASSES and the locators' order count
+exactly as they will for the real kernels. The answer is computed once per file.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import stat
+import sys
+import tempfile
+from pathlib import Path
+
+import numba
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+_PROBE = "def _llama2nb_cache_probe():\n    pass\n"
+_noted = False
+
+
+@functools.lru_cache(maxsize=None)
+def cache_enabled(source_file: str | os.PathLike = PACKAGE_DIR / "__init__.py") -> bool:
+    """True if `numba.njit(cache=True)` works for functions of `source_file`, after moving the
+    cache to a per-user temp folder when needed; False: compile with cache=False."""
+    path = os.path.abspath(source_file)
+    if _numba_can_cache(path):
+        return True
+    folder = _private_temp_folder()
+    if folder is not None:
+        before = os.environ.get("NUMBA_CACHE_DIR"), numba.config.CACHE_DIR
+        os.environ["NUMBA_CACHE_DIR"] = numba.config.CACHE_DIR = str(folder)
+        if _numba_can_cache(path):
+            _note_once(f"Numba cannot cache beside {Path(path).parent} nor in the user cache folder: caching "
+                       f"compiled kernels in {folder}")
+            return True
+        if before[0] is None:
+            del os.environ["NUMBA_CACHE_DIR"]
+        else:
+            os.environ["NUMBA_CACHE_DIR"] = before[0]
+        numba.config.CACHE_DIR = before[1]
+    _note_once(f"no writable folder for Numba's cache (beside {Path(path).parent}, the user cache folder, "
+               f"{tempfile.gettempdir()}): compiling kernels anew every run")
+    return False
+
+
+def _numba_can_cache(path: str) -> bool:
+    namespace: dict = {}
+    exec(compile(_PROBE, path, "exec"), namespace)  # a function whose source file is `path`
+    try:
+        numba.njit(cache=True)(namespace["_llama2nb_cache_probe"])
+    except RuntimeError:  # "cannot cache function ...: no locator available for file ..."
+        return False
+    return True
+
+
+def _private_temp_folder() -> Path | None:
+    """<tempdir>/llama2nb-numba-<uid>, created 0700; None unless it is a real folder of this
+    user's that nobody else can write (others could plant compiled code in a shared one)."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    folder = Path(tempfile.gettempdir()) / f"llama2nb-numba-{uid if uid is not None else 'user'}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = os.lstat(folder)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(info.st_mode) or (uid is not None and info.st_uid != uid) or info.st_mode & 0o022:
+        return None
+    return folder
+
+
+def _note_once(message: str) -> None:
+    global _noted
+    if not _noted:
+        _noted = True
+        print(f"note: {message}", file=sys.stderr)
