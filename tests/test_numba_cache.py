@@ -68,6 +68,7 @@ def test_cache_moves_to_a_private_temp_folder(unwritable):
     assert sampled.returncode == 0, sampled.stderr
     assert len(notes(sampled.stderr)) == 1 and "6 positions" in sampled.stderr
     assert list(folder.rglob("sampler._softmax-*.nbi")) and list(folder.rglob("*.nbc"))  # kernels cached there
+    assert list(folder.rglob("forward.attention_input__*.nbi"))  # the engine's families too
 
 
 def test_no_folder_at_all_compiles_without_a_cache(unwritable):
@@ -85,6 +86,8 @@ def test_no_folder_at_all_compiles_without_a_cache(unwritable):
         sampled = run(env, code=code)
         assert sampled.returncode == 0 and sampled.stdout.split() == ["False", "3"], sampled.stderr
         assert len(notes(sampled.stderr)) == 1
+        story = run(env, "sample", str(unwritable["model"]), "-n", "6", "-s", "1")  # the engine, uncached
+        assert story.returncode == 0 and len(notes(story.stderr)) == 1, story.stderr
     finally:
         folder.unlink()
 

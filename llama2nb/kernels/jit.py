@@ -12,9 +12,10 @@ stamp)` runs the matmul of w's weight format. Compiled, that choice is made whil
 the caller (an `overload`), so the layer code is written once and specialised per format with no
 branch at run time; from Python, and under NUMBA_DISABLE_JIT, it is made per call.
 
-Every variant is cached on disk (`cache=True`) under its own name, and that name carries a hash
-of the sources of every kernel file, because Numba's cache checks only the file of the function
-itself: an edit to a callee would otherwise leave a stale compiled caller in place.
+Every variant is cached on disk (`cache=True`, where numba_cache finds a writable folder) under
+its own name, and that name carries a hash of the sources of every kernel file, because Numba's
+cache checks only the file of the function itself: an edit to a callee would otherwise leave a
+stale compiled caller in place.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import Any, Callable
 
 import numba
 from numba.extending import overload
+
+from ..numba_cache import cache_enabled
 
 # off: IEEE semantics, as gcc -O3. reassoc: reassociate and contract into FMAs, which is what lets
 # LLVM vectorise a dot product's reduction (gcc's -funsafe-math-optimizations, near enough).
@@ -129,7 +132,7 @@ def compile_family(fastmath: str, constants: dict[str, Any], parallel: bool = Fa
         clone.__module__ = fn.__module__
         # only the functions with a prange loop are compiled parallel (the others would only warn)
         threaded = parallel and "prange" in fn.__code__.co_names
-        compiled[name] = numba.njit(cache=True, fastmath=set(flags) if isinstance(flags, frozenset) else flags,
+        compiled[name] = numba.njit(cache=cache_enabled(inspect.getsourcefile(fn)), fastmath=set(flags) if isinstance(flags, frozenset) else flags,
                                     error_model="numpy", parallel=threaded)(clone)
     for name, g in GENERICS.items():
         compiled[name] = _family_generic(g, compiled)
