@@ -117,7 +117,7 @@ class RunState:
     cos: np.ndarray  # (seq_len, head_size // 2) RoPE tables
     sin: np.ndarray  # (seq_len, head_size // 2)
     tick: np.ndarray  # (1,) int64: the last input stamp handed out (formats.new_input)
-    scratch: dict[Format, Any]  # each weight format's activation buffers (Format.scratch)
+    scratch: dict[Any, Any]  # activation buffers by Format.scratch_key (Format.scratch)
 
     @classmethod
     def allocate(cls, c: ModelConfig, weight_formats: set[Format], source: str = "model") -> "RunState":
@@ -134,7 +134,7 @@ class RunState:
             key_cache=np.zeros((c.n_layers, c.seq_len, c.kv_dim), f32),
             value_cache=np.zeros((c.n_layers, c.seq_len, c.kv_dim), f32),
             cos=cos, sin=sin, tick=np.zeros(1, np.int64),
-            scratch={fmt: fmt.scratch(block, width) for fmt in weight_formats},
+            scratch={fmt.scratch_key(): fmt.scratch(block, width) for fmt in weight_formats},
         )
 
 
@@ -185,7 +185,7 @@ class Transformer:
 
     def _operand(self, matrix: Any) -> Any:
         fmt = format_of(matrix)
-        return fmt.operand(matrix, self.state.scratch[fmt])
+        return fmt.operand(matrix, self.state.scratch[fmt.scratch_key()])
 
     def _bind_weights(self) -> None:
         """Each layer's arguments gathered once (matrices as their formats' operands), so the

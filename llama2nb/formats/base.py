@@ -69,6 +69,12 @@ class Format:
     def scratch(self, block: int, width: int) -> Any:
         return None
 
+    def scratch_key(self) -> Any:
+        """Formats whose activations are encoded alike (say, every format that quantizes x to
+        int8 per 32 values) return the same key and share one scratch: x is then quantized once
+        for all of them. The default: a scratch of its own."""
+        return self
+
     def operand(self, matrix: Any, scratch: Any) -> Any:
         raise NotImplementedError
 
