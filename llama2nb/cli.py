@@ -236,6 +236,8 @@ def sample(checkpoint: str | None, tokenizer_path: str | None, temperature: floa
                 view.notice(f"--threads {threads} is more than the {_count(cores, 'core')} this process may use: "
                             f"far slower than --threads {cores}")
             model, view.compile_seconds = view.load(ckpt, fastmath, threads, in_memory)
+            for note in model.notes:
+                view.notice(note)
             run = starter(model)
             view.stream(run, chat_mode=mode == "chat")
             view.summary(run)

@@ -66,6 +66,12 @@ def classifier(logits, x, tick, eps, rms_final, wcls):
     linear(logits, x, wcls, new_input(tick))
 
 
+# Splitting a matmul's rows across threads pays only where each matrix is big enough that
+# starting and joining the threads (OpenMP's, which spin while they wait) costs little beside
+# it, and a busy second core makes every join wait: small models run on one thread whatever is
+# asked (benchmarks/performance.md). The bound is on the weights one token reads.
+MIN_PARALLEL_BYTES = 32 << 20
+
 # Tokens per prefill block. Each weight row is read once per block and each cached key/value
 # row is shared by the block's queries, so bigger is faster while the block's activations
 # (block x hidden_dim floats) stay in L2 (benchmarks/performance.md).
@@ -163,11 +169,16 @@ class Transformer:
         self.fastmath = fastmath_name(fastmath)
         if threads < 1:
             raise ValueError(f"threads: expected 1 or more, found {threads}")
-        self.threads = min(threads, numba.config.NUMBA_NUM_THREADS)
         c, w = self.config, self.weights
-        self.matrices = [w.token_embedding_table, w.wcls, *(m for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-                                                            for m in getattr(w, name))]
-        self.weight_formats = {format_of(m) for m in self.matrices}
+        layers = [m for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3") for m in getattr(w, name)]
+        self.weight_formats = {format_of(m) for m in (w.token_embedding_table, w.wcls, *layers)}
+        self.bytes_per_token = sum(format_of(m).nbytes(m.shape) for m in (w.wcls, *layers))
+        self.notes: list[str] = []  # what a user should know about how the model runs
+        self.threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+        if self.threads > 1 and self.bytes_per_token < MIN_PARALLEL_BYTES:
+            self.notes.append(f"threads: this model reads {self.bytes_per_token / 2**20:.1f} MiB a token, too little "
+                              f"to split across threads (under {MIN_PARALLEL_BYTES >> 20} MiB): running on one")
+            self.threads = 1
         self.state = RunState.allocate(c, self.weight_formats, str(checkpoint.path))
         self.kernels = compiled(self.fastmath, frozenset(self.weight_formats), parallel=self.threads > 1)
         self.eps = np.float32(c.norm_eps)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 
@@ -218,14 +219,30 @@ if __name__ == "__main__":  # the table for the closing note: python -m tests.te
 
 
 @pytest.mark.parametrize("name", ["v1-unshared-gqa", "v2-shared"])
-def test_threads_give_the_single_thread_logits(tiny_models, name):
+def test_threads_give_the_single_thread_logits(tiny_models, name, monkeypatch):
     """--threads splits matmul rows across threads. Each row is still one sum, but the parallel
     loop body is compiled apart and may vectorise it in another order: last-bit differences."""
+    monkeypatch.setattr(forward_module, "MIN_PARALLEL_BYTES", 0)  # split even these tiny matrices
     single = Transformer.load(tiny_models[name], fastmath="full")
     threaded = Transformer.load(tiny_models[name], fastmath="full", threads=2)
+    assert threaded.threads == 2 and numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
     for pos, token in enumerate([1, 5, 9, 33, 2, 60] * 12):
         np.testing.assert_allclose(single.forward(token, pos), threaded.forward(token, pos), atol=1e-5)
     np.testing.assert_allclose(single.prefill(list(range(40))), threaded.prefill(list(range(40))), atol=1e-5)
+
+
+def test_small_models_stay_on_one_thread_and_say_so(tiny_models):
+    model = Transformer.load(tiny_models["v0-gqa"], threads=2)
+    assert model.threads == 1 and model.kernels is Transformer.load(tiny_models["v0-gqa"]).kernels
+    assert len(model.notes) == 1 and "one" in model.notes[0] and "MiB a token" in model.notes[0]
+
+
+def test_threads_change_nothing_process_wide(tiny_models, monkeypatch):
+    monkeypatch.setattr(forward_module, "MIN_PARALLEL_BYTES", 0)
+    before = numba.get_num_threads()
+    model = Transformer.load(tiny_models["v0-gqa"], threads=2)
+    model.forward(1, 0)
+    assert numba.get_num_threads() == before
 
 
 @pytest.mark.parametrize("name", ["v0-unshared", "v2-unshared-gqa"])
