@@ -18,3 +18,15 @@ class CheckpointError(Llama2nbError, ValueError):
 
 class TokenizerError(Llama2nbError, ValueError):
     """A tokenizer file that cannot be used."""
+
+
+class DataError(Llama2nbError, ValueError):
+    """Training data that cannot be used: a text file, TinyStories shards, pretokenized shards."""
+
+
+class TrainingError(Llama2nbError, ValueError):
+    """Training settings or a run's state (ckpt.pt for --resume) that cannot be used."""
+
+
+class HubError(Llama2nbError):
+    """A file the Hugging Face hub could not give: the hub unreachable, or the file not there."""

@@ -23,6 +23,7 @@ from llama2nb.config import ModelConfig
 from tests.conftest import LLAMA2_BIN, LLAMA2_MODEL, STORIES260K, requires
 
 REPO = Path(__file__).resolve().parent.parent
+CLI = "from llama2nb.cli import main; main(prog_name='llama2nb')"  # the `llama2nb` console script
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -112,7 +113,7 @@ def env_for(tmp_path: Path, endpoint: str | None) -> dict:
 
 
 def cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llama2nb.training", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", CLI, *args], capture_output=True, text=True,
                           env=env, timeout=120)
 
 
@@ -178,9 +179,11 @@ def test_download_model_with_patched_client(tmp_path, monkeypatch):
         return str(path)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda url, timeout: seen.append(("HEAD", url)))
     ckpt, tok = hub.download_model("stories260K")
-    assert seen == [("karpathy/tinyllamas", "stories260K/stories260K.bin"),
-                    ("karpathy/tinyllamas", "stories260K/tok512.bin")]
+    assert [s for s in seen if s[0] != "HEAD"] == [("karpathy/tinyllamas", "stories260K/stories260K.bin"),
+                                                   ("karpathy/tinyllamas", "stories260K/tok512.bin")]
+    assert [url.rsplit("/", 1)[1] for kind, url in seen if kind == "HEAD"] == ["stories260K.bin", "tok512.bin"]
     assert ckpt == tmp_path / "stories260K/stories260K.bin" and tok == tmp_path / "stories260K/tok512.bin"
 
 
