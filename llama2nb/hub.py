@@ -198,7 +198,7 @@ def _check_reachable(spec: HubFile, timeout: float) -> None:
         if attempt < HUB_ATTEMPTS:
             time.sleep(HUB_RETRY_WAIT)
     raise HubError(f"{url}: expected an answer from the Hugging Face hub, found none in {HUB_ATTEMPTS} attempts "
-                   f"of {timeout:g} s ({_first_line(failure)}); check the network, or set HF_ENDPOINT")
+                   f"with a {timeout:g} s timeout each ({_first_line(failure)}); check the network")
 
 
 def _download(spec: HubFile, cache_dir) -> str:
@@ -221,8 +221,10 @@ def _download(spec: HubFile, cache_dir) -> str:
         except Exception as e:
             if not _no_answer(e):
                 raise
-            offline = " (HF_HUB_OFFLINE is set: only the cache is used)" if constants.HF_HUB_OFFLINE else ""
-            raise HubError(f"{spec.repo}/{spec.filename}: download failed{offline}: {_first_line(e)}") from None
+            if constants.HF_HUB_OFFLINE:
+                raise HubError(f"{spec.repo}/{spec.filename}: expected it in the hub cache (HF_HUB_OFFLINE is set), "
+                               "found nothing; unset HF_HUB_OFFLINE to download it") from None
+            raise HubError(f"{spec.repo}/{spec.filename}: download failed: {_first_line(e)}") from None
 
 
 def download_model(name: str, cache_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
