@@ -4,6 +4,7 @@ process, and the outputs (ckpt.pt, model.bin, loss.csv, loss.png) are there."""
 from __future__ import annotations
 
 import csv
+import re
 import os
 import shutil
 import subprocess
@@ -149,3 +150,41 @@ def test_eval_only_on_resume(data, tmp_path):
     r = CliRunner().invoke(main, ["train", "--resume", "--out-dir", str(tmp_path), "--eval-only", "--quiet"])
     assert r.exit_code == 0 and "iter 2: train loss" in r.output, r.output
     assert (tmp_path / "ckpt.pt").read_bytes() == before  # evaluating writes nothing
+
+
+def evaluated(output: str) -> list[int]:
+    return [int(i) for i in re.findall(r"iter (\d+): train loss", output)]
+
+
+def test_eval_on_resume(data, tmp_path):
+    """Evaluation comes before the update, every --eval-interval iterations and at --max-iters.
+    A resumed run does not evaluate again at the iteration it starts from: its ckpt.pt was saved
+    right after evaluating there, or at a --stop-after where none was due. --eval-only
+    evaluates once wherever the run stands, and writes nothing."""
+    common = ["--preset", "tiny", "--data", str(data["shards"]), "--max-iters", "6", "--eval-interval", "3",
+              "--batch-size", "4", "--quiet"]
+    for stop, first_leg, second_leg in ((3, [0, 3], [6]), (2, [0], [3, 6])):
+        out = tmp_path / f"stop{stop}"
+        r = CliRunner().invoke(main, ["train", *common, "--out-dir", str(out), "--stop-after", str(stop)])
+        assert r.exit_code == 0 and evaluated(r.output) == first_leg, r.output
+        if stop == 2:
+            before = (out / "ckpt.pt").read_bytes()
+            r = CliRunner().invoke(main, ["train", "--resume", "--out-dir", str(out), "--eval-only", "--quiet"])
+            assert r.exit_code == 0 and evaluated(r.output) == [2], r.output
+            assert (out / "ckpt.pt").read_bytes() == before
+        r = CliRunner().invoke(main, ["train", "--resume", "--out-dir", str(out), "--quiet"])
+        assert r.exit_code == 0 and evaluated(r.output) == second_leg, r.output
+        rows = read_losses(out)
+        assert [int(row["iter"]) for row in rows if row["eval_val_loss"]] == [0, 3, 6]
+        assert [int(row["iter"]) for row in rows if row["train_loss"]] == list(range(6))
+
+
+def test_eval_due():
+    from llama2nb.training.train import eval_due
+
+    cfg = config_from("tiny", {"eval_interval": 3, "max_iters": 7})
+    assert [it for it in range(8) if eval_due(cfg, it, None)] == [0, 3, 6, 7]
+    assert [it for it in range(3, 8) if eval_due(cfg, it, 3)] == [6, 7]
+    assert [it for it in range(4, 8) if eval_due(cfg, it, 4)] == [6, 7]
+    cfg.eval_only = True
+    assert eval_due(cfg, 4, 4) and eval_due(cfg, 5, None)

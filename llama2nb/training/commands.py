@@ -395,6 +395,7 @@ def eval_command(checkpoint: str, text: Path, tokenizer: Path | None, max_tokens
     """Mean loss per token and perplexity of a llama2.c CHECKPOINT (or known model name) on a
     text file, computed by the Numba engine."""
     from .. import Transformer
+    from ..files.llama2c import read_config
     from ..tokenizer import Tokenizer, find_tokenizer
     from .data import read_stories
     from .evaluate import encode_text, evaluate, windows
@@ -409,10 +410,9 @@ def eval_command(checkpoint: str, text: Path, tokenizer: Path | None, max_tokens
                                        "(llama2nb download NAME), found neither")
         ckpt_path, known_tok = found
         tokenizer = tokenizer or known_tok
+    vocab = read_config(ckpt_path).vocab_size  # the header only: a missing tokenizer fails before compiling
+    tok = Tokenizer.load(tokenizer or find_tokenizer(ckpt_path, vocab), vocab_size=vocab)
     model = Transformer.load(ckpt_path)
-    vocab = model.config.vocab_size
-    tokenizer = tokenizer or find_tokenizer(ckpt_path, vocab)
-    tok = Tokenizer.load(tokenizer, vocab_size=vocab)
     ids = encode_text(read_stories(text), tok)
     if max_tokens:
         ids = ids[:max_tokens]
