@@ -85,7 +85,8 @@ def llama2nb_cache() -> Path:
     return Path(os.environ.get("LLAMA2NB_CACHE") or Path.home() / ".cache" / "llama2nb")
 
 
-def _canonical(name: str) -> str | None:
+def canonical_name(name: str) -> str | None:
+    """The KNOWN_MODELS key `name` means (any case, with or without .bin), or None."""
     key = name[:-4] if name.endswith(".bin") else name
     for known in KNOWN_MODELS:
         if known.lower() == key.lower():
@@ -130,7 +131,7 @@ def _usable(spec: HubFile, path: str) -> Path:
 def resolve_model(name: str, cache_dir: str | os.PathLike | None = None) -> tuple[Path, Path] | None:
     """(checkpoint, tokenizer) of a known model already in the local cache, without network;
     None when `name` is not a known model or it has not been downloaded."""
-    key = _canonical(name)
+    key = canonical_name(name)
     if key is None:
         return None
     model = KNOWN_MODELS[key]
@@ -165,11 +166,10 @@ def _quiet_hub_log() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _no_answer(e: BaseException) -> bool:
-    """True for the failures that mean no HTTP answer came: socket errors and timeouts (OSError,
-    as requests raises them) and the TransportError family of httpx, which newer huggingface_hub
-    versions use. An HTTP error status is an answer (HfHubHTTPError; test for it first: it is
-    an OSError too)."""
+def _network_failure(e: BaseException) -> bool:
+    """A failure at the network boundary, not a bug: OSError (socket errors and timeouts as
+    requests raises them, huggingface_hub's HTTP and cache errors) or the TransportError family
+    of httpx, which newer huggingface_hub versions use."""
     return isinstance(e, OSError) or any(c.__name__ == "TransportError" for c in type(e).__mro__)
 
 
@@ -189,12 +189,12 @@ def _check_reachable(spec: HubFile, timeout: float) -> None:
         try:
             get_hf_file_metadata(url, timeout=timeout)
             return
-        except HfHubHTTPError as e:
+        except HfHubHTTPError as e:  # an answer: an error status (no such file, ...)
             raise HubError(f"{spec.repo}/{spec.filename}: download failed: {_first_line(e)}") from None
         except Exception as e:
-            if not _no_answer(e):
+            if not _network_failure(e):
                 raise
-            failure = e
+            failure = e  # no answer
         if attempt < HUB_ATTEMPTS:
             time.sleep(HUB_RETRY_WAIT)
     raise HubError(f"{url}: expected an answer from the Hugging Face hub, found none in {HUB_ATTEMPTS} attempts "
@@ -219,7 +219,7 @@ def _download(spec: HubFile, cache_dir) -> str:
             return hf_hub_download(spec.repo, spec.filename, repo_type=spec.repo_type, cache_dir=cache_dir,
                                    etag_timeout=hub_timeout())
         except Exception as e:
-            if not _no_answer(e):
+            if not _network_failure(e):
                 raise
             if constants.HF_HUB_OFFLINE:
                 raise HubError(f"{spec.repo}/{spec.filename}: expected it in the hub cache (HF_HUB_OFFLINE is set), "
@@ -230,7 +230,7 @@ def _download(spec: HubFile, cache_dir) -> str:
 def download_model(name: str, cache_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """Download a known model and its tokenizer into the hub cache (with huggingface_hub's
     progress bars); returns (checkpoint, tokenizer) as resolve_model would."""
-    key = _canonical(name)
+    key = canonical_name(name)
     if key is None:
         raise HubError(f"model name: expected one of {', '.join(KNOWN_MODELS)}, found {name!r}")
     model = KNOWN_MODELS[key]

@@ -18,7 +18,8 @@ from click.testing import CliRunner
 
 from llama2nb.cli import main
 from llama2nb.files.llama2c import read_checkpoint
-from llama2nb.training.train import config_from, get_lr
+from llama2nb.training.settings import config_from
+from llama2nb.training.train import get_lr
 from tests.test_training_helpers import prepare_data
 
 REPO = Path(__file__).resolve().parent.parent

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from ..errors import Llama2nbError
+from ..errors import DataError, Llama2nbError
 from ..tokenizer import TOKENIZER_SEARCH
 from .data import TINYSTORIES_DIR
 from .settings import MODEL_FIELDS, PRESETS, TrainConfig, config_from
@@ -142,46 +142,20 @@ def data_pretokenize(vocab_size, tokenizer, texts, val_texts, val_fraction, work
     files given with --text / --val-text whose stories are separated by `<|endoftext|>` lines
     (TinyStories-train.txt's layout) or, in files without such lines, by blank lines.
     """
-    import sentencepiece as spm
     import numpy as np
 
-    from .data import (encode_stories, read_stories, shard_dtype, tinystories_shards, tokenizer_model_path,
-                       write_meta, write_shard)
+    from .data import encode_stories, shard_dtype, tokenizer_model_path, write_meta, write_shard
 
     if val_texts and not texts:
         raise click.UsageError("--val-text needs --text (the TinyStories shards bring their own validation shard)")
     model_path = tokenizer_model_path(data_dir, vocab_size, str(tokenizer) if tokenizer else None)
-    if not model_path.is_file():
-        raise click.ClickException(f"{model_path}: expected a SentencePiece model (run `llama2nb data train-vocab "
-                                   f"--vocab-size {vocab_size}` first), found nothing")
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.Load(str(model_path))
-    except Exception:
-        raise click.ClickException(f"{model_path}: expected a SentencePiece model, found unreadable data") from None
+    sp = _sentencepiece(model_path, vocab_size)
     vocab = sp.get_piece_size()
     dtype = shard_dtype(vocab)
     out_dir = data_dir / model_path.stem
-    # (split, shard name, stories)
-    jobs: list[tuple[str, list[str]]] = []
-    if texts:
-        train_stories = [s for f in texts for s in read_stories(f)]
-        if val_texts:
-            val_stories = [s for f in val_texts for s in read_stories(f)]
-        else:
-            n_val = max(1, int(len(train_stories) * val_fraction))
-            if len(train_stories) < 2:
-                raise click.ClickException(f"{texts[0]}: expected at least 2 stories to hold one out for "
-                                           f"validation, found {len(train_stories)} (or pass --val-text)")
-            train_stories, val_stories = train_stories[:-n_val], train_stories[-n_val:]
-        jobs = [("train-000", train_stories), ("val-000", val_stories)]
-    else:
-        shards = tinystories_shards(data_dir)
-        jobs = [("val-000", read_stories(shards[0]))]
-        jobs += [(f"train-{i:03d}", read_stories(s)) for i, s in enumerate(shards[1:])]
-    console = _console()
+    jobs = _shard_jobs(data_dir, texts, val_texts, val_fraction)
     total_tokens = 0
-    with _progress(console) as progress:
+    with _progress(_console()) as progress:
         for name, stories in jobs:
             task = progress.add_task(name, total=len(stories))
             tokens = encode_stories(stories, model_path, dtype, workers=workers,
@@ -190,6 +164,40 @@ def data_pretokenize(vocab_size, tokenizer, texts, val_texts, val_fraction, work
             total_tokens += len(tokens)
     write_meta(out_dir, model_path, vocab, sp.bos_id(), dtype)
     click.echo(f"wrote {len(jobs)} shards, {total_tokens:,} tokens ({np.dtype(dtype).name}) to {out_dir}")
+
+
+def _sentencepiece(model_path: Path, vocab_size: int | None):
+    import sentencepiece as spm
+
+    if not model_path.is_file():
+        raise DataError(f"{model_path}: expected a SentencePiece model (run `llama2nb data train-vocab "
+                        f"--vocab-size {vocab_size}` first), found nothing")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(model_path))
+    except Exception:  # sentencepiece raises bare RuntimeError/OSError on bad protos
+        raise DataError(f"{model_path}: expected a SentencePiece model, found unreadable data") from None
+    return sp
+
+
+def _shard_jobs(data_dir: Path, texts, val_texts, val_fraction: float) -> list[tuple[str, list[str]]]:
+    """(shard name, its stories): --text files as train-000 and --val-text files (or the last
+    --val-fraction of the --text stories) as val-000; else the TinyStories shards, the first as
+    val-000 as llama2.c does."""
+    from .data import read_stories, tinystories_shards
+
+    if not texts:
+        shards = tinystories_shards(data_dir)
+        return [("val-000", read_stories(shards[0]))] + [(f"train-{i:03d}", read_stories(s))
+                                                          for i, s in enumerate(shards[1:])]
+    train_stories = [s for f in texts for s in read_stories(f)]
+    if val_texts:
+        return [("train-000", train_stories), ("val-000", [s for f in val_texts for s in read_stories(f)])]
+    if len(train_stories) < 2:
+        raise DataError(f"{texts[0]}: expected at least 2 stories to hold one out for validation, found "
+                        f"{len(train_stories)} (or pass --val-text)")
+    n_val = max(1, int(len(train_stories) * val_fraction))
+    return [("train-000", train_stories[:-n_val]), ("val-000", train_stories[-n_val:])]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,12 +211,11 @@ def download(name: str) -> None:
     """Download a published llama2.c model and its tokenizer into the Hugging Face cache:
     stories15M, stories42M, stories110M (Llama 2 tokenizer) or stories260K (its own 512-token
     one). `llama2nb sample NAME` then finds them by name, offline."""
-    from ..hub import KNOWN_MODELS, download_model
+    from ..hub import canonical_name, download_model
 
     checkpoint, tokenizer = download_model(name)
     click.echo(f"checkpoint: {checkpoint}\ntokenizer:  {tokenizer}")
-    key = next(k for k in KNOWN_MODELS if k.lower() == name.lower().removesuffix(".bin"))
-    click.echo(f"sample with: llama2nb sample {key}")
+    click.echo(f"sample with: llama2nb sample {canonical_name(name)}")
 
 
 # ----------------------------------------------------------------------------------------------

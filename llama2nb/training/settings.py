@@ -75,6 +75,7 @@ MODEL_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "hidd
 
 
 def config_from(preset: str | None, overrides: dict) -> TrainConfig:
+    """TrainConfig's defaults, then the preset's values, then `overrides` (None: not given)."""
     values = dict(PRESETS[preset]) if preset else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     names = {f.name for f in fields(TrainConfig)}

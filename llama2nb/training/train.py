@@ -26,7 +26,7 @@ from ..errors import DataError, TrainingError
 from ..files.llama2c import write_checkpoint
 from .data import read_meta, shard_files
 from .model import ModelArgs, Transformer
-from .settings import MODEL_FIELDS, PRESETS, TrainConfig, config_from  # noqa: F401 - the training API
+from .settings import TrainConfig
 
 
 def model_args(cfg: TrainConfig) -> ModelArgs:
