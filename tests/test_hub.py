@@ -317,3 +317,28 @@ def test_offline_mode_uses_only_the_cache(tmp_path):
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "expected it in the hub cache (HF_HUB_OFFLINE is set), found nothing" in proc.stderr
     assert silent.requests == []
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a source file imports, at its top or inside functions, as absolute names."""
+    import ast
+
+    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(p for p in (base, node.module) if p)
+            names.update([module] + [f"{module}.{a.name}" for a in node.names])
+    return names
+
+
+def test_arrows_point_down():
+    """The hub and the tokenizer sit below the training package; `python -m llama2nb.training`
+    builds its own command group instead of importing the CLI above it."""
+    for low in ("hub.py", "tokenizer.py"):
+        assert not [m for m in imported_modules(REPO / "llama2nb" / low) if m.startswith("llama2nb.training")], low
+    assert not [m for m in imported_modules(REPO / "llama2nb" / "training" / "__main__.py") if m.startswith("llama2nb.cli")]
+    assert "llama2nb.training.commands" in imported_modules(REPO / "llama2nb" / "training" / "__main__.py")
