@@ -11,6 +11,7 @@ debris; SIGINT lets the writer clean up, leaving the old target and nothing else
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,6 +79,13 @@ def start(args: list[str], cwd: Path, **pause: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+def run_through(args: list[str], cwd: Path) -> None:
+    """Run the command to its end, unpaused."""
+    proc = start(args, cwd)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+
+
 def wait_for_pause(proc: subprocess.Popen) -> tuple[str, Path]:
     """Block until the child reports where it stopped: ("rename" | "write", temp file)."""
     for line in proc.stdout:
@@ -106,10 +114,7 @@ def exported(tmp_path_factory) -> dict:
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=512, max_seq_len=32))
     torch.save({"model": model.state_dict(), "model_args": model.args.to_dict()}, folder / "ckpt.pt")
-    proc = start(["export", "ckpt.pt", "full.bin", "--version", "1"], folder)
-    assert proc.wait(timeout=120) == 0, proc.stderr.read()
-    proc.stdout.close()
-    proc.stderr.close()
+    run_through(["export", "ckpt.pt", "full.bin", "--version", "1"], folder)
     return {"folder": folder, "size": (folder / "full.bin").stat().st_size}
 
 
@@ -144,32 +149,30 @@ def test_interrupted_export_leaves_the_old_file(exported, pause, sig, temp_left)
 def test_uninterrupted_export_replaces_the_file(exported):
     folder = exported["folder"]
     (folder / "model.bin").write_bytes(OLD)
-    proc = start(["export", "ckpt.pt", "model.bin", "--version", "1"], folder)
-    assert proc.wait(timeout=120) == 0, proc.stderr.read()
-    proc.stdout.close()
-    proc.stderr.close()
+    run_through(["export", "ckpt.pt", "model.bin", "--version", "1"], folder)
     assert (folder / "model.bin").read_bytes() == (folder / "full.bin").read_bytes()
     assert debris(folder) == []
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return prepare_data(tmp_path_factory.mktemp("kill-data"), n_train=150, n_val=20)["shards"]
+def first_run(tmp_path_factory) -> Path:
+    """A finished one-iteration run (ckpt.pt, model.bin, loss.csv) to resume from."""
+    root = tmp_path_factory.mktemp("kill-train")
+    shards = prepare_data(root / "d", n_train=150, n_val=20)["shards"]
+    out = root / "run"
+    run_through(["train", "--preset", "tiny", "--data", str(shards), "--out-dir", str(out), "--eval-iters", "1",
+                 "--eval-interval", "1", "--quiet", "--batch-size", "2", "--max-seq-len", "32", "--warmup-iters", "0",
+                 "--always-save-checkpoint", "--max-iters", "1"], root)
+    return out
 
 
 @pytest.mark.parametrize("name", ["ckpt.pt", "model.bin", "loss.csv"])
-def test_killed_training_keeps_each_file_whole_and_resumes(tmp_path, shards, name):
+def test_killed_training_keeps_each_file_whole_and_resumes(tmp_path, first_run, name):
     """A resumed run killed as it renames NAME in its first save (at iteration 2: ckpt.pt, then
     model.bin, then loss.csv): NAME and the files after it are the old ones, the ones before it
     the complete new ones; the run resumes from what survived."""
     out = tmp_path / "run"
-    common = ["train", "--preset", "tiny", "--data", str(shards), "--out-dir", str(out), "--eval-iters", "1",
-              "--eval-interval", "1", "--quiet", "--batch-size", "2", "--max-seq-len", "32", "--warmup-iters", "0",
-              "--always-save-checkpoint"]
-    proc = start([*common, "--max-iters", "1"], tmp_path)
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    proc.stdout.close()
-    proc.stderr.close()
+    shutil.copytree(first_run, out)
     files = ("ckpt.pt", "model.bin", "loss.csv")
     before = {n: (out / n).read_bytes() for n in files}
     proc = start(["train", "--resume", "--out-dir", str(out), "--max-iters", "50"], tmp_path,
@@ -187,8 +190,5 @@ def test_killed_training_keeps_each_file_whole_and_resumes(tmp_path, shards, nam
     read_checkpoint(out / "model.bin")
     lines = (out / "loss.csv").read_text().splitlines()
     assert lines[0].startswith("iter,") and all(line.count(",") == 4 for line in lines)
-    proc = start(["train", "--resume", "--out-dir", str(out), "--max-iters", str(state["iter_num"] + 1)], tmp_path)
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    proc.stdout.close()
-    proc.stderr.close()
+    run_through(["train", "--resume", "--out-dir", str(out), "--max-iters", str(state["iter_num"] + 1)], tmp_path)
     assert torch.load(out / "ckpt.pt", weights_only=False)["iter_num"] == state["iter_num"] + 1
