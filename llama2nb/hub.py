@@ -11,7 +11,7 @@ tokenizer.bin and which is not in karpathy/tinyllamas. We fetch the Llama 2 Sent
 convert it with `tokenizer.sentencepiece_to_bin` (the same bytes as llama2.c's tokenizer.bin:
 checked by sha256) into llama2nb's cache (LLAMA2NB_CACHE, ~/.cache/llama2nb by default).
 
-Unreachable hub: huggingface_hub alone retries a failed first request for minutes (five
+Unreachable hub: huggingface_hub 2.x alone retries a failed first request for minutes (five
 retries with a minute's timeout each, logging every one). So each download starts with one
 request of our own (`_check_reachable`): HUB_ATTEMPTS tries, each given `hub_timeout()` seconds
 (HF_HUB_ETAG_TIMEOUT if the user set it, else HUB_TIMEOUT), the library's retry log silenced.

@@ -91,12 +91,19 @@ def test_resume_refuses_other_shape(data, tmp_path):
     assert "Traceback" not in r.output
 
 
-def test_train_errors_are_one_line(tmp_path):
+def test_train_errors_are_one_line(data, tmp_path):
     r = CliRunner().invoke(main, ["train", "--preset", "tiny", "--data", str(tmp_path / "nope")])
     assert r.exit_code == 1
     assert r.output.strip().splitlines()[-1].startswith("Error: ") and "meta.json" in r.output
     r = CliRunner().invoke(main, ["train", "--resume", "--out-dir", str(tmp_path / "none")])
     assert r.exit_code == 1 and "ckpt.pt" in r.output
+    torn = tmp_path / "torn"
+    shutil.copytree(data["shards"], torn)
+    (torn / "train-000.bin").write_bytes((torn / "train-000.bin").read_bytes()[:-1])
+    r = CliRunner().invoke(main, ["train", "--preset", "tiny", "--data", str(torn)])
+    assert r.exit_code == 1 and r.output.strip().splitlines() == [
+        f"Error: {torn / 'train-000.bin'}: expected a non-empty whole number of uint16 tokens, found "
+        f"{(torn / 'train-000.bin').stat().st_size} bytes"]
 
 
 def test_lr_schedule_matches_llama2c():

@@ -53,11 +53,18 @@ def get_lr(cfg: TrainConfig, it: int) -> float:
 # Data
 
 
+def _open_shard(path: Path, dtype: np.dtype) -> np.memmap:
+    size = path.stat().st_size
+    if size == 0 or size % dtype.itemsize:
+        raise DataError(f"{path}: expected a non-empty whole number of {dtype.name} tokens, found {size} bytes")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
 class ChunkStream:
     """The non-overlapping (seq_len + 1)-token chunks of a split's shards, read from memmaps."""
 
     def __init__(self, shard_dir: str, split: str, seq_len: int, dtype: np.dtype):
-        self.shards = [np.memmap(p, dtype=dtype, mode="r") for p in shard_files(shard_dir, split)]
+        self.shards = [_open_shard(p, dtype) for p in shard_files(shard_dir, split)]
         if not self.shards:
             raise DataError(f"{shard_dir}: expected {split}-*.bin shards (run `llama2nb data pretokenize`), found none")
         self.seq_len = seq_len
