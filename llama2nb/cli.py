@@ -31,7 +31,6 @@ from .training.commands import TRAINING_COMMANDS
 PACKAGE_DIR = Path(__file__).resolve().parent
 BUNDLED_DIR = PACKAGE_DIR / "checkpoints"
 BUNDLED_MODEL = BUNDLED_DIR / "model.bin"
-TOKENIZER_NAMES = ("tokenizer.bin", "tokenizer.model")
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what run.c would die with under `| head`
 STATUS_EVERY = 0.2  # seconds between live redraws (each redraw takes its time from the generation loop)
@@ -102,9 +101,10 @@ def resolve_checkpoint(name: str | None) -> tuple[Path, Path | None]:
     raise click.ClickException(f"{path}: no such checkpoint file, nor a downloaded model name{hint}")
 
 
-def resolve_tokenizer(option: str | None, checkpoint: Path, from_hub: Path | None) -> Path:
-    """-z if given; else the hub's tokenizer; else tokenizer.bin/.model beside the checkpoint;
-    else the bundled one."""
+def resolve_tokenizer(option: str | None, checkpoint: Path, from_hub: Path | None, vocab_size: int) -> Path:
+    """-z if given; else the hub's tokenizer; else tokenizer.find_tokenizer's (eval's policy too)."""
+    from .tokenizer import find_tokenizer
+
     if option is not None:
         path = Path(option)
         if not path.exists():
@@ -112,12 +112,7 @@ def resolve_tokenizer(option: str | None, checkpoint: Path, from_hub: Path | Non
         return path
     if from_hub is not None:
         return from_hub
-    for folder in (checkpoint.parent, BUNDLED_DIR):
-        for name in TOKENIZER_NAMES:
-            if (folder / name).is_file():
-                return folder / name
-    raise click.ClickException(f"{checkpoint}: no tokenizer.bin or tokenizer.model beside it and none bundled: "
-                               "pass one with -z/--tokenizer")
+    return find_tokenizer(checkpoint, vocab_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +172,7 @@ def _silence_stdout() -> None:
 @main.command()
 @click.argument("checkpoint", required=False)
 @click.option("-z", "--tokenizer", "tokenizer_path", metavar="PATH",
-              help="tokenizer.bin or .model [default: beside the checkpoint, else the bundled one]")
+              help="tokenizer.bin or .model [default: beside the checkpoint, data/tokN.bin, the bundled one]")
 @click.option("-t", "--temperature", type=FiniteFloat(min=0.0), default=1.0, show_default=True,
               help="0 = greedy (argmax); so small that logits / t overflow float32 (e.g. 1e-38): greedy too")
 @click.option("-p", "--topp", type=FiniteFloat(0.0, 1.0), default=0.9, show_default=True,
@@ -221,7 +216,8 @@ def sample(checkpoint: str | None, tokenizer_path: str | None, temperature: floa
         try:
             ckpt, hub_tokenizer = resolve_checkpoint(checkpoint)
             config = read_config(ckpt)  # header and size only: fails fast, before compiling
-            tok = Tokenizer.load(resolve_tokenizer(tokenizer_path, ckpt, hub_tokenizer), config.vocab_size)
+            tok = Tokenizer.load(resolve_tokenizer(tokenizer_path, ckpt, hub_tokenizer, config.vocab_size),
+                                 config.vocab_size)
             sampler = Sampler(config.vocab_size, temperature, topp, seed or None, top_k=top_k, min_p=min_p,
                               repetition_penalty=repetition_penalty)
             if mode == "generate":

@@ -22,3 +22,15 @@ class TokenizerError(Llama2nbError, ValueError):
 
 class UsageError(Llama2nbError, ValueError):
     """A setting outside its range (a flag's value, or an argument of the Python API)."""
+
+
+class DataError(Llama2nbError, ValueError):
+    """Training data that cannot be used: a text file, TinyStories shards, pretokenized shards."""
+
+
+class TrainingError(Llama2nbError, ValueError):
+    """Training settings or a run's state (ckpt.pt for --resume) that cannot be used."""
+
+
+class HubError(Llama2nbError):
+    """A file the Hugging Face hub could not give: the hub unreachable, or the file not there."""

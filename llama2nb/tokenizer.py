@@ -9,6 +9,12 @@ in O(n log n), so a 10,000-character prompt encodes in milliseconds.
 Decoding works on bytes: `<0xNN>` pieces become raw bytes and an incremental UTF-8 decoder
 assembles characters that span tokens, so a stream never shows half a character (run.c prints
 printable single bytes and drops the rest).
+
+This module is the project's one writer of tokenizer.bin (`write_bin`) and its one mapping of
+SentencePiece pieces to llama2.c's (`Tokenizer._from_sentencepiece`), so `sentencepiece_to_bin`
+(used by `export-tokenizer`, `data train-vocab` and the hub's Llama 2 tokenizer) and a `.model`
+loaded directly decode alike. It also holds the one policy that finds a checkpoint's tokenizer
+when none is given (`find_tokenizer`, shared by `sample` and `eval`).
 """
 
 from __future__ import annotations
@@ -129,7 +135,9 @@ class Tokenizer:
     @classmethod
     def _from_sentencepiece(cls, path: Path, data: bytes) -> "Tokenizer":
         """Pieces and scores as llama2.c's tokenizer.py exports them (so `.bin` and `.model`
-        decode alike); SentencePiece itself does the encoding."""
+        decode alike): every id in order, U+2581 replaced by a space, BOS written as "\\n<s>\\n"
+        and EOS as "\\n</s>\\n", byte-fallback pieces kept as their `<0xNN>` text, scores as
+        SentencePiece gives them. SentencePiece itself does the encoding."""
         try:
             import sentencepiece as spm
         except ImportError:  # pragma: no cover - a dependency, but keep the message clean
@@ -342,7 +350,10 @@ def _looks_like_sentencepiece(data: bytes) -> bool:
 
 def write_bin(path: str | os.PathLike, pieces: Sequence[bytes | str], scores: Sequence[float],
               max_token_length: int | None = None) -> None:
-    """Write a llama2.c tokenizer.bin atomically (for exports and for tests' tiny vocabularies)."""
+    """Write a llama2.c tokenizer.bin atomically: int32 max_token_length (default: the longest
+    piece), then per token float32 score, int32 byte length and the bytes, little-endian, which
+    is what run.c's build_tokenizer reads (llama2.c's tokenizer.py packs the lengths as uint32:
+    the same bytes for every real length)."""
     raw = [p.encode("utf-8") if isinstance(p, str) else bytes(p) for p in pieces]
     if len(raw) != len(scores):
         raise ValueError(f"{len(raw)} pieces but {len(scores)} scores")
@@ -352,3 +363,55 @@ def write_bin(path: str | os.PathLike, pieces: Sequence[bytes | str], scores: Se
         for p, s in zip(raw, scores):
             f.write(struct.pack("<fi", float(s), len(p)))
             f.write(p)
+
+
+def sentencepiece_to_bin(model_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """Write the SentencePiece model `model_path` in llama2.c's tokenizer.bin layout at
+    `out_path` (atomically): the pieces and scores `Tokenizer` reads from it, written by
+    write_bin. For the Llama 2 tokenizer.model that is llama2.c's tokenizer.bin byte for byte."""
+    tok = Tokenizer.load(model_path)
+    if tok.kind != "sentencepiece":
+        raise TokenizerError(f"{model_path}: expected a SentencePiece .model to convert, found a llama2.c "
+                             "tokenizer.bin")
+    tok.save_bin(out_path)
+    return Path(out_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding a checkpoint's tokenizer
+
+BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "checkpoints" / "tokenizer.bin"
+TOKENIZER_SEARCH = ("tokenizer.bin/.model or tokN.bin/.model beside the checkpoint, data/tokN.bin/.model, "
+                    "or the bundled tokenizer if it has N tokens")
+
+
+def tokenizer_candidates(checkpoint: str | os.PathLike, vocab_size: int) -> list[Path]:
+    """Where a checkpoint's tokenizer may be, in the order `find_tokenizer` tries them: beside
+    the checkpoint (its own name, then the name `data train-vocab` gives an N-token vocabulary),
+    then `data train-vocab`'s default output under the current directory."""
+    folder = Path(checkpoint).parent
+    names = ("tokenizer.bin", "tokenizer.model", f"tok{vocab_size}.bin", f"tok{vocab_size}.model")
+    data = Path("data")
+    return [folder / n for n in names] + [data / f"tok{vocab_size}.bin", data / f"tok{vocab_size}.model"]
+
+
+def find_tokenizer(checkpoint: str | os.PathLike, vocab_size: int) -> Path:
+    """The tokenizer `sample` and `eval` use for a checkpoint of `vocab_size` tokens when none is
+    given: the first existing file of tokenizer_candidates, else the bundled model's tokenizer if
+    it has exactly vocab_size tokens (it serves models trained on its vocabulary). One policy
+    for both commands, so a checkpoint samples and evaluates with the same tokenizer.
+    TokenizerError (saying where it looked) when there is none."""
+    for path in tokenizer_candidates(checkpoint, vocab_size):
+        if path.is_file():
+            return path
+    if BUNDLED_TOKENIZER.is_file() and _count_tokens(BUNDLED_TOKENIZER) == vocab_size:
+        return BUNDLED_TOKENIZER
+    raise TokenizerError(f"{checkpoint}: no tokenizer found (looked for {TOKENIZER_SEARCH}, N = {vocab_size}): "
+                         "pass one with -z/--tokenizer")
+
+
+def _count_tokens(path: Path) -> int | None:
+    try:
+        return Tokenizer.load(path).vocab_size
+    except TokenizerError:
+        return None

@@ -142,7 +142,8 @@ def test_export_tokenizer_own_vocab(data, tmp_path):
 
 def test_data_download_from_local_standin(tmp_path, monkeypatch):
     """`data download` through huggingface_hub, with hf_hub_download patched to serve a local
-    archive laid out as roneneldan/TinyStories' TinyStories_all_data.tar.gz."""
+    archive laid out as roneneldan/TinyStories' TinyStories_all_data.tar.gz (and the hub's
+    metadata request patched to answer)."""
     archive = tmp_path / "TinyStories_all_data.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         for i in range(3):
@@ -159,6 +160,7 @@ def test_data_download_from_local_standin(tmp_path, monkeypatch):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda url, timeout: None)  # the hub answers
     data_dir = tmp_path / "data"
     r = CliRunner().invoke(main, ["data", "download", "--data-dir", str(data_dir)])
     assert r.exit_code == 0, r.output

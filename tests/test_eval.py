@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ from click.testing import CliRunner
 
 from llama2nb import Transformer as Engine
 from llama2nb.cli import main
-from llama2nb.tokenizer import Tokenizer
+from llama2nb.errors import Llama2nbError, TokenizerError
+from llama2nb.tokenizer import BUNDLED_TOKENIZER, Tokenizer, find_tokenizer
 from llama2nb.training.data import read_stories
 from llama2nb.training.evaluate import encode_text, evaluate, windows
 from llama2nb.training.export import export_model
@@ -102,3 +104,57 @@ def test_windows_cover_every_token_once():
     ws = windows(list(range(10)), 4)
     assert [w.tolist() for w in ws] == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [8, 9]]
     assert sum(len(w) - 1 for w in ws) == 9
+
+
+class Picked(Llama2nbError):
+    """Raised by the patched Tokenizer.load: the command picked this tokenizer (and stops)."""
+
+
+def picked(args: list[str]) -> str:
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1, r.output
+    return r.output.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("present,expected", [
+    ((), None),
+    (("data/tok300.model",), "data/tok300.model"),
+    (("data/tok300.model", "data/tok300.bin"), "data/tok300.bin"),
+    (("data/tok300.bin", "models/tok300.model"), "models/tok300.model"),
+    (("models/tok300.model", "models/tok300.bin"), "models/tok300.bin"),
+    (("models/tok300.bin", "models/tokenizer.model"), "models/tokenizer.model"),
+    (("models/tokenizer.model", "models/tokenizer.bin", "data/tok300.bin"), "models/tokenizer.bin"),
+])
+def test_sample_and_eval_find_the_same_tokenizer(setup, tmp_path, monkeypatch, present, expected):
+    """One policy (tokenizer.find_tokenizer): beside the checkpoint, then data/tokN.* under the
+    current directory; the bundled tokenizer only for its own vocabulary size (not 300 here)."""
+    data, model, path = setup
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "data").mkdir()
+    ckpt = tmp_path / "models" / "model.bin"
+    ckpt.write_bytes(path.read_bytes())
+    for name in present:
+        (tmp_path / name).write_bytes(b"")
+    real_load = Tokenizer.load
+
+    def load(tokenizer_path, vocab_size=None):
+        if Path(tokenizer_path) == BUNDLED_TOKENIZER:  # find_tokenizer counting the bundled one's tokens
+            return real_load(tokenizer_path, vocab_size)
+        raise Picked(f"picked {tokenizer_path}")
+
+    monkeypatch.setattr(Tokenizer, "load", staticmethod(load))
+    from_sample = picked(["sample", str(ckpt)])
+    from_eval = picked(["eval", str(ckpt), "--text", str(data["val_txt"])])
+    assert from_sample == from_eval
+    if expected is None:
+        assert "no tokenizer found" in from_eval and "-z" in from_eval
+    else:
+        assert Path(from_eval.removeprefix("Error: picked ")).resolve() == tmp_path / expected
+
+
+def test_find_tokenizer_takes_the_bundled_one_for_its_vocabulary(tmp_path):
+    bundled = Tokenizer.load(BUNDLED_TOKENIZER)
+    assert find_tokenizer(tmp_path / "model.bin", bundled.vocab_size) == BUNDLED_TOKENIZER
+    with pytest.raises(TokenizerError, match="no tokenizer found"):
+        find_tokenizer(tmp_path / "model.bin", bundled.vocab_size + 1)

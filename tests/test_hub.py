@@ -23,6 +23,7 @@ from llama2nb.config import ModelConfig
 from tests.conftest import LLAMA2_BIN, LLAMA2_MODEL, STORIES260K, requires
 
 REPO = Path(__file__).resolve().parent.parent
+CLI = "from llama2nb.cli import main; main(prog_name='llama2nb')"  # the `llama2nb` console script
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -112,7 +113,7 @@ def env_for(tmp_path: Path, endpoint: str | None) -> dict:
 
 
 def cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llama2nb.training", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", CLI, *args], capture_output=True, text=True,
                           env=env, timeout=120)
 
 
@@ -178,9 +179,11 @@ def test_download_model_with_patched_client(tmp_path, monkeypatch):
         return str(path)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda url, timeout: seen.append(("HEAD", url)))
     ckpt, tok = hub.download_model("stories260K")
-    assert seen == [("karpathy/tinyllamas", "stories260K/stories260K.bin"),
-                    ("karpathy/tinyllamas", "stories260K/tok512.bin")]
+    assert [s for s in seen if s[0] != "HEAD"] == [("karpathy/tinyllamas", "stories260K/stories260K.bin"),
+                                                   ("karpathy/tinyllamas", "stories260K/tok512.bin")]
+    assert [url.rsplit("/", 1)[1] for kind, url in seen if kind == "HEAD"] == ["stories260K.bin", "tok512.bin"]
     assert ckpt == tmp_path / "stories260K/stories260K.bin" and tok == tmp_path / "stories260K/tok512.bin"
 
 
@@ -196,3 +199,146 @@ def test_known_models():
     assert set(hub.KNOWN_MODELS) == {"stories260K", "stories15M", "stories42M", "stories110M"}
     assert hub.KNOWN_MODELS["stories110M"].checkpoint.filename == "stories110M.bin"
     assert hub.resolve_model("not-a-model") is None
+
+
+class SilentHub:
+    """A stand-in for an unreachable hub: accepts connections on 127.0.0.1, reads each request
+    line and never answers. Records the request lines and whether the client hung up."""
+
+    def __init__(self):
+        import socket
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.requests: list[str] = []
+        self.hung_up: list[bool] = []
+        self.threads: list[threading.Thread] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn):
+        with conn:
+            data = b""
+            while b"\r\n" not in data:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            self.requests.append(data.split(b"\r\n")[0].decode())
+            while conn.recv(4096):  # read until the client gives up and closes
+                pass
+            self.hung_up.append(True)
+
+    def close(self):
+        self.sock.close()
+        for thread in self.threads:
+            thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("args,path", [
+    (["download", "stories15M"], "/karpathy/tinyllamas/resolve/main/stories15M.bin"),
+    (["data", "download", "--data-dir", "DATA"], "/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"),
+])
+def test_unreachable_hub_is_one_line_after_the_configured_attempts(tmp_path, args, path):
+    """A hub that accepts connections and never answers: the configured number of requests,
+    each abandoned by the client (its timeout, HF_HUB_ETAG_TIMEOUT here, fired), then one line."""
+    silent = SilentHub()
+    env = dict(env_for(tmp_path, silent.endpoint), HF_HUB_ETAG_TIMEOUT="1")
+    try:
+        proc = cli([a.replace("DATA", str(tmp_path / "data")) for a in args], env)
+    finally:
+        silent.close()
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "expected an answer from the Hugging Face hub, found none" in proc.stderr
+    assert f"in {hub.HUB_ATTEMPTS} attempts with a 1 s timeout each" in proc.stderr
+    assert silent.requests == [f"HEAD {path} HTTP/1.1"] * hub.HUB_ATTEMPTS
+    assert silent.hung_up == [True] * hub.HUB_ATTEMPTS
+    assert not (tmp_path / "data").exists()
+
+
+def test_reachability_check_uses_the_configured_timeout_and_attempts(tmp_path, monkeypatch, caplog):
+    """In process: every request gets hub_timeout(), HUB_ATTEMPTS requests HUB_RETRY_WAIT apart,
+    huggingface_hub's own warnings are silenced meanwhile, and the real download never starts;
+    a copy already in the cache is returned instead of the error."""
+    import logging
+
+    import huggingface_hub
+
+    calls, waits = [], []
+
+    def no_answer(url, timeout):
+        calls.append(timeout)
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        raise TimeoutError("timed out")
+
+    def never(*args, **kwargs):
+        raise AssertionError("hf_hub_download called although the hub did not answer")
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", no_answer)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", never)
+    monkeypatch.setattr(hub.time, "sleep", waits.append)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_ETAG_TIMEOUT", huggingface_hub.constants.DEFAULT_ETAG_TIMEOUT)
+    with caplog.at_level(logging.WARNING), pytest.raises(hub.HubError, match="found none in 2 attempts with a 5 s"):
+        hub.download_model("stories260K", cache_dir=tmp_path / "empty")
+    assert hub.hub_timeout() == hub.HUB_TIMEOUT == 5.0 and hub.HUB_ATTEMPTS == 2
+    assert calls == [hub.HUB_TIMEOUT] * hub.HUB_ATTEMPTS
+    assert waits == [hub.HUB_RETRY_WAIT] * (hub.HUB_ATTEMPTS - 1)
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_ETAG_TIMEOUT", 2)  # as HF_HUB_ETAG_TIMEOUT=2 sets it
+    assert hub.hub_timeout() == 2.0
+    # a copy in the cache is used when the hub does not answer
+    monkeypatch.setattr(hub, "_cached", lambda spec, cache_dir: f"/cache/{spec.filename}")
+    ckpt, tok = hub.download_model("stories260K", cache_dir=tmp_path / "empty")
+    assert (ckpt, tok) == (Path("/cache/stories260K/stories260K.bin"), Path("/cache/stories260K/tok512.bin"))
+
+
+def test_offline_mode_uses_only_the_cache(tmp_path):
+    """HF_HUB_OFFLINE: no request at all, and a file missing from the cache is one line."""
+    silent = SilentHub()
+    env = dict(env_for(tmp_path, None), HF_ENDPOINT=silent.endpoint)
+    try:
+        proc = cli(["download", "stories260K"], env)
+    finally:
+        silent.close()
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "expected it in the hub cache (HF_HUB_OFFLINE is set), found nothing" in proc.stderr
+    assert silent.requests == []
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a source file imports, at its top or inside functions, as absolute names."""
+    import ast
+
+    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(p for p in (base, node.module) if p)
+            names.update([module] + [f"{module}.{a.name}" for a in node.names])
+    return names
+
+
+def test_arrows_point_down():
+    """The hub and the tokenizer sit below the training package; `python -m llama2nb.training`
+    builds its own command group instead of importing the CLI above it."""
+    for low in ("hub.py", "tokenizer.py"):
+        assert not [m for m in imported_modules(REPO / "llama2nb" / low) if m.startswith("llama2nb.training")], low
+    assert not [m for m in imported_modules(REPO / "llama2nb" / "training" / "__main__.py") if m.startswith("llama2nb.cli")]
+    assert "llama2nb.training.commands" in imported_modules(REPO / "llama2nb" / "training" / "__main__.py")

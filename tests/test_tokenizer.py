@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from llama2nb.errors import TokenizerError
-from llama2nb.tokenizer import BOS_ID, EOS_ID, Tokenizer, write_bin
+from llama2nb.tokenizer import BOS_ID, EOS_ID, Tokenizer, sentencepiece_to_bin, write_bin
 from llama2nb.testmodels import byte_vocab
 
 from .conftest import LLAMA2_BIN, LLAMA2_MODEL, requires
@@ -111,28 +111,52 @@ def test_model_file_exports_the_bin_vocabulary(llama_bin, llama_model):
 
 
 @requires(LLAMA2_BIN)
-def test_long_prompt_merges_in_linear_pair_lookups(llama_bin):
-    """The heap merge looks up O(1) candidate pairs per merge (run.c rescans every pair per
-    merge: quadratic): count the lookups on a 10,000- and a 20,000-character prompt."""
-    def lookups(text: str) -> tuple[int, list[int]]:
-        fresh = Tokenizer.load(LLAMA2_BIN)
-        calls = 0
-        pair = fresh._pair
+@requires(LLAMA2_MODEL)
+def test_sentencepiece_to_bin_is_llama2c_tokenizer_bin(tmp_path):
+    """The one .model -> .bin conversion gives llama2.c's tokenizer.bin byte for byte: int32
+    max_token_length, then per token float32 score, int32 length and the bytes; BOS and EOS are
+    written as llama2.c's tokenizer.py writes them, "\\n<s>\\n" and "\\n</s>\\n"."""
+    out = sentencepiece_to_bin(LLAMA2_MODEL, tmp_path / "llama2.bin")
+    data = out.read_bytes()
+    assert data == LLAMA2_BIN.read_bytes()
+    (max_len,) = struct.unpack_from("<i", data, 0)
+    offset, pieces = 4, []
+    while offset < len(data):
+        score, length = struct.unpack_from("<fi", data, offset)
+        pieces.append(data[offset + 8:offset + 8 + length])
+        offset += 8 + length
+    assert len(pieces) == 32000 and max_len == max(len(p) for p in pieces)
+    assert pieces[:4] == [b"<unk>", b"\n<s>\n", b"\n</s>\n", b"<0x00>"] and pieces[29871] == b" "
+    assert not list(tmp_path.glob(".*tmp*"))
 
-        def counting(a: int, b: int) -> int:
-            nonlocal calls
-            calls += 1
-            return pair(a, b)
 
-        fresh._pair = counting
-        ids = fresh.encode(text)
-        return calls, ids
+def test_sentencepiece_to_bin_refuses_a_bin(tmp_path):
+    write_tiny_tokenizer(tmp_path / "tok.bin")
+    with pytest.raises(TokenizerError, match="expected a SentencePiece .model to convert, found a llama2.c"):
+        sentencepiece_to_bin(tmp_path / "tok.bin", tmp_path / "out.bin")
+    assert not (tmp_path / "out.bin").exists()
 
-    short, long = long_prompt(10_000, seed=7), long_prompt(20_000, seed=7)
-    (n_short, ids), (n_long, _) = lookups(short), lookups(long)
-    assert n_short <= 4 * len(short.encode())  # a few per byte, where a rescan needs thousands
-    assert n_long <= 2.2 * n_short  # twice the text, twice the work
-    assert llama_bin.decode(ids) == short
+
+@requires(LLAMA2_BIN)
+def test_10000_character_prompt_merges_in_n_log_n(llama_bin):
+    """The merge loop does O(n) pair lookups (each initial pair, each heap pop, two new
+    neighbours per merge: at most 6 per initial token), where run.c's rescan does O(n^2)."""
+    text = long_prompt(10_000, seed=7)
+    fresh = Tokenizer.load(LLAMA2_BIN)
+    n = len(fresh._initial_ids(b" " + text.encode("utf-8")))
+    lookups = 0
+    pair = fresh._pair
+
+    def counted(a, b):
+        nonlocal lookups
+        lookups += 1
+        return pair(a, b)
+
+    fresh._pair = counted
+    ids = fresh.encode(text)
+    print(f"\n10,000-character prompt: {n} initial ids -> {len(ids)} tokens with {lookups} pair lookups")
+    assert n > 9_000 and lookups <= 6 * (n - 1)
+    assert fresh.decode(ids) == text and ids == llama_bin.encode(text)
 
 
 # ----------------------------------------------------------------------------------------------

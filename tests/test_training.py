@@ -4,6 +4,7 @@ process, and the outputs (ckpt.pt, model.bin, loss.csv, loss.png) are there."""
 from __future__ import annotations
 
 import csv
+import re
 import os
 import shutil
 import subprocess
@@ -17,7 +18,8 @@ from click.testing import CliRunner
 
 from llama2nb.cli import main
 from llama2nb.files.llama2c import read_checkpoint
-from llama2nb.training.train import config_from, get_lr
+from llama2nb.training.settings import config_from
+from llama2nb.training.train import get_lr
 from tests.test_training_helpers import prepare_data
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,12 +91,19 @@ def test_resume_refuses_other_shape(data, tmp_path):
     assert "Traceback" not in r.output
 
 
-def test_train_errors_are_one_line(tmp_path):
+def test_train_errors_are_one_line(data, tmp_path):
     r = CliRunner().invoke(main, ["train", "--preset", "tiny", "--data", str(tmp_path / "nope")])
     assert r.exit_code == 1
     assert r.output.strip().splitlines()[-1].startswith("Error: ") and "meta.json" in r.output
     r = CliRunner().invoke(main, ["train", "--resume", "--out-dir", str(tmp_path / "none")])
     assert r.exit_code == 1 and "ckpt.pt" in r.output
+    torn = tmp_path / "torn"
+    shutil.copytree(data["shards"], torn)
+    (torn / "train-000.bin").write_bytes((torn / "train-000.bin").read_bytes()[:-1])
+    r = CliRunner().invoke(main, ["train", "--preset", "tiny", "--data", str(torn)])
+    assert r.exit_code == 1 and r.output.strip().splitlines() == [
+        f"Error: {torn / 'train-000.bin'}: expected a non-empty whole number of uint16 tokens, found "
+        f"{(torn / 'train-000.bin').stat().st_size} bytes"]
 
 
 def test_lr_schedule_matches_llama2c():
@@ -142,10 +151,39 @@ def test_torchrun_two_processes_match_one(data, tmp_path):
                 assert abs(float(rd[key]) - float(ro[key])) < 1e-4, (key, rd, ro)
 
 
-def test_eval_only_on_resume(data, tmp_path):
-    run(["train", "--preset", "tiny", "--data", str(data["shards"]), "--out-dir", str(tmp_path), "--max-iters", "2",
-         "--quiet"])
-    before = (tmp_path / "ckpt.pt").read_bytes()
-    r = CliRunner().invoke(main, ["train", "--resume", "--out-dir", str(tmp_path), "--eval-only", "--quiet"])
-    assert r.exit_code == 0 and "iter 2: train loss" in r.output, r.output
-    assert (tmp_path / "ckpt.pt").read_bytes() == before  # evaluating writes nothing
+def evaluated(output: str) -> list[int]:
+    return [int(i) for i in re.findall(r"iter (\d+): train loss", output)]
+
+
+def test_eval_on_resume(data, tmp_path):
+    """Evaluation comes before the update, every --eval-interval iterations and at --max-iters.
+    A resumed run does not evaluate again at the iteration it starts from: its ckpt.pt was saved
+    right after evaluating there, or at a --stop-after where none was due. --eval-only
+    evaluates once wherever the run stands, and writes nothing."""
+    common = ["--preset", "tiny", "--data", str(data["shards"]), "--max-iters", "6", "--eval-interval", "3",
+              "--eval-iters", "1", "--batch-size", "2", "--quiet"]
+    for stop, first_leg, second_leg in ((3, [0, 3], [6]), (2, [0], [3, 6])):
+        out = tmp_path / f"stop{stop}"
+        r = CliRunner().invoke(main, ["train", *common, "--out-dir", str(out), "--stop-after", str(stop)])
+        assert r.exit_code == 0 and evaluated(r.output) == first_leg, r.output
+        if stop == 2:
+            before = (out / "ckpt.pt").read_bytes()
+            r = CliRunner().invoke(main, ["train", "--resume", "--out-dir", str(out), "--eval-only", "--quiet"])
+            assert r.exit_code == 0 and evaluated(r.output) == [2], r.output
+            assert (out / "ckpt.pt").read_bytes() == before
+        r = CliRunner().invoke(main, ["train", "--resume", "--out-dir", str(out), "--quiet"])
+        assert r.exit_code == 0 and evaluated(r.output) == second_leg, r.output
+        rows = read_losses(out)
+        assert [int(row["iter"]) for row in rows if row["eval_val_loss"]] == [0, 3, 6]
+        assert [int(row["iter"]) for row in rows if row["train_loss"]] == list(range(6))
+
+
+def test_eval_due():
+    from llama2nb.training.train import eval_due
+
+    cfg = config_from("tiny", {"eval_interval": 3, "max_iters": 7})
+    assert [it for it in range(8) if eval_due(cfg, it, None)] == [0, 3, 6, 7]
+    assert [it for it in range(3, 8) if eval_due(cfg, it, 3)] == [6, 7]
+    assert [it for it in range(4, 8) if eval_due(cfg, it, 4)] == [6, 7]
+    cfg.eval_only = True
+    assert eval_due(cfg, 4, 4) and eval_due(cfg, 5, None)

@@ -1,31 +1,39 @@
 """Click commands for the PyTorch half (data, download, train, export, eval).
 
 Importing this module must not import torch: commands import it inside their bodies, so that
-`llama2nb sample` works where torch is not installed.
+`llama2nb sample` works where torch is not installed. Help shows every flag's effective default
+in Click's one `[default: ...]` style, taken from the code that applies it (TrainConfig and
+the presets for `train`), never written by hand.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
-from ..errors import CheckpointError, Llama2nbError
+from ..errors import DataError, Llama2nbError
+from ..tokenizer import TOKENIZER_SEARCH
+from .data import TINYSTORIES_DIR
+from .settings import MODEL_FIELDS, PRESETS, TrainConfig, config_from
 
 
 def _clean_errors(fn):
-    """Turn the project's own errors into one-line Click errors (no traceback, exit 1)."""
+    """Turn the project's user errors (Llama2nbError) and OSErrors about files into one-line
+    Click errors (no traceback, exit 1); anything else is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except click.ClickException:
-            raise
-        except (ValueError, Llama2nbError, OSError) as e:
-            if isinstance(e, OSError) and getattr(e, "filename", None):
+        except Llama2nbError as e:
+            raise click.ClickException(str(e)) from None
+        except OSError as e:
+            if getattr(e, "filename", None):
                 raise click.ClickException(f"{e.filename}: {e.strerror or e}") from None
             raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
         except ImportError as e:
@@ -78,7 +86,7 @@ def data_download(data_dir: Path) -> None:
     JSON shards into DATA_DIR/TinyStories_all_data/."""
     from ..hub import download_tinystories
 
-    target = download_tinystories(data_dir)
+    target = download_tinystories(data_dir / TINYSTORIES_DIR)
     click.echo(f"{len(list(target.glob('*.json')))} shards in {target}")
 
 
@@ -121,7 +129,8 @@ def data_train_vocab(vocab_size: int, texts, num_shards: int, data_dir: Path) ->
 @click.option("--val-text", "val_texts", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               multiple=True, help="Validation text files (repeatable). Without them, the last "
               "--val-fraction of the --text stories is held out.")
-@click.option("--val-fraction", type=click.FloatRange(0.0, 0.5, min_open=True), default=0.05, show_default=True)
+@click.option("--val-fraction", type=click.FloatRange(0.0, 0.5, min_open=True), default=0.05, show_default=True,
+              help="Share of the --text stories held out for validation when no --val-text is given.")
 @click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
               help="Tokenizer processes.")
 @DATA_DIR_OPTION
@@ -133,46 +142,20 @@ def data_pretokenize(vocab_size, tokenizer, texts, val_texts, val_fraction, work
     files given with --text / --val-text whose stories are separated by `<|endoftext|>` lines
     (TinyStories-train.txt's layout) or, in files without such lines, by blank lines.
     """
-    import sentencepiece as spm
     import numpy as np
 
-    from .data import (encode_stories, read_stories, shard_dtype, tinystories_shards, tokenizer_model_path,
-                       write_meta, write_shard)
+    from .data import encode_stories, shard_dtype, tokenizer_model_path, write_meta, write_shard
 
     if val_texts and not texts:
         raise click.UsageError("--val-text needs --text (the TinyStories shards bring their own validation shard)")
     model_path = tokenizer_model_path(data_dir, vocab_size, str(tokenizer) if tokenizer else None)
-    if not model_path.is_file():
-        raise click.ClickException(f"{model_path}: expected a SentencePiece model (run `llama2nb data train-vocab "
-                                   f"--vocab-size {vocab_size}` first), found nothing")
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.Load(str(model_path))
-    except Exception:
-        raise click.ClickException(f"{model_path}: expected a SentencePiece model, found unreadable data") from None
+    sp = _sentencepiece(model_path, vocab_size)
     vocab = sp.get_piece_size()
     dtype = shard_dtype(vocab)
     out_dir = data_dir / model_path.stem
-    # (split, shard name, stories)
-    jobs: list[tuple[str, list[str]]] = []
-    if texts:
-        train_stories = [s for f in texts for s in read_stories(f)]
-        if val_texts:
-            val_stories = [s for f in val_texts for s in read_stories(f)]
-        else:
-            n_val = max(1, int(len(train_stories) * val_fraction))
-            if len(train_stories) < 2:
-                raise click.ClickException(f"{texts[0]}: expected at least 2 stories to hold one out for "
-                                           f"validation, found {len(train_stories)} (or pass --val-text)")
-            train_stories, val_stories = train_stories[:-n_val], train_stories[-n_val:]
-        jobs = [("train-000", train_stories), ("val-000", val_stories)]
-    else:
-        shards = tinystories_shards(data_dir)
-        jobs = [("val-000", read_stories(shards[0]))]
-        jobs += [(f"train-{i:03d}", read_stories(s)) for i, s in enumerate(shards[1:])]
-    console = _console()
+    jobs = _shard_jobs(data_dir, texts, val_texts, val_fraction)
     total_tokens = 0
-    with _progress(console) as progress:
+    with _progress(_console()) as progress:
         for name, stories in jobs:
             task = progress.add_task(name, total=len(stories))
             tokens = encode_stories(stories, model_path, dtype, workers=workers,
@@ -181,6 +164,40 @@ def data_pretokenize(vocab_size, tokenizer, texts, val_texts, val_fraction, work
             total_tokens += len(tokens)
     write_meta(out_dir, model_path, vocab, sp.bos_id(), dtype)
     click.echo(f"wrote {len(jobs)} shards, {total_tokens:,} tokens ({np.dtype(dtype).name}) to {out_dir}")
+
+
+def _sentencepiece(model_path: Path, vocab_size: int | None):
+    import sentencepiece as spm
+
+    if not model_path.is_file():
+        raise DataError(f"{model_path}: expected a SentencePiece model (run `llama2nb data train-vocab "
+                        f"--vocab-size {vocab_size}` first), found nothing")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(model_path))
+    except Exception:  # sentencepiece raises bare RuntimeError/OSError on bad protos
+        raise DataError(f"{model_path}: expected a SentencePiece model, found unreadable data") from None
+    return sp
+
+
+def _shard_jobs(data_dir: Path, texts, val_texts, val_fraction: float) -> list[tuple[str, list[str]]]:
+    """(shard name, its stories): --text files as train-000 and --val-text files (or the last
+    --val-fraction of the --text stories) as val-000; else the TinyStories shards, the first as
+    val-000 as llama2.c does."""
+    from .data import read_stories, tinystories_shards
+
+    if not texts:
+        shards = tinystories_shards(data_dir)
+        return [("val-000", read_stories(shards[0]))] + [(f"train-{i:03d}", read_stories(s))
+                                                          for i, s in enumerate(shards[1:])]
+    train_stories = [s for f in texts for s in read_stories(f)]
+    if val_texts:
+        return [("train-000", train_stories), ("val-000", [s for f in val_texts for s in read_stories(f)])]
+    if len(train_stories) < 2:
+        raise DataError(f"{texts[0]}: expected at least 2 stories to hold one out for validation, found "
+                        f"{len(train_stories)} (or pass --val-text)")
+    n_val = max(1, int(len(train_stories) * val_fraction))
+    return [("train-000", train_stories[:-n_val]), ("val-000", train_stories[-n_val:])]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,30 +211,27 @@ def download(name: str) -> None:
     """Download a published llama2.c model and its tokenizer into the Hugging Face cache:
     stories15M, stories42M, stories110M (Llama 2 tokenizer) or stories260K (its own 512-token
     one). `llama2nb sample NAME` then finds them by name, offline."""
-    from ..hub import KNOWN_MODELS, download_model
+    from ..hub import canonical_name, download_model
 
     checkpoint, tokenizer = download_model(name)
     click.echo(f"checkpoint: {checkpoint}\ntokenizer:  {tokenizer}")
-    key = next(k for k in KNOWN_MODELS if k.lower() == name.lower().removesuffix(".bin"))
-    click.echo(f"sample with: llama2nb sample {key}")
+    click.echo(f"sample with: llama2nb sample {canonical_name(name)}")
 
 
 # ----------------------------------------------------------------------------------------------
 # train
 
-PRESET_NAMES = ("tiny", "260K", "15M", "42M", "110M")
-
 _TRAIN_OPTIONS = [
-    # (flag, field, type, help)
-    ("--out-dir", "out_dir", click.Path(file_okay=False), "Output directory: ckpt.pt, model.bin, loss.csv, loss.png. [out]"),
-    ("--data", "data", click.Path(file_okay=False), "Shard directory from `data pretokenize`. [data/tok512]"),
-    ("--eval-interval", "eval_interval", click.IntRange(min=1), "Evaluate and save every N iterations. [2000]"),
-    ("--log-interval", "log_interval", click.IntRange(min=1), "Update the progress line every N iterations. [1]"),
-    ("--eval-iters", "eval_iters", click.IntRange(min=1), "Batches per evaluation. [100]"),
+    # (flag, field, type, help); every default is TrainConfig's, or the --preset's
+    ("--out-dir", "out_dir", click.Path(file_okay=False), "Output directory: ckpt.pt, model.bin, loss.csv, loss.png."),
+    ("--data", "data", click.Path(file_okay=False), "Shard directory from `data pretokenize`."),
+    ("--eval-interval", "eval_interval", click.IntRange(min=1), "Evaluate and save every N iterations."),
+    ("--log-interval", "log_interval", click.IntRange(min=1), "Update the progress line every N iterations."),
+    ("--eval-iters", "eval_iters", click.IntRange(min=1), "Batches per evaluation."),
     ("--eval-only/--no-eval-only", "eval_only", None, "Evaluate once and stop."),
     ("--always-save-checkpoint/--no-always-save-checkpoint", "always_save_checkpoint", None,
      "Write model.bin at every evaluation, not only when val loss improves."),
-    ("--vocab-size", "vocab_size", click.IntRange(min=1), "Vocabulary size. [from the data's meta.json]"),
+    ("--vocab-size", "vocab_size", click.IntRange(min=0), "Vocabulary size (0: the data's, from its meta.json)."),
     ("--dim", "dim", click.IntRange(min=2), "Model width."),
     ("--n-layers", "n_layers", click.IntRange(min=1), "Layers."),
     ("--n-heads", "n_heads", click.IntRange(min=1), "Query heads."),
@@ -240,32 +254,64 @@ _TRAIN_OPTIONS = [
     ("--warmup-iters", "warmup_iters", click.IntRange(min=0), "Linear warmup iterations."),
     ("--lr-decay-iters", "lr_decay_iters", click.IntRange(min=0), "Cosine decay length (0: max-iters)."),
     ("--min-lr", "min_lr", click.FloatRange(min=0.0), "Learning rate at the end of the decay."),
-    ("--device", "device", click.STRING, "auto, cpu, cuda, cuda:N, mps. [auto]"),
-    ("--dtype", "dtype", click.Choice(["float32", "bfloat16", "float16"]), "Compute dtype. [float32]"),
-    ("--compile/--no-compile", "compile", None, "torch.compile the model. [off]"),
-    ("--seed", "seed", click.INT, "Seed for initialization and data order. [1337]"),
+    ("--device", "device", click.STRING, "auto, cpu, cuda, cuda:N, mps."),
+    ("--dtype", "dtype", click.Choice(["float32", "bfloat16", "float16"]), "Compute dtype."),
+    ("--compile/--no-compile", "compile", None, "torch.compile the model."),
+    ("--seed", "seed", click.INT, "Seed for initialization and data order."),
 ]
 
 
 def _train_options(fn):
+    """The flags of TrainConfig's fields, each defaulting to the field's default (shown in help)."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
     for flag, name, type_, help_ in reversed(_TRAIN_OPTIONS):
-        if type_ is None:
-            fn = click.option(flag, name, default=None, help=help_)(fn)
-        else:
-            fn = click.option(flag, name, type=type_, default=None, help=help_)(fn)
+        fn = click.option(flag, name, type=type_, default=defaults[name], show_default=True, help=help_)(fn)
     return fn
 
 
+def _preset_defaults(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--preset is eager: its values become the other flags' defaults (Click's default_map), so
+    `train --preset NAME --help` shows them, and flags given still override them."""
+    if value is not None:
+        ctx.default_map = {**(ctx.default_map or {}), **PRESETS[value]}
+    return value
+
+
+def _given(ctx: click.Context, options: dict) -> dict:
+    """The flags typed on the command line (not TrainConfig's or the preset's defaults)."""
+    return {k: v for k, v in options.items()
+            if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+
+
+def _resumed_config(out_dir: str, given: dict) -> tuple[TrainConfig, dict]:
+    """The run's own settings from OUT_DIR/ckpt.pt with the flags given now on top (model shape
+    flags must match), and the loaded state."""
+    from .train import load_resume_state
+
+    state = load_resume_state(out_dir)
+    stored = {f.name: state["config"][f.name] for f in fields(TrainConfig) if f.name in state["config"]}
+    for name in MODEL_FIELDS:
+        if name in given and given[name] != stored.get(name):
+            raise click.ClickException(f"--{name.replace('_', '-')}: expected the resumed run's value "
+                                       f"{stored.get(name)} (from {out_dir}/ckpt.pt), found {given[name]}")
+    stored.update(given)
+    stored["out_dir"] = str(out_dir)  # where the run is now, even if it was moved
+    return TrainConfig(**stored), state
+
+
 @click.command("train", context_settings={"max_content_width": 100})
-@click.option("--preset", type=click.Choice(PRESET_NAMES, case_sensitive=False),
-              help="Model and optimizer settings: tiny (tests), or llama2.c's 260K/15M/42M/110M runs.")
+@click.option("--preset", type=click.Choice(list(PRESETS), case_sensitive=False), is_eager=True,
+              callback=_preset_defaults,
+              help="Model and optimizer settings: tiny (tests), or llama2.c's 260K/15M/42M/110M runs. Without "
+                   "one, the defaults shown: llama2.c's 15M run. `train --preset NAME --help` shows a preset's.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out-dir from its ckpt.pt, exactly.")
 @click.option("--stop-after", type=click.IntRange(min=1),
               help="Stop after N iterations of this invocation (ckpt.pt is written); continue with --resume.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_train_options
+@click.pass_context
 @_clean_errors
-def train_command(preset, resume, stop_after, quiet, **options) -> None:
+def train_command(ctx: click.Context, preset, resume, stop_after, quiet, **options) -> None:
     """Train a Llama 2 model on pretokenized shards (llama2.c's train.py).
 
     Flags override the preset; with --resume, the run's own settings from ckpt.pt are used and
@@ -273,26 +319,14 @@ def train_command(preset, resume, stop_after, quiet, **options) -> None:
     `torchrun --standalone --nproc_per_node=N -m llama2nb.training train ...` (gloo on CPU,
     nccl on GPU).
     """
-    from dataclasses import fields
+    from .train import train
 
-    from .train import MODEL_FIELDS, PRESETS, TrainConfig, config_from, load_resume_state, train
-
-    preset_key = next((p for p in PRESETS if preset and p.lower() == preset.lower()), None)
-    given = {k: v for k, v in options.items() if v is not None}
+    given = _given(ctx, options)
     state = None
     if resume:
-        out_dir = given.get("out_dir", TrainConfig.out_dir)
-        state = load_resume_state(out_dir)
-        stored = {f.name: state["config"][f.name] for f in fields(TrainConfig) if f.name in state["config"]}
-        for name in MODEL_FIELDS:
-            if name in given and given[name] != stored.get(name):
-                raise click.ClickException(f"--{name.replace('_', '-')}: expected the resumed run's value "
-                                           f"{stored.get(name)} (from {out_dir}/ckpt.pt), found {given[name]}")
-        stored.update(given)
-        stored["out_dir"] = str(out_dir)  # where the run is now, even if it was moved
-        cfg = TrainConfig(**stored)
+        cfg, state = _resumed_config(given.get("out_dir", TrainConfig.out_dir), given)
     else:
-        cfg = config_from(preset_key, given)
+        cfg = config_from(preset, given)
     console = _console()
     summary = train(cfg, resume=resume, console=console, progress=not quiet, stop_after=stop_after, state=state)
     if int(os.environ.get("RANK", 0)) == 0 and not cfg.eval_only:
@@ -311,7 +345,8 @@ def train_command(preset, resume, stop_after, quiet, **options) -> None:
 @click.option("--version", "version", type=click.IntRange(0, 2), default=0, show_default=True,
               help="0: legacy fp32, 1: fp32 with header, 2: Q8_0 int8.")
 @click.option("--group-size", type=click.IntRange(min=1), default=None,
-              help="Q8_0 group size for --version 2; must divide dim and hidden_dim. [largest divisor <= 64]")
+              show_default="64, 32 or 16, the largest dividing dim and hidden_dim",
+              help="Q8_0 group size for --version 2; must divide dim and hidden_dim.")
 @click.option("--hf", "hf", is_flag=True, help="SOURCE is a Hugging Face Llama directory "
               "(config.json + *.safetensors or pytorch_model*.bin).")
 @_clean_errors
@@ -343,9 +378,9 @@ def export_command(source: Path, out: Path, version: int, group_size: int | None
 @_clean_errors
 def export_tokenizer_command(model: Path, out: Path) -> None:
     """Write a SentencePiece MODEL in llama2.c's tokenizer.bin layout to OUT."""
-    from .vocab import export_tokenizer
+    from ..tokenizer import sentencepiece_to_bin
 
-    export_tokenizer(model, out)
+    sentencepiece_to_bin(model, out)
     click.echo(f"wrote {out}")
 
 
@@ -353,22 +388,15 @@ def export_tokenizer_command(model: Path, out: Path) -> None:
 # eval
 
 
-def _default_tokenizer(checkpoint: Path, vocab_size: int) -> Path | None:
-    for candidate in (checkpoint.with_name("tokenizer.bin"), checkpoint.with_name(f"tok{vocab_size}.bin"),
-                      Path("data") / f"tok{vocab_size}.bin"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 @click.command("eval")
 @click.argument("checkpoint")
 @click.option("--text", "text", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="Text to score (stories split as `data pretokenize` splits them).")
 @click.option("-z", "--tokenizer", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="tokenizer.bin or .model. [tokenizer.bin or tokN.bin beside CHECKPOINT, or data/tokN.bin]")
-@click.option("--max-tokens", type=click.IntRange(min=2), help="Score only the first N tokens.")
-@click.option("--seq-len", type=click.IntRange(min=1), help="Window length. [the model's seq_len]")
+              show_default=f"a downloaded model's own, else the first of {TOKENIZER_SEARCH} (as `sample`)",
+              help="tokenizer.bin or .model.")
+@click.option("--max-tokens", type=click.IntRange(min=2), show_default="all", help="Score only the first N tokens.")
+@click.option("--seq-len", type=click.IntRange(min=1), show_default="the model's seq_len", help="Window length.")
 @click.option("--fastmath/--no-fastmath", default=True, show_default=True,
               help="Full fastmath kernels, as `sample` uses; --no-fastmath for IEEE arithmetic.")
 @_clean_errors
@@ -376,7 +404,8 @@ def eval_command(checkpoint: str, text: Path, tokenizer: Path | None, max_tokens
     """Mean loss per token and perplexity of a llama2.c CHECKPOINT (or known model name) on a
     text file, computed by the Numba engine."""
     from .. import Transformer
-    from ..tokenizer import Tokenizer
+    from ..files.llama2c import read_config
+    from ..tokenizer import Tokenizer, find_tokenizer
     from .data import read_stories
     from .evaluate import encode_text, evaluate, windows
 
@@ -390,12 +419,9 @@ def eval_command(checkpoint: str, text: Path, tokenizer: Path | None, max_tokens
                                        "(llama2nb download NAME), found neither")
         ckpt_path, known_tok = found
         tokenizer = tokenizer or known_tok
+    vocab = read_config(ckpt_path).vocab_size  # the header only: a missing tokenizer fails before compiling
+    tok = Tokenizer.load(tokenizer or find_tokenizer(ckpt_path, vocab), vocab_size=vocab)
     model = Transformer.load(ckpt_path, fastmath="full" if fastmath else "off")
-    vocab = model.config.vocab_size
-    tokenizer = tokenizer or _default_tokenizer(ckpt_path, vocab)
-    if tokenizer is None:
-        raise click.ClickException(f"-z: expected a tokenizer (none beside {ckpt_path}), found none: pass -z FILE")
-    tok = Tokenizer.load(tokenizer, vocab_size=vocab)
     ids = encode_text(read_stories(text), tok)
     if max_tokens:
         ids = ids[:max_tokens]

@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from ..atomic import atomic_write
+from ..errors import DataError
 
 TINYSTORIES_DIR = "TinyStories_all_data"
 EOT_LINE = "<|endoftext|>"
@@ -57,18 +58,18 @@ def read_stories(path: str | os.PathLike) -> list[str]:
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: expected UTF-8 text, found an invalid byte at offset {e.start}") from None
+        raise DataError(f"{path}: expected UTF-8 text, found an invalid byte at offset {e.start}") from None
     if path.suffix == ".json":
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: expected a TinyStories JSON shard, found invalid JSON at line {e.lineno}") from None
+            raise DataError(f"{path}: expected a TinyStories JSON shard, found invalid JSON at line {e.lineno}") from None
         if not isinstance(items, list):
-            raise ValueError(f"{path}: expected a JSON list of stories, found {type(items).__name__}")
+            raise DataError(f"{path}: expected a JSON list of stories, found {type(items).__name__}")
         stories = []
         for item in items:
             story = item.get("story") if isinstance(item, dict) else item if isinstance(item, str) else None
@@ -81,7 +82,7 @@ def read_stories(path: str | os.PathLike) -> list[str]:
 def tinystories_shards(data_dir: str | os.PathLike) -> list[Path]:
     shards = sorted((Path(data_dir) / TINYSTORIES_DIR).glob("*.json"))
     if not shards:
-        raise ValueError(f"{Path(data_dir) / TINYSTORIES_DIR}: expected TinyStories JSON shards "
+        raise DataError(f"{Path(data_dir) / TINYSTORIES_DIR}: expected TinyStories JSON shards "
                          "(run `llama2nb data download`, or pass --text FILE), found none")
     return shards
 
@@ -158,11 +159,11 @@ def read_meta(shard_dir: str | os.PathLike) -> dict:
         meta = json.loads(path.read_text())
         vocab, dtype = int(meta["vocab_size"]), np.dtype(meta["dtype"])
     except FileNotFoundError:
-        raise ValueError(f"{path}: expected the meta.json that `llama2nb data pretokenize` writes, found nothing") from None
+        raise DataError(f"{path}: expected the meta.json that `llama2nb data pretokenize` writes, found nothing") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: expected JSON with vocab_size and dtype, found unreadable data ({e})") from None
+        raise DataError(f"{path}: expected JSON with vocab_size and dtype, found unreadable data ({e})") from None
     if dtype not in (np.uint16, np.uint32) or vocab <= 0:
-        raise ValueError(f"{path}: expected dtype uint16/uint32 and a positive vocab_size, found {dtype}, {vocab}")
+        raise DataError(f"{path}: expected dtype uint16/uint32 and a positive vocab_size, found {dtype}, {vocab}")
     meta["vocab_size"], meta["dtype"] = vocab, dtype
     return meta
 
@@ -176,4 +177,4 @@ def tokenizer_model_path(data_dir: str | os.PathLike, vocab_size: int | None, to
         return Path(tokenizer)
     if vocab_size:
         return Path(data_dir) / f"tok{vocab_size}.model"
-    raise ValueError("pretokenize: expected --vocab-size N (data/tokN.model) or --tokenizer MODEL, found neither")
+    raise DataError("pretokenize: expected --vocab-size N (data/tokN.model) or --tokenizer MODEL, found neither")

@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..errors import DataError
+
 
 @dataclass
 class EvalResult:
@@ -58,6 +60,6 @@ def evaluate(model, tokens: Sequence[int], seq_len: int | None = None,
         if advance:
             advance(len(w) - 1)
     if count == 0:
-        raise ValueError("eval: expected at least 2 tokens of text, found fewer")
+        raise DataError("eval: expected at least 2 tokens of text, found fewer")
     loss = total / count
     return EvalResult(loss, math.exp(loss), count, len(wins))

@@ -63,7 +63,10 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_tables(head_size: int, seq_len: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(*, seq_len: int, head_size: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each (seq_len, head_size // 2): row p holds position p's
+    angles p * theta^(-2i / head_size). Keyword-only: the engine's own table function takes the
+    same two sizes positionally."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_size, 2)[: head_size // 2].float() / head_size))
     angles = torch.outer(torch.arange(seq_len).float(), freqs)
     return torch.cos(angles), torch.sin(angles)
@@ -145,7 +148,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.shared_classifier:
             self.tok_embeddings.weight = self.output.weight
-        cos, sin = rope_tables(args.dim // args.n_heads, args.max_seq_len)
+        cos, sin = rotary_cos_sin(seq_len=args.max_seq_len, head_size=args.dim // args.n_heads)
         self.register_buffer("freqs_cos", cos, persistent=False)
         self.register_buffer("freqs_sin", sin, persistent=False)
         self.apply(self._init_weights)

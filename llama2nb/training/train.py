@@ -15,90 +15,18 @@ import io
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..atomic import atomic_path, atomic_write
+from ..errors import DataError, TrainingError
 from ..files.llama2c import write_checkpoint
 from .data import read_meta, shard_files
 from .model import ModelArgs, Transformer
-
-
-@dataclass
-class TrainConfig:
-    # I/O
-    out_dir: str = "out"
-    data: str = "data/tok512"  # a shard directory written by `llama2nb data pretokenize`
-    eval_interval: int = 2000
-    log_interval: int = 1
-    eval_iters: int = 100
-    eval_only: bool = False
-    always_save_checkpoint: bool = False
-    # model
-    vocab_size: int = 0  # 0: from the shard directory's meta.json
-    dim: int = 288
-    n_layers: int = 6
-    n_heads: int = 6
-    n_kv_heads: int = 6
-    multiple_of: int = 32
-    hidden_dim: int = 0  # 0: from dim and multiple_of
-    max_seq_len: int = 256
-    dropout: float = 0.0
-    shared_classifier: bool = True
-    # optimization
-    batch_size: int = 128
-    gradient_accumulation_steps: int = 4
-    learning_rate: float = 5e-4
-    max_iters: int = 100000
-    weight_decay: float = 1e-1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    decay_lr: bool = True
-    warmup_iters: int = 1000
-    lr_decay_iters: int = 0  # 0: max_iters
-    min_lr: float = 0.0
-    # system
-    device: str = "auto"
-    dtype: str = "float32"
-    compile: bool = False
-    seed: int = 1337
-
-
-PRESETS: dict[str, dict] = {
-    # for tests and quick checks: trains in seconds on one CPU core
-    "tiny": dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=64,
-                 batch_size=8, gradient_accumulation_steps=1, learning_rate=3e-3, max_iters=60,
-                 warmup_iters=5, eval_interval=20, eval_iters=4, weight_decay=0.0, dropout=0.0),
-    # llama2.c's stories260K run
-    "260K": dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, multiple_of=4, max_seq_len=512,
-                 batch_size=128, gradient_accumulation_steps=1, learning_rate=1e-3, dropout=0.05,
-                 weight_decay=0.01, max_iters=100000, beta2=0.99, warmup_iters=1000,
-                 eval_interval=2000, eval_iters=100),
-    # llama2.c's train.py defaults (stories15M)
-    "15M": dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, multiple_of=32, max_seq_len=256,
-                batch_size=128, gradient_accumulation_steps=4),
-    "42M": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, multiple_of=32, max_seq_len=1024,
-                batch_size=32, gradient_accumulation_steps=16),
-    "110M": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, multiple_of=32, max_seq_len=1024,
-                 batch_size=32, gradient_accumulation_steps=16),
-}
-
-MODEL_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "hidden_dim", "max_seq_len",
-                "vocab_size", "shared_classifier")
-
-
-def config_from(preset: str | None, overrides: dict) -> TrainConfig:
-    values = dict(PRESETS[preset]) if preset else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    names = {f.name for f in fields(TrainConfig)}
-    unknown = set(values) - names
-    if unknown:
-        raise ValueError(f"unknown training settings: {', '.join(sorted(unknown))}")
-    return TrainConfig(**values)
+from .settings import TrainConfig
 
 
 def model_args(cfg: TrainConfig) -> ModelArgs:
@@ -125,19 +53,26 @@ def get_lr(cfg: TrainConfig, it: int) -> float:
 # Data
 
 
+def _open_shard(path: Path, dtype: np.dtype) -> np.memmap:
+    size = path.stat().st_size
+    if size == 0 or size % dtype.itemsize:
+        raise DataError(f"{path}: expected a non-empty whole number of {dtype.name} tokens, found {size} bytes")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
 class ChunkStream:
     """The non-overlapping (seq_len + 1)-token chunks of a split's shards, read from memmaps."""
 
     def __init__(self, shard_dir: str, split: str, seq_len: int, dtype: np.dtype):
-        self.shards = [np.memmap(p, dtype=dtype, mode="r") for p in shard_files(shard_dir, split)]
+        self.shards = [_open_shard(p, dtype) for p in shard_files(shard_dir, split)]
         if not self.shards:
-            raise ValueError(f"{shard_dir}: expected {split}-*.bin shards (run `llama2nb data pretokenize`), found none")
+            raise DataError(f"{shard_dir}: expected {split}-*.bin shards (run `llama2nb data pretokenize`), found none")
         self.seq_len = seq_len
         counts = [max(0, len(s) // seq_len - 1) for s in self.shards]
         self.n_chunks = int(sum(counts))
         if self.n_chunks == 0:
             total = sum(len(s) for s in self.shards)
-            raise ValueError(f"{shard_dir}: {split} split: expected at least {2 * seq_len} tokens for "
+            raise DataError(f"{shard_dir}: {split} split: expected at least {2 * seq_len} tokens for "
                              f"seq_len {seq_len}, found {total}")
         self.starts = np.cumsum([0] + counts)
         self._perm: dict[tuple, np.ndarray] = {}
@@ -212,15 +147,15 @@ def save_loss_files(out_dir: Path, history: list[dict]) -> None:
 def load_resume_state(out_dir: str | os.PathLike) -> dict:
     path = Path(out_dir) / "ckpt.pt"
     if not path.is_file():
-        raise ValueError(f"{path}: --resume: expected a ckpt.pt from an earlier run, found nothing")
+        raise TrainingError(f"{path}: --resume: expected a ckpt.pt from an earlier run, found nothing")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ValueError(f"{path}: expected a llama2nb training checkpoint, found unreadable data ({type(e).__name__})") from None
+        raise TrainingError(f"{path}: expected a llama2nb training checkpoint, found unreadable data ({type(e).__name__})") from None
 
 
 # ----------------------------------------------------------------------------------------------
-# The loop
+# Setting up a run
 
 
 @dataclass
@@ -235,14 +170,303 @@ class Dist:
 
 
 def _setup_ddp(device: str) -> Dist:
+    """The process group torchrun asks for (RANK in the environment), else one process."""
     if int(os.environ.get("RANK", -1)) < 0:
         return Dist()
     import torch.distributed as dist
 
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend=backend)
-    d = Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
-    return d
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+
+
+def _pick_device(requested: str) -> tuple[str, Dist, str]:
+    """(device, processes, device type) for --device: auto takes CUDA where there is one, and
+    each DDP process on CUDA its local GPU. TrainingError for a device this torch cannot use."""
+    device = requested
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dd = _setup_ddp(device)
+    if dd.world > 1 and device.startswith("cuda"):
+        device = f"cuda:{dd.local_rank}"
+        torch.cuda.set_device(device)
+    try:
+        device_type = torch.device(device).type  # cpu, cuda, mps
+    except (RuntimeError, ValueError):
+        raise TrainingError(f"--device: expected auto, cpu, cuda, cuda:N or mps, found {device!r}") from None
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"--device: expected a device this torch can use, found {device!r} (no CUDA available)")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError(f"--device: expected a device this torch can use, found {device!r} (no MPS available)")
+    return device, dd, device_type
+
+
+def _micro_batches(cfg: TrainConfig, dd: Dist) -> int:
+    """Micro-batches per iteration in each process: --gradient-accumulation-steps counts them
+    over all processes, so it must divide among them."""
+    if cfg.gradient_accumulation_steps % dd.world:
+        raise TrainingError(f"--gradient-accumulation-steps: expected a multiple of the {dd.world} processes, "
+                            f"found {cfg.gradient_accumulation_steps}")
+    return cfg.gradient_accumulation_steps // dd.world
+
+
+def _vocab_from_data(cfg: TrainConfig, meta: dict) -> None:
+    """vocab_size 0 takes the data's; a smaller one than the data's cannot embed its ids."""
+    if not cfg.vocab_size:
+        cfg.vocab_size = meta["vocab_size"]
+    if cfg.vocab_size < meta["vocab_size"]:
+        raise TrainingError(f"--vocab-size: expected at least the data's vocabulary ({meta['vocab_size']} in "
+                            f"{cfg.data}/meta.json), found {cfg.vocab_size}")
+
+
+@dataclass
+class Run:
+    """One training run: what its steps (train_step, evaluate_and_save, save_run) share."""
+
+    cfg: TrainConfig
+    dd: Dist
+    device: str
+    device_type: str
+    args: ModelArgs
+    raw_model: Transformer
+    model: torch.nn.Module  # raw_model, compiled and/or wrapped for DDP: what the updates run
+    optimizer: torch.optim.Optimizer
+    autocast: contextlib.AbstractContextManager
+    scaler: torch.amp.GradScaler
+    train_stream: ChunkStream
+    val_stream: ChunkStream
+    micro_batches: int  # per iteration in this process
+    iter_num: int = 0
+    best_val: float = math.inf
+    history: list[dict] = field(default_factory=list)
+    resumed_at: int | None = None  # the iteration a --resume started from
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    @property
+    def tokens_per_iter(self) -> int:
+        return self.micro_batches * self.dd.world * self.cfg.batch_size * self.cfg.max_seq_len
+
+
+def setup(cfg: TrainConfig, state: dict | None) -> Run:
+    """Everything a run needs: device and processes, data, model, optimizer; with `state` (a
+    ckpt.pt's contents), the model, optimizer, iteration, history and RNG state it saved. The
+    seeding order is llama2.c's: the seed, the model's initialization, then (fresh runs) the
+    seed plus the rank, so dropout differs per process."""
+    device, dd, device_type = _pick_device(cfg.device)
+    meta = read_meta(cfg.data)
+    _vocab_from_data(cfg, meta)
+    micro_batches = _micro_batches(cfg, dd)
+    train_stream = ChunkStream(cfg.data, "train", cfg.max_seq_len, meta["dtype"])
+    val_stream = ChunkStream(cfg.data, "val", cfg.max_seq_len, meta["dtype"])
+    torch.manual_seed(cfg.seed)
+    args = model_args(cfg)
+    args.to_config().validate("model shape")  # heads dividing dim, kv heads dividing heads, ...
+    raw_model = Transformer(args).to(device)
+    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    run = Run(cfg, dd, device, device_type, args, raw_model, raw_model, optimizer,
+              contextlib.nullcontext() if ptdtype == torch.float32
+              else torch.autocast(device_type=device_type, dtype=ptdtype),
+              torch.amp.GradScaler(device_type, enabled=(cfg.dtype == "float16")),
+              train_stream, val_stream, micro_batches)
+    if state is not None:
+        _restore(run, state)
+    else:
+        torch.manual_seed(cfg.seed + dd.rank)
+    run.model = _wrapped(run)
+    return run
+
+
+def _restore(run: Run, state: dict) -> None:
+    run.raw_model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.iter_num, run.best_val, run.history = state["iter_num"], state["best_val_loss"], state["history"]
+    run.resumed_at = run.iter_num
+    torch.set_rng_state(state["rng"]["torch"])
+    if run.device_type == "cuda" and state["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def _wrapped(run: Run) -> torch.nn.Module:
+    """The model the updates run: torch.compile'd with --compile, in DDP over several processes."""
+    model = torch.compile(run.raw_model) if run.cfg.compile else run.raw_model
+    if run.dd.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[run.dd.local_rank] if run.device_type == "cuda" else None)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# The steps
+
+
+def batch(run: Run, stream: ChunkStream, salt: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = stream.batch(run.cfg.seed, salt, index, run.cfg.batch_size)
+    return x.to(run.device), y.to(run.device)
+
+
+@torch.no_grad()
+def estimate_loss(run: Run) -> dict[str, float]:
+    """Mean loss over eval_iters batches of each split: the same batches at every evaluation."""
+    run.raw_model.eval()
+    out = {}
+    for name, stream, salt in (("train", run.train_stream, 1), ("val", run.val_stream, 2)):
+        losses = []
+        for k in range(run.cfg.eval_iters):
+            x, y = batch(run, stream, salt, k)
+            with run.autocast:
+                _, loss = run.raw_model(x, y)
+            losses.append(loss.item())
+        out[name] = float(np.mean(losses))
+    run.raw_model.train()
+    return out
+
+
+def train_step(run: Run) -> tuple[float, float]:
+    """One iteration's update (gradient accumulation over micro-batches, clipping, AdamW);
+    returns its learning rate and its loss, averaged over the processes."""
+    cfg, dd = run.cfg, run.dd
+    lr = get_lr(cfg, run.iter_num)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    total = 0.0
+    for micro in range(run.micro_batches):
+        x, y = batch(run, run.train_stream, 0, (run.iter_num * run.micro_batches + micro) * dd.world + dd.rank)
+        last = micro == run.micro_batches - 1
+        with run.model.no_sync() if dd.world > 1 and not last else contextlib.nullcontext():
+            with run.autocast:
+                _, loss = run.model(x, y)
+                loss = loss / run.micro_batches
+            run.scaler.scale(loss).backward()
+        total += loss.item()
+    if cfg.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    if dd.world > 1:
+        t = torch.tensor([total], device=run.device)
+        torch.distributed.all_reduce(t)
+        total = t.item() / dd.world
+    return lr, total
+
+
+def record_step(run: Run, lr: float, loss: float) -> None:
+    """Log the iteration in the history (beside its evaluation, if it had one) and count it."""
+    row = run.history[-1] if run.history and run.history[-1]["iter"] == run.iter_num else None
+    if row is None:
+        run.history.append({"iter": run.iter_num, "lr": lr, "loss": loss})
+    else:
+        row.update(lr=lr, loss=loss)
+    run.iter_num += 1
+
+
+def save_run(run: Run, write_model: bool) -> None:
+    """ckpt.pt (everything --resume needs), model.bin when `write_model`, loss.csv/.png."""
+    ckpt = {
+        "model": _plain_state_dict(run.raw_model),
+        "optimizer": run.optimizer.state_dict(),
+        "model_args": run.args.to_dict(),
+        "config": asdict(run.cfg),
+        "iter_num": run.iter_num,
+        "best_val_loss": run.best_val,
+        "history": run.history,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if run.device_type == "cuda" else None},
+    }
+    with atomic_path(run.out_dir / "ckpt.pt") as tmp:
+        torch.save(ckpt, tmp)
+    if write_model:
+        write_checkpoint(run.out_dir / "model.bin", run.args.to_config(version=0), run.raw_model.export_weights())
+    save_loss_files(run.out_dir, run.history)
+
+
+def evaluate_and_save(run: Run, console) -> None:
+    """Evaluate at the current iteration, log it, and (unless --eval-only) save: model.bin too
+    when val loss improved, or always with --always-save-checkpoint (as llama2.c, best_val is
+    then the latest val loss); never at iteration 0, before any update."""
+    losses = estimate_loss(run)
+    it = run.iter_num
+    row = next((r for r in run.history if r["iter"] == it), None)
+    if row is None:
+        row = {"iter": it}
+        run.history.append(row)
+    row["eval_train"], row["eval_val"] = losses["train"], losses["val"]
+    improved = losses["val"] < run.best_val or run.cfg.always_save_checkpoint
+    if improved:
+        run.best_val = losses["val"]
+    console.print(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                  + (f" -> {run.out_dir / 'model.bin'}" if improved and it > 0 else ""))
+    if not run.cfg.eval_only:
+        save_run(run, write_model=improved and it > 0)
+
+
+def eval_due(cfg: TrainConfig, it: int, resumed_at: int | None) -> bool:
+    """Whether to evaluate before the update of iteration `it`: with --eval-only always (once:
+    it is all that run does); else every eval_interval iterations and at max_iters, except at
+    the iteration a --resume starts from, which its ckpt.pt was saved at right after evaluating
+    there (or at a --stop-after iteration where no evaluation was due)."""
+    if cfg.eval_only:
+        return True
+    if it == resumed_at:
+        return False
+    return it % cfg.eval_interval == 0 or it == cfg.max_iters
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+class _Progress:
+    """Throughput (an exponential moving average of tokens/s over iterations) and, when shown,
+    a Rich progress bar updated every log_interval iterations."""
+
+    def __init__(self, run: Run, console, show: bool):
+        self.run = run
+        self.last = time.perf_counter()
+        self.tok_rate = 0.0
+        self.bar = None
+        if show:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]train"), BarColumn(bar_width=15), MofNCompleteColumn(),
+                                TextColumn("{task.description}"), TextColumn("ETA"), TimeRemainingColumn(),
+                                console=console, transient=False)
+            self.task = self.bar.add_task("", total=run.cfg.max_iters, completed=run.iter_num)
+            self.bar.start()
+
+    def step(self, lr: float, loss: float) -> None:
+        now = time.perf_counter()
+        dt, self.last = now - self.last, now
+        rate = self.run.tokens_per_iter / dt if dt > 0 else 0.0
+        self.tok_rate = rate if self.tok_rate == 0 else 0.9 * self.tok_rate + 0.1 * rate
+        it, cfg = self.run.iter_num, self.run.cfg
+        if self.bar is not None and (it % cfg.log_interval == 0 or it == cfg.max_iters):
+            self.bar.update(self.task, completed=it, description=f"loss {loss:.3f} lr {lr:.1e} {self.tok_rate:,.0f} tok/s")
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _describe(run: Run) -> str:
+    a = run.args
+    return (f"model: {run.raw_model.n_params():,} parameters: dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads "
+            f"({a.kv_heads} kv), hidden {a.ffn_dim}, vocab {a.vocab_size}, seq {a.max_seq_len}; "
+            f"{run.tokens_per_iter:,} tokens per iteration; device {run.device}, dtype {run.cfg.dtype}"
+            + (f", {run.dd.world} processes" if run.dd.world > 1 else ""))
+
+
+def _evaluate_everywhere(run: Run, console) -> None:
+    """The master process evaluates and saves; the others wait for it."""
+    if run.dd.master:
+        evaluate_and_save(run, console)
+    if run.dd.world > 1:
+        torch.distributed.barrier()
 
 
 def train(cfg: TrainConfig, resume: bool = False, console=None, progress: bool = True,
@@ -253,202 +477,37 @@ def train(cfg: TrainConfig, resume: bool = False, console=None, progress: bool =
     from rich.console import Console
 
     console = console or Console(stderr=True)
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dd = _setup_ddp(device)
-    if dd.world > 1 and device.startswith("cuda"):
-        device = f"cuda:{dd.local_rank}"
-        torch.cuda.set_device(device)
-    try:
-        device_type = torch.device(device).type  # cpu, cuda, mps
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device: expected auto, cpu, cuda, cuda:N or mps, found {device!r}") from None
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: expected a device this torch can use, found {device!r} (no CUDA available)")
-    if device_type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device: expected a device this torch can use, found {device!r} (no MPS available)")
-    out_dir = Path(cfg.out_dir)
-
     if resume and state is None:
-        state = load_resume_state(out_dir)
-    if not resume:
-        state = None
-    meta = read_meta(cfg.data)
-    if not cfg.vocab_size:
-        cfg.vocab_size = meta["vocab_size"]
-    if cfg.vocab_size < meta["vocab_size"]:
-        raise ValueError(f"--vocab-size: expected at least the data's vocabulary ({meta['vocab_size']} in "
-                         f"{cfg.data}/meta.json), found {cfg.vocab_size}")
-    if cfg.gradient_accumulation_steps % dd.world:
-        raise ValueError(f"--gradient-accumulation-steps: expected a multiple of the {dd.world} processes, "
-                         f"found {cfg.gradient_accumulation_steps}")
-    grad_accum = cfg.gradient_accumulation_steps // dd.world
-    tokens_per_iter = grad_accum * dd.world * cfg.batch_size * cfg.max_seq_len
-
-    train_stream = ChunkStream(cfg.data, "train", cfg.max_seq_len, meta["dtype"])
-    val_stream = ChunkStream(cfg.data, "val", cfg.max_seq_len, meta["dtype"])
-
-    torch.manual_seed(cfg.seed)
-    args = model_args(cfg)
-    args.to_config().validate("model shape")  # heads dividing dim, kv heads dividing heads, ...
-    model = Transformer(args).to(device)
-    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
-    iter_num, best_val, history = 0, float("inf"), []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        iter_num, best_val, history = state["iter_num"], state["best_val_loss"], state["history"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if device_type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    else:
-        torch.manual_seed(cfg.seed + dd.rank)  # dropout differs per rank, as llama2.c does
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if dd.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[dd.local_rank] if device_type == "cuda" else None)
-
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    ctx = (contextlib.nullcontext() if ptdtype == torch.float32
-           else torch.autocast(device_type=device_type, dtype=ptdtype))
-    scaler = torch.amp.GradScaler(device_type, enabled=(cfg.dtype == "float16"))
-
-    def batch(stream: ChunkStream, salt: int, index: int):
-        x, y = stream.batch(cfg.seed, salt, index, cfg.batch_size)
-        return x.to(device), y.to(device)
-
-    @torch.no_grad()
-    def estimate_loss() -> dict[str, float]:
-        raw_model.eval()
-        out = {}
-        for name, stream, salt in (("train", train_stream, 1), ("val", val_stream, 2)):
-            losses = []
-            for k in range(cfg.eval_iters):
-                x, y = batch(stream, salt, k)  # the same batches at every evaluation
-                with ctx:
-                    _, loss = raw_model(x, y)
-                losses.append(loss.item())
-            out[name] = float(np.mean(losses))
-        raw_model.train()
-        return out
-
-    def save(it: int, improved: bool) -> None:
-        ckpt = {
-            "model": _plain_state_dict(raw_model),
-            "optimizer": optimizer.state_dict(),
-            "model_args": args.to_dict(),
-            "config": asdict(cfg),
-            "iter_num": it,
-            "best_val_loss": best_val,
-            "history": history,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else None},
-        }
-        with atomic_path(out_dir / "ckpt.pt") as tmp:
-            torch.save(ckpt, tmp)
-        if improved:
-            write_checkpoint(out_dir / "model.bin", args.to_config(version=0), raw_model.export_weights())
-        save_loss_files(out_dir, history)
-
-    def do_eval(it: int) -> None:
-        nonlocal best_val
-        losses = estimate_loss()
-        row = next((r for r in history if r["iter"] == it), None)
-        if row is None:
-            row = {"iter": it}
-            history.append(row)
-        row["eval_train"], row["eval_val"] = losses["train"], losses["val"]
-        improved = losses["val"] < best_val or cfg.always_save_checkpoint
-        if improved:
-            best_val = min(best_val, losses["val"]) if not cfg.always_save_checkpoint else losses["val"]
-        console.print(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                      + (f" -> {out_dir / 'model.bin'}" if improved and it > 0 else ""))
-        if not cfg.eval_only:
-            save(it, improved and it > 0)
-
-    if dd.master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        console.print(f"model: {raw_model.n_params():,} parameters: dim {args.dim}, {args.n_layers} layers, "
-                      f"{args.n_heads} heads ({args.kv_heads} kv), hidden {args.ffn_dim}, vocab {args.vocab_size}, "
-                      f"seq {args.max_seq_len}; "
-                      f"{tokens_per_iter:,} tokens per iteration; device {device}, dtype {cfg.dtype}"
-                      + (f", {dd.world} processes" if dd.world > 1 else ""))
-
-    bar = None
-    if dd.master and progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(TextColumn("[bold]train"), BarColumn(bar_width=15), MofNCompleteColumn(),
-                       TextColumn("{task.description}"), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-                       transient=False)
-        task = bar.add_task("", total=cfg.max_iters, completed=iter_num)
-        bar.start()
-    start_iter = iter_num
-    t_last, tok_rate = time.perf_counter(), 0.0
+        state = load_resume_state(cfg.out_dir)
+    run = setup(cfg, state if resume else None)
+    if run.dd.master:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        console.print(_describe(run))
+    line = _Progress(run, console, show=run.dd.master and progress)
+    start = run.iter_num
     try:
         while True:
-            # evaluate before the update of iteration iter_num (the state a resume starts from);
-            # a resumed run has already evaluated and saved at its first iteration
-            if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and \
-                    not (resume and iter_num == start_iter and not cfg.eval_only):
-                if dd.master:
-                    do_eval(iter_num)
-                if dd.world > 1:
-                    torch.distributed.barrier()
-            if cfg.eval_only or iter_num >= cfg.max_iters:
+            if eval_due(cfg, run.iter_num, run.resumed_at):
+                _evaluate_everywhere(run, console)
+            if cfg.eval_only or run.iter_num >= cfg.max_iters:
                 break
-            if stop_after is not None and iter_num - start_iter >= stop_after:
-                if dd.master:
-                    save(iter_num, False)
+            if stop_after is not None and run.iter_num - start >= stop_after:
+                if run.dd.master:
+                    save_run(run, write_model=False)
                 break
-            lr = get_lr(cfg, iter_num)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            total = 0.0
-            for micro in range(grad_accum):
-                x, y = batch(train_stream, 0, (iter_num * grad_accum + micro) * dd.world + dd.rank)
-                sync = contextlib.nullcontext()
-                if dd.world > 1 and micro < grad_accum - 1:
-                    sync = model.no_sync()
-                with sync:
-                    with ctx:
-                        _, loss = model(x, y)
-                        loss = loss / grad_accum
-                    scaler.scale(loss).backward()
-                total += loss.item()
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if dd.world > 1:
-                t = torch.tensor([total], device=device)
-                torch.distributed.all_reduce(t)
-                total = t.item() / dd.world
-            if history and history[-1]["iter"] == iter_num:  # the row of this iteration's eval
-                history[-1].update(lr=lr, loss=total)
-            else:
-                history.append({"iter": iter_num, "lr": lr, "loss": total})
-            iter_num += 1
-            now = time.perf_counter()
-            dt, t_last = now - t_last, now
-            rate = tokens_per_iter / dt if dt > 0 else 0.0
-            tok_rate = rate if tok_rate == 0 else 0.9 * tok_rate + 0.1 * rate
-            if bar is not None and (iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters):
-                bar.update(task, completed=iter_num,
-                           description=f"loss {total:.3f} lr {lr:.1e} {tok_rate:,.0f} tok/s")
+            lr, loss = train_step(run)
+            record_step(run, lr, loss)
+            line.step(lr, loss)
     finally:
-        if bar is not None:
-            bar.stop()
-        if dd.world > 1:
+        line.stop()
+        if run.dd.world > 1:
             torch.distributed.destroy_process_group()
-    train_losses = [r["loss"] for r in history if r.get("loss") is not None]
-    return {"iter_num": iter_num, "best_val_loss": best_val, "history": history,
+    return _summary(run, line.tok_rate)
+
+
+def _summary(run: Run, tok_rate: float) -> dict:
+    train_losses = [r["loss"] for r in run.history if r.get("loss") is not None]
+    return {"iter_num": run.iter_num, "best_val_loss": run.best_val, "history": run.history,
             "first_loss": train_losses[0] if train_losses else None,
             "last_loss": train_losses[-1] if train_losses else None,
-            "tokens_per_iter": tokens_per_iter, "tok_per_s": tok_rate}
+            "tokens_per_iter": run.tokens_per_iter, "tok_per_s": tok_rate}

@@ -1,64 +1,21 @@
-"""SentencePiece vocabularies: train one as llama2.c does, and export a `.model` to llama2.c's
-`tokenizer.bin` layout. Torch-free (sentencepiece and NumPy only).
+"""SentencePiece vocabularies: train one as llama2.c's tinystories.py does. Torch-free
+(sentencepiece only).
 
-tokenizer.bin layout (llama2.c's tokenizer.py export): uint32 max_token_length, then for every
-token id in order: float32 score, uint32 byte length, the UTF-8 bytes of the piece, with '▁'
-replaced by ' ', BOS written as '\\n<s>\\n' and EOS as '\\n</s>\\n'; byte-fallback pieces stay as
-their `<0xNN>` text.
+The llama2.c export of a trained `.model` (its `tokenizer.bin`) is written by
+`llama2nb.tokenizer.sentencepiece_to_bin`, the project's one SentencePiece-to-llama2.c mapping and
+one tokenizer.bin writer, which the engine's tokenizer, `export-tokenizer` and the hub share.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 import tempfile
 from pathlib import Path
 from typing import Iterable
 
 from ..atomic import atomic_write
-
-
-def _load_sp(model_path: str | os.PathLike):
-    import sentencepiece as spm
-
-    path = Path(model_path)
-    if not path.is_file():
-        raise ValueError(f"{path}: tokenizer model: expected a SentencePiece .model file, found nothing there")
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.Load(str(path))
-    except Exception as e:  # sentencepiece raises OSError/RuntimeError with multi-line text
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: tokenizer model: expected a SentencePiece model, found unreadable data ({first})") from None
-    return sp
-
-
-def tokenizer_bin_bytes(model_path: str | os.PathLike) -> bytes:
-    """The llama2.c tokenizer.bin bytes for a SentencePiece model."""
-    sp = _load_sp(model_path)
-    bos, eos = sp.bos_id(), sp.eos_id()
-    tokens, scores = [], []
-    for i in range(sp.get_piece_size()):
-        piece = sp.id_to_piece(i)
-        if i == bos:
-            piece = "\n<s>\n"
-        elif i == eos:
-            piece = "\n</s>\n"
-        tokens.append(piece.replace("\u2581", " ").encode("utf-8"))
-        scores.append(sp.get_score(i))
-    out = [struct.pack("<I", max(len(t) for t in tokens))]
-    for data, score in zip(tokens, scores):
-        out.append(struct.pack("<fI", score, len(data)))
-        out.append(data)
-    return b"".join(out)
-
-
-def export_tokenizer(model_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
-    """Write llama2.c's tokenizer.bin for `model_path` to `out_path` (atomically)."""
-    data = tokenizer_bin_bytes(model_path)
-    with atomic_write(out_path) as f:
-        f.write(data)
-    return Path(out_path)
+from ..errors import DataError
+from ..tokenizer import sentencepiece_to_bin
 
 
 def train_vocab(stories: Iterable[str], vocab_size: int, model_path: str | os.PathLike,
@@ -69,7 +26,7 @@ def train_vocab(stories: Iterable[str], vocab_size: int, model_path: str | os.Pa
 
     model_path = Path(model_path)
     if model_path.suffix != ".model":
-        raise ValueError(f"{model_path}: expected a path ending in .model")
+        raise ValueError(f"{model_path}: expected a path ending in .model")  # the caller names it
     model_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=model_path.parent, prefix=".train-vocab-") as tmp:
         text_file = Path(tmp) / "corpus.txt"
@@ -81,7 +38,7 @@ def train_vocab(stories: Iterable[str], vocab_size: int, model_path: str | os.Pa
                     f.write(story + "\n")
                     n += 1
         if n == 0:
-            raise ValueError("train-vocab: expected some text to train on, found none")
+            raise DataError("train-vocab: expected some text to train on, found none")
         prefix = Path(tmp) / "tok"
         try:
             spm.SentencePieceTrainer.train(
@@ -93,9 +50,9 @@ def train_vocab(stories: Iterable[str], vocab_size: int, model_path: str | os.Pa
         except RuntimeError as e:  # e.g. "Vocabulary size too high (5000). Please set it to a value <= 301."
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             reason = reason.split("] ", 1)[-1]
-            raise ValueError(f"train-vocab --vocab-size {vocab_size}: SentencePiece refused: {reason}") from None
+            raise DataError(f"train-vocab --vocab-size {vocab_size}: SentencePiece refused: {reason}") from None
         data = (prefix.with_suffix(".model")).read_bytes()
     with atomic_write(model_path) as f:
         f.write(data)
-    bin_path = export_tokenizer(model_path, model_path.with_suffix(".bin"))
+    bin_path = sentencepiece_to_bin(model_path, model_path.with_suffix(".bin"))
     return model_path, bin_path
