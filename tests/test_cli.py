@@ -189,7 +189,9 @@ def test_more_threads_than_cores_is_warned_about(runner, tiny, monkeypatch):
     result = sample(runner, str(tiny), "--threads", "2", "-n", "4", "-s", "1")
     assert result.exit_code == 0, result.output
     notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
-    assert notes == ["note: --threads 2 is more than the 1 core this process may use: far slower than --threads 1"]
+    assert notes == ["note: --threads 2 is more than the 1 core this process may use: far slower than --threads 1",
+                     "note: threads: this model reads 0.0 MiB a token, too little to split across threads "
+                     "(under 32 MiB): running on one"]
     assert "note:" not in sample(runner, str(tiny), "--threads", "1", "-n", "4", "-s", "1").stderr
 
 

@@ -58,15 +58,20 @@ def embed_f32(out, table, tokens):
             out[b, j] = row[j]
 
 
+# Columns per pass of the block matmul: 4 weight rows and 4 tokens of this many floats (32 KB)
+# stay in L1 while 16 accumulators sum over them.
+N_CHUNK = 1024
+
+
 @kernel
 def matmul(out, x, w):
     """out = x @ w.T: every token's row times every weight row.  out (B, d), x (B, n), w (d, n)
 
-    For a block of tokens, 2 weight rows x 4 tokens at a time: 8 accumulators share each load,
-    so the block runs compute-bound instead of load-bound. A single token (generation) is a
-    matrix-vector product bound by memory bandwidth; it takes its rows from the two halves of w
-    in turn, two streams from DRAM, which the memory system serves faster than one (figures in
-    benchmarks/performance.md)."""
+    A single token (generation) is a matrix-vector product bound by memory bandwidth; it takes
+    its rows from the two halves of w in turn, two streams from DRAM, which the memory system
+    serves faster than one. A block of tokens (prefill) is a matrix product bound by arithmetic:
+    4 weight rows x 4 tokens at a time, 16 accumulators sharing every load, over N_CHUNK columns
+    at a time so that the 8 rows being read stay in L1 (figures in benchmarks/performance.md)."""
     B, n = x.shape
     d = w.shape[0]
     if B == 1:
@@ -80,45 +85,102 @@ def matmul(out, x, w):
             o[d - 1] = dot(x0, w[d - 1])
         return
     full_b = B - B % 4
-    for pair in prange(d // 2):
-        i = 2 * pair
-        w0 = w[i]
-        w1 = w[i + 1]
-        for b in range(0, full_b, 4):
-            x0 = x[b]
-            x1 = x[b + 1]
-            x2 = x[b + 2]
-            x3 = x[b + 3]
-            a0 = ZERO
-            a1 = ZERO
-            a2 = ZERO
-            a3 = ZERO
-            c0 = ZERO
-            c1 = ZERO
-            c2 = ZERO
-            c3 = ZERO
-            for j in range(n):
-                u = w0[j]
-                v = w1[j]
-                a0 += u * x0[j]
-                a1 += u * x1[j]
-                a2 += u * x2[j]
-                a3 += u * x3[j]
-                c0 += v * x0[j]
-                c1 += v * x1[j]
-                c2 += v * x2[j]
-                c3 += v * x3[j]
-            out[b, i] = a0
-            out[b + 1, i] = a1
-            out[b + 2, i] = a2
-            out[b + 3, i] = a3
-            out[b, i + 1] = c0
-            out[b + 1, i + 1] = c1
-            out[b + 2, i + 1] = c2
-            out[b + 3, i + 1] = c3
+    for quad in prange(d // 4):
+        i = 4 * quad
+        for start in range(0, n, N_CHUNK):
+            for b in range(0, full_b, 4):
+                block4x4(out, x, w, i, b, start, min(start + N_CHUNK, n))
         for b in range(full_b, B):
-            out[b, i] = dot(x[b], w0)
-            out[b, i + 1] = dot(x[b], w1)
-    if d % 2:
+            for r in range(4):
+                out[b, i + r] = dot(x[b], w[i + r])
+    for i in range(d - d % 4, d):
         for b in range(B):
-            out[b, d - 1] = dot(x[b], w[d - 1])
+            out[b, i] = dot(x[b], w[i])
+
+
+@kernel
+def block4x4(out, x, w, i, b, start, stop):
+    """out[b:b+4, i:i+4] (+)= x[b:b+4, start:stop] @ w[i:i+4, start:stop].T: set on the first
+    chunk (start 0), added to after."""
+    w0 = w[i, start:stop]
+    w1 = w[i + 1, start:stop]
+    w2 = w[i + 2, start:stop]
+    w3 = w[i + 3, start:stop]
+    x0 = x[b, start:stop]
+    x1 = x[b + 1, start:stop]
+    x2 = x[b + 2, start:stop]
+    x3 = x[b + 3, start:stop]
+    a00 = ZERO
+    a01 = ZERO
+    a02 = ZERO
+    a03 = ZERO
+    a10 = ZERO
+    a11 = ZERO
+    a12 = ZERO
+    a13 = ZERO
+    a20 = ZERO
+    a21 = ZERO
+    a22 = ZERO
+    a23 = ZERO
+    a30 = ZERO
+    a31 = ZERO
+    a32 = ZERO
+    a33 = ZERO
+    for j in range(stop - start):
+        p = x0[j]
+        q = x1[j]
+        r = x2[j]
+        s = x3[j]
+        u = w0[j]
+        a00 += u * p
+        a01 += u * q
+        a02 += u * r
+        a03 += u * s
+        u = w1[j]
+        a10 += u * p
+        a11 += u * q
+        a12 += u * r
+        a13 += u * s
+        u = w2[j]
+        a20 += u * p
+        a21 += u * q
+        a22 += u * r
+        a23 += u * s
+        u = w3[j]
+        a30 += u * p
+        a31 += u * q
+        a32 += u * r
+        a33 += u * s
+    if start > 0:
+        a00 += out[b, i]
+        a01 += out[b + 1, i]
+        a02 += out[b + 2, i]
+        a03 += out[b + 3, i]
+        a10 += out[b, i + 1]
+        a11 += out[b + 1, i + 1]
+        a12 += out[b + 2, i + 1]
+        a13 += out[b + 3, i + 1]
+        a20 += out[b, i + 2]
+        a21 += out[b + 1, i + 2]
+        a22 += out[b + 2, i + 2]
+        a23 += out[b + 3, i + 2]
+        a30 += out[b, i + 3]
+        a31 += out[b + 1, i + 3]
+        a32 += out[b + 2, i + 3]
+        a33 += out[b + 3, i + 3]
+    out[b, i] = a00
+    out[b + 1, i] = a01
+    out[b + 2, i] = a02
+    out[b + 3, i] = a03
+    out[b, i + 1] = a10
+    out[b + 1, i + 1] = a11
+    out[b + 2, i + 1] = a12
+    out[b + 3, i + 1] = a13
+    out[b, i + 2] = a20
+    out[b + 1, i + 2] = a21
+    out[b + 2, i + 2] = a22
+    out[b + 3, i + 2] = a23
+    out[b, i + 3] = a30
+    out[b + 1, i + 3] = a31
+    out[b + 2, i + 3] = a32
+    out[b + 3, i + 3] = a33
