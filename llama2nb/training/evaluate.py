@@ -5,7 +5,8 @@ and the token stream is cut into windows of seq_len + 1 tokens that overlap by o
 every token but the first is predicted exactly once. Each window starts a fresh sequence at
 position 0 and runs through the engine's block forward (Transformer.logits: the logits of every
 position, each weight row read once per block, as prompts are processed), not token by token:
-the loss is the mean over predicted tokens of -log softmax(logits)[next token], in float64.
+the loss is the mean over predicted tokens of -log softmax(logits)[next token] (the exponentials
+in float32, the sums and logarithms in float64).
 """
 
 from __future__ import annotations
@@ -52,10 +53,12 @@ def evaluate(model, tokens: Sequence[int], seq_len: int | None = None,
     total, count = 0.0, 0
     wins = windows(tokens, seq_len)
     for w in wins:
-        logits = model.logits(w[:-1]).astype(np.float64)  # (len(w) - 1, vocab)
+        logits = model.logits(w[:-1])  # (len(w) - 1, vocab) float32, a new array
+        target = logits[np.arange(len(w) - 1), w[1:]].astype(np.float64)
         top = logits.max(axis=1, keepdims=True)
-        log_sum = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
-        total += float((log_sum - logits[np.arange(len(w) - 1), w[1:]]).sum())
+        np.exp(np.subtract(logits, top, out=logits), out=logits)  # in place: no float64 copy
+        log_sum = top[:, 0].astype(np.float64) + np.log(logits.sum(axis=1, dtype=np.float64))
+        total += float((log_sum - target).sum())
         count += len(w) - 1
         if advance:
             advance(len(w) - 1)
