@@ -57,7 +57,11 @@ def test_bench_end_to_end(tmp_path, monkeypatch):
     assert rows["run.c (run)"]["tg128"] == [123.456, 123.456]
     assert min(report["bandwidth_gbs"]) > 0 and report["startup"][0]["ttft_warm_s"] > 0
     assert (out / "latest.png").stat().st_size > 1000 and "| stories15M shape, fp32 |" in (out / "latest.md").read_text()
-    assert "| configuration | tg128 | tg256 | pp128 | pp256 | fp32 roof | compile s | peak RSS MB |" in result.output
+    assert ("| configuration | tg128 | tg256 | pp128 | pp256 | fp32 roof | pp128 GFLOP/s (peak) | compile s "
+            "| peak RSS MB |") in result.output
+    assert report["peaks"]["fma_gflops"] > 0 and model_row["flops_per_token"] == 2 * 2 * sum(
+        r * c for r, c in TINY_LLAMA.matrix_shapes().values())  # 2 layers
+    assert set(model_row["bandwidth_by_streams"][0]) == {"1", "2", "4", "8"}
 
 
 def test_bench_rejects_unknown_shapes():
@@ -148,9 +152,10 @@ class FakeMachine:
         monkeypatch.setattr(probes, "probe_bandwidth", self.probe)
         monkeypatch.setattr(bench_measure, "run_worker", self.worker)
 
-    def probe(self) -> float:
+    def probe(self) -> dict:
         self.calls.append("probe")
-        return next(self.bandwidths)
+        best = next(self.bandwidths)
+        return {"bandwidth_gbs": best, "bandwidth_by_streams": {"1": best / 2, "2": best}}
 
     def worker(self, args: list[str], env: dict) -> dict:
         spec = json.loads(args[1])
@@ -194,6 +199,7 @@ def test_rows_in_cache_or_int8_run_in_one_process_without_probes(tiny_checkpoint
 
 def report_of(rows: list[dict], generation=GENERATION, prefill=PREFILL) -> dict:
     return {"machine": "a CPU, 2 cores", "bandwidth_gbs": [20.0, 30.0], "date": "2026-12-01 12:00",
+            "peaks": {"fma_gflops": 200.0, "vnni_gops": 800.0},
             "tg": list(generation), "pp": list(prefill), "rows": rows,
             "startup": [{"model": "15M", "ttft_warm_s": 0.4, "ttft_cold_s": 3.2}]}
 
@@ -209,16 +215,21 @@ def test_markdown_table_columns_cells_and_roofs():
          "compile_s": 0.0, "peak_rss_mb": 150.0},
         {"section": "models", "label": "fp32", "tg": [128, 256], "pp": [128, 256], "tg128": [500.0, 520.0],
          "tg256": [480.0], "pp128": [4000.0], "pp256": [3900.0], "roof": {"tg128": 0.97, "tg256": 0.9},
-         "compile_s": 0.17, "peak_rss_mb": 209.4},
+         "compile_s": 0.17, "peak_rss_mb": 209.4, "flops_per_token": 25_000_000},
+        {"section": "models", "label": "int8 prefill", "tg": [128], "pp": [128], "pp128": [8000.0],
+         "flops_per_token": 50_000_000, "int8": True},
         {"section": "models", "label": "bundled", "tg": [128, 256], "pp": [128, 256], "tg128": [6000.0],
          "roof": "in cache"},
         {"section": "models", "label": "int8", "tg": [128, 256], "pp": [128, 256], "tg128": [1200.0]},
     ]
     markdown = markdown_table(report_of(rows))
-    assert "| configuration | tg128 | tg256 | pp128 | pp256 | fp32 roof | compile s | peak RSS MB |" in markdown
-    assert "single-core read bandwidth 20.0-30.0 GB/s" in markdown
-    assert table_row(markdown, "pure Python") == ["0.5 (3 tokens)", "–", "–", "–", "0%", "0.00", "150"]
-    assert table_row(markdown, "fp32") == ["510 ± 10", "480", "4000", "3900", "97%", "0.17", "209"]
+    assert ("| configuration | tg128 | tg256 | pp128 | pp256 | fp32 roof | pp128 GFLOP/s (peak) | compile s "
+            "| peak RSS MB |") in markdown
+    assert "single-core read bandwidth 20.0-30.0 GB/s (best of 1/2/4/8 streams" in markdown
+    assert "fp32 FMA peak 200 GFLOP/s, int8 VNNI peak 800 GOP/s" in markdown
+    assert table_row(markdown, "pure Python") == ["0.5 (3 tokens)", "–", "–", "–", "0%", "–", "0.00", "150"]
+    assert table_row(markdown, "fp32") == ["510 ± 10", "480", "4000", "3900", "97%", "100 (50%)", "0.17", "209"]
+    assert table_row(markdown, "int8 prefill")[5] == "400 (50%)"  # against the VNNI peak
     assert table_row(markdown, "bundled")[4] == "in cache" and table_row(markdown, "int8")[4] == "–"
     assert "| 15M | 0.40 | 3.20 |" in markdown
     assert "fp32 roof: tg128 tok/s" in markdown and "64.5 positions on average" in markdown
@@ -228,8 +239,8 @@ def test_markdown_table_follows_the_configured_lengths():
     rows = [{"section": "models", "label": "fp32", "tg": [64], "pp": [32], "tg64": [300.0], "pp32": [900.0],
              "roof": {"tg64": 0.5}}]
     markdown = markdown_table(report_of(rows, generation=(64,), prefill=(32,)))
-    assert "| configuration | tg64 | pp32 | fp32 roof |" in markdown
-    assert table_row(markdown, "fp32") == ["300", "900", "50%", "–", "–"]
+    assert "| configuration | tg64 | pp32 | fp32 roof | pp32 GFLOP/s (peak) |" in markdown
+    assert table_row(markdown, "fp32") == ["300", "900", "50%", "–", "–", "–"]
     assert "fp32 roof: tg64 tok/s" in markdown and "32.5 positions on average" in markdown
 
 

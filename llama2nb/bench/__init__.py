@@ -35,8 +35,9 @@ def run_benchmark(shapes: list[str], runs: int = 3, cache_dir: Path | None = Non
         measure_row(row, files, cache_dir, cache_bytes)
     bandwidths = [gbs for row in rows for gbs in row.result.get("bandwidth_gbs", [])]
     if not bandwidths:  # every model fits the cache: the header still reports the machine's bandwidth
-        bandwidths.append(probes.probe_bandwidth())
+        bandwidths.append(probes.probe_bandwidth()["bandwidth_gbs"])
     startup = measure_startup(startup_models(files, shapes), runs, log)
-    report = build_report(rows, startup, bandwidths, probes.machine_description(), GENERATION, PREFILL)
+    peaks = probes.probe_compute()
+    report = build_report(rows, startup, bandwidths, probes.machine_description(), GENERATION, PREFILL, peaks)
     save_report(report, out_dir)
     return report

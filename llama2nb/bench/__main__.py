@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .probes import PROBE_GIB, bandwidth_worker
+from .probes import PROBE_GIB, bandwidth_worker, compute_worker
 from .startup import first_token_worker
 from .worker import measure_in_process
 
@@ -17,6 +17,7 @@ WORKERS = {
     "row": lambda spec: measure_in_process(json.loads(spec)),  # one row's runs, spec as JSON
     "first-token": first_token_worker,  # PATH FASTMATH
     "bandwidth": lambda gib=PROBE_GIB: bandwidth_worker(float(gib)),  # [GIB]
+    "compute": lambda seconds="0.2": compute_worker(float(seconds)),  # [SECONDS]
 }
 
 

@@ -27,7 +27,9 @@ def measure_row(row: Row, files: ModelFiles, cache_dir: Path, cache_bytes: int) 
             row.result["roof"] = roofs.IN_CACHE
         return
     for _ in range(row.runs):
-        row.result.setdefault("bandwidth_gbs", []).append(probes.probe_bandwidth())
+        probe = probes.probe_bandwidth()
+        row.result.setdefault("bandwidth_gbs", []).append(probe["bandwidth_gbs"])
+        row.result.setdefault("bandwidth_by_streams", []).append(probe["bandwidth_by_streams"])
         merge_runs(row.result, measure_runs(row, 1, files, cache_dir))
     if measures_generation(row):
         row.result["roof"] = roofs.generation_roofs(config, row.tg, row.result)

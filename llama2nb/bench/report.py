@@ -2,9 +2,10 @@
 
 The report is plain data (rows as dicts of their settings and measurements), so the table and the
 chart can be rendered again from a saved latest.json. Columns: one per generation length (tg) and
-prompt length (pp) measured, then the fp32 roof, compile seconds and peak RSS. A row measured over
-a length that is not a column (pure Python's short run) shows in the first tg column, labelled
-with its length. The roof shown is that of the generation figure shown.
+prompt length (pp) measured, then the fp32 roof, the prompt's arithmetic rate against the core's
+peak, compile seconds and peak RSS. A row measured over a length that is not a column (pure
+Python's short run) shows in the first tg column, labelled with its length. The roof shown is that
+of the generation figure shown.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ SECTIONS = (("flags", "The flag story (stories15M shape)"), ("models", "Models")
 
 
 def build_report(rows: list[Row], startup: list[dict], bandwidths: list[float], machine: str,
-                 generation: tuple, prefill: tuple) -> dict:
-    report = {"machine": machine, "bandwidth_gbs": [min(bandwidths), max(bandwidths)],
+                 generation: tuple, prefill: tuple, peaks: dict | None = None) -> dict:
+    report = {"machine": machine, "bandwidth_gbs": [min(bandwidths), max(bandwidths)], "peaks": peaks or {},
               "date": time.strftime("%Y-%m-%d %H:%M"), "tg": list(generation), "pp": list(prefill),
               "rows": [{"section": r.section, "label": r.label, "path": str(r.path), "fastmath": r.fastmath,
                         "env": r.env, "tg": list(r.tg), "pp": list(r.pp), **r.result} for r in rows],
@@ -53,7 +54,7 @@ def shown_generation(row: dict, generation: list[int]) -> int | None:
     return next((n for n in candidates if generation_key(n) in row), None)
 
 
-def row_cells(row: dict, generation: list[int], prefill: list[int]) -> list[str]:
+def row_cells(row: dict, generation: list[int], prefill: list[int], peaks: dict | None = None) -> list[str]:
     """The row's cells after its label, in the table's column order."""
     columns = [generation_key(n) for n in generation] + [prefill_key(n) for n in prefill]
     cells = [median_spread(row.get(c, [])) for c in columns]
@@ -62,7 +63,18 @@ def row_cells(row: dict, generation: list[int], prefill: list[int]) -> list[str]
         cells[0] = f"{median_spread(row[generation_key(shown)])} ({shown} tokens)"
     compile_s = f"{row['compile_s']:.2f}" if "compile_s" in row else "–"
     rss = f"{row['peak_rss_mb']:.0f}" if "peak_rss_mb" in row else "–"
-    return cells + [roof_cell(row, shown), compile_s, rss]
+    return cells + [roof_cell(row, shown), compute_cell(row, prefill, peaks or {}), compile_s, rss]
+
+
+def compute_cell(row: dict, prefill: list[int], peaks: dict) -> str:
+    """The first prompt column's arithmetic rate, GFLOP/s (int8 rows: GOP/s), and its share of
+    the core's peak (FMA for fp32, VNNI for int8) where the peak was measured."""
+    key = prefill_key(prefill[0]) if prefill else None
+    if key not in row or "flops_per_token" not in row:
+        return "–"
+    rate = statistics.median(row[key]) * row["flops_per_token"] / 1e9
+    peak = peaks.get("vnni_gops" if row.get("int8") else "fma_gflops")
+    return f"{rate:.0f}" + (f" ({rate / peak:.0%})" if peak else "")
 
 
 def roof_cell(row: dict, shown: int | None) -> str:
@@ -78,9 +90,10 @@ def markdown_table(report: dict) -> str:
     columns = [generation_key(n) for n in generation] + [prefill_key(n) for n in prefill]
     lines = [header_line(report), ""]
     for section, title in SECTIONS:
-        lines += [f"**{title}**", "", "| configuration | " + " | ".join(columns) + " | fp32 roof | compile s | peak RSS MB |",
-                  "|---|" + "---:|" * (len(columns) + 3)]
-        lines += [f"| {row['label']} | " + " | ".join(row_cells(row, generation, prefill)) + " |"
+        lines += [f"**{title}**", "", "| configuration | " + " | ".join(columns)
+                  + f" | fp32 roof | {prefill_key(prefill[0]) if prefill else 'pp'} GFLOP/s (peak) | compile s | peak RSS MB |",
+                  "|---|" + "---:|" * (len(columns) + 4)]
+        lines += [f"| {row['label']} | " + " | ".join(row_cells(row, generation, prefill, report.get("peaks"))) + " |"
                   for row in report["rows"] if row["section"] == section]
         lines.append("")
     lines += ["**Start-up** (fresh process to first logits)", "", "| model | warm cache s | cold cache s |",
@@ -93,8 +106,15 @@ def markdown_table(report: dict) -> str:
 def header_line(report: dict) -> str:
     low, high = report["bandwidth_gbs"]
     measured = f"{low:.1f} GB/s" if f"{low:.1f}" == f"{high:.1f}" else f"{low:.1f}-{high:.1f} GB/s"
-    return (f"Machine: {report['machine']}; single-core read bandwidth {measured} (measured before each "
-            f"fp32 run); {report['date']}. tok/s as median ± half-range over runs; compile time excluded.")
+    peaks = report.get("peaks") or {}
+    compute = ""
+    if peaks.get("fma_gflops"):
+        compute = f"; fp32 FMA peak {peaks['fma_gflops']:.0f} GFLOP/s"
+        if peaks.get("vnni_gops"):
+            compute += f", int8 VNNI peak {peaks['vnni_gops']:.0f} GOP/s"
+    return (f"Machine: {report['machine']}; single-core read bandwidth {measured} (best of 1/2/4/8 streams, "
+            f"measured before each fp32 run){compute}; {report['date']}. tok/s as median ± half-range over "
+            "runs; compile time excluded.")
 
 
 def footer(steps: int) -> str:

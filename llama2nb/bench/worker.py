@@ -80,6 +80,12 @@ def time_prefill(model, n: int) -> float:
     return n / (time.perf_counter() - started)
 
 
+def prefill_flops_per_token(config) -> int:
+    """Multiply-adds x 2 of one token's layer matmuls: a prompt's work per token (its classifier
+    runs for the last token only)."""
+    return 2 * config.n_layers * sum(rows * cols for rows, cols in config.matrix_shapes().values())
+
+
 def measure_in_process(spec: dict) -> dict:
     """The `row` worker: spec has path, fastmath, threads, runs, tg and pp (lists of lengths),
     pure_python and in_memory. Lengths beyond the model's context are skipped."""
@@ -91,7 +97,9 @@ def measure_in_process(spec: dict) -> dict:
     started = time.perf_counter()
     model = Transformer.load(spec["path"], fastmath=spec["fastmath"], threads=threads,
                              warm_up=not spec.get("pure_python"), in_memory=spec.get("in_memory", False))
-    result: dict = {"load_s": time.perf_counter() - started, "compile_s": model.compile_seconds}
+    result: dict = {"load_s": time.perf_counter() - started, "compile_s": model.compile_seconds,
+                    "flops_per_token": prefill_flops_per_token(model.config),
+                    "int8": model.config.version == 2}
     seq_len = model.config.seq_len
     for steps in (s for s in spec.get("tg", []) if s <= seq_len):
         result[generation_key(steps)] = [time_generation(model, steps) for _ in range(spec["runs"])]
