@@ -67,22 +67,14 @@ N_CHUNK = 1024
 def matmul(out, x, w):
     """out = x @ w.T: every token's row times every weight row.  out (B, d), x (B, n), w (d, n)
 
-    A single token (generation) is a matrix-vector product bound by memory bandwidth; it takes
-    its rows from the two halves of w in turn, two streams from DRAM, which the memory system
-    serves faster than one. A block of tokens (prefill) is a matrix product bound by arithmetic:
+    A single token (generation) is a matrix-vector product bound by memory bandwidth (matvec).
+    A block of tokens (prefill) is a matrix product bound by arithmetic:
     4 weight rows x 4 tokens at a time, 16 accumulators sharing every load, over N_CHUNK columns
     at a time so that the 8 rows being read stay in L1 (figures in benchmarks/performance.md)."""
     B, n = x.shape
     d = w.shape[0]
     if B == 1:
-        x0 = x[0]
-        o = out[0]
-        half = d // 2
-        for i in prange(half):
-            o[i] = dot(x0, w[i])
-            o[half + i] = dot(x0, w[half + i])
-        if d % 2:
-            o[d - 1] = dot(x0, w[d - 1])
+        matvec(out[0], x[0], w)
         return
     full_b = B - B % 4
     for quad in prange(d // 4):
@@ -96,6 +88,36 @@ def matmul(out, x, w):
     for i in range(d - d % 4, d):
         for b in range(B):
             out[b, i] = dot(x[b], w[i])
+
+
+@kernel
+def matvec(o, x, w):
+    """o = w @ x, one row from each quarter of w at a time: four sequential streams from DRAM,
+    which one core's memory system serves faster than one or two, and four accumulators sharing
+    each load of x (benchmarks/performance.md).  o (d,), x (n,), w (d, n)"""
+    d, n = w.shape
+    q = d // 4
+    for k in prange(q):
+        w0 = w[k]
+        w1 = w[q + k]
+        w2 = w[2 * q + k]
+        w3 = w[3 * q + k]
+        a0 = ZERO
+        a1 = ZERO
+        a2 = ZERO
+        a3 = ZERO
+        for j in range(n):
+            v = x[j]
+            a0 += v * w0[j]
+            a1 += v * w1[j]
+            a2 += v * w2[j]
+            a3 += v * w3[j]
+        o[k] = a0
+        o[q + k] = a1
+        o[2 * q + k] = a2
+        o[3 * q + k] = a3
+    for i in range(4 * q, d):
+        o[i] = dot(x, w[i])
 
 
 @kernel
