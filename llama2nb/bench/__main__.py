@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import sys
 
+from .llamacpp import llamacpp_worker
 from .probes import PROBE_GIB, bandwidth_worker, compute_worker
 from .startup import first_token_worker
 from .worker import measure_in_process
 
 WORKERS = {
     "row": lambda spec: measure_in_process(json.loads(spec)),  # one row's runs, spec as JSON
+    "llamacpp": lambda spec: llamacpp_worker(json.loads(spec)),  # llama.cpp on a GGUF, spec as a row's
     "first-token": first_token_worker,  # PATH FASTMATH
     "bandwidth": lambda gib=PROBE_GIB: bandwidth_worker(float(gib)),  # [GIB]
     "compute": lambda seconds="0.2": compute_worker(float(seconds)),  # [SECONDS]
