@@ -759,6 +759,11 @@ def infer_token_types(tokens: Sequence[bytes]) -> np.ndarray:
 FILE_TYPES = {"f32": (0, GGML["F32"]), "f16": (1, GGML["F16"]), "q8_0": (7, GGML["Q8_0"]),
               "q4_0": (2, GGML["Q4_0"])}
 QUANTIZATION_VERSION = 2
+# general.file_type values (llama.cpp's llama_ftype), for display
+FILE_TYPE_NAMES = {0: "ALL_F32", 1: "MOSTLY_F16", 2: "MOSTLY_Q4_0", 3: "MOSTLY_Q4_1", 7: "MOSTLY_Q8_0",
+                   8: "MOSTLY_Q5_0", 9: "MOSTLY_Q5_1", 10: "MOSTLY_Q2_K", 11: "MOSTLY_Q3_K_S", 12: "MOSTLY_Q3_K_M",
+                   13: "MOSTLY_Q3_K_L", 14: "MOSTLY_Q4_K_S", 15: "MOSTLY_Q4_K_M", 16: "MOSTLY_Q5_K_S",
+                   17: "MOSTLY_Q5_K_M", 18: "MOSTLY_Q6_K", 32: "MOSTLY_BF16"}
 
 
 def tensor_type(slot: Slot, file_type: str, shared_classifier: bool) -> int:
@@ -853,7 +858,7 @@ def vocabulary_metadata(tokenizer) -> dict[str, Value]:
     return keys
 
 
-def _as_float32(value: Any) -> np.ndarray:
+def as_float32(value: Any) -> np.ndarray:
     """A tensor as float32: arrays as they are, other formats' matrices dequantized."""
     if isinstance(value, np.ndarray):
         return np.asarray(value, np.float32)
@@ -916,7 +921,7 @@ def _write_tensor(f, path: Path, p: Planned, tensors: Mapping[str, Any]) -> None
     if slot.field not in tensors:
         raise CheckpointError(f"{path}: cannot write {slot.name}: weight {slot.field!r} missing")
     value = tensors[slot.field]
-    array = _as_float32(value if slot.layer is None else value[slot.layer])
+    array = as_float32(value if slot.layer is None else value[slot.layer])
     if array.shape != slot.shape:
         raise fail(path, f"cannot write {slot.name}", f"shape {slot.shape}", array.shape)
     written = 0

@@ -239,8 +239,9 @@ def freq_cis_tables(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_checkpoint(path: str | os.PathLike, config: ModelConfig, weights: Mapping[str, np.ndarray]) -> None:
-    """Write `weights` (stacked float32 arrays keyed by TransformerWeights' names; "wcls" only
-    when the classifier is unshared) in the layout `config.version` names, atomically."""
+    """Write `weights` (stacked float32 arrays keyed by TransformerWeights' names, or anything
+    np.asarray stacks and [layer] indexes; "wcls" only when the classifier is unshared) in the
+    layout `config.version` names, atomically."""
     config.validate(str(path))
     arrays = dict(weights)
     if config.version == 0:
@@ -260,9 +261,8 @@ def write_checkpoint(path: str | os.PathLike, config: ModelConfig, weights: Mapp
         for entry in layout(config):
             if entry.name not in arrays:
                 raise CheckpointError(f"{path}: cannot write: weight {entry.name!r} missing")
-            array = np.asarray(arrays[entry.name], np.float32)
-            if entry.layer is not None:
-                array = array[entry.layer]
+            value = arrays[entry.name]  # indexed before conversion: a lazy source converts one layer
+            array = np.asarray(value if entry.layer is None else value[entry.layer], np.float32)
             if array.shape != entry.shape:
                 raise CheckpointError(f"{path}: cannot write {entry.name}: expected shape {entry.shape}, found {array.shape}")
             for part in entry.format.encode(array):
