@@ -108,7 +108,7 @@ class GGMLType:
 GGML_TYPES = {t.id: t for t in (
     GGMLType(0, "F32", 1, 4), GGMLType(1, "F16", 1, 2), GGMLType(2, "Q4_0", 32, 18),
     GGMLType(3, "Q4_1", 32, 20), GGMLType(6, "Q5_0", 32, 22), GGMLType(7, "Q5_1", 32, 24),
-    GGMLType(8, "Q8_0", 32, 34), GGMLType(9, "Q8_1", 32, 36), GGMLType(10, "Q2_K", 256, 84),
+    GGMLType(8, "Q8_0", 32, 34), GGMLType(10, "Q2_K", 256, 84),
     GGMLType(11, "Q3_K", 256, 110), GGMLType(12, "Q4_K", 256, 144), GGMLType(13, "Q5_K", 256, 176),
     GGMLType(14, "Q6_K", 256, 210), GGMLType(15, "Q8_K", 256, 292), GGMLType(16, "IQ2_XXS", 256, 66),
     GGMLType(17, "IQ2_XS", 256, 74), GGMLType(18, "IQ3_XXS", 256, 98), GGMLType(19, "IQ1_S", 256, 50),
@@ -116,8 +116,9 @@ GGML_TYPES = {t.id: t for t in (
     GGMLType(23, "IQ4_XS", 256, 136), GGMLType(24, "I8", 1, 1), GGMLType(25, "I16", 1, 2),
     GGMLType(26, "I32", 1, 4), GGMLType(27, "I64", 1, 8), GGMLType(28, "F64", 1, 8),
     GGMLType(29, "IQ1_M", 256, 56), GGMLType(30, "BF16", 1, 2), GGMLType(34, "TQ1_0", 256, 54),
-    GGMLType(35, "TQ2_0", 256, 66), GGMLType(39, "MXFP4", 32, 17),
-)}
+    GGMLType(35, "TQ2_0", 256, 66), GGMLType(39, "MXFP4", 32, 17), GGMLType(40, "NVFP4", 64, 36),
+    GGMLType(41, "Q1_0", 128, 18),
+)}  # Q8_1 (9) is left out: an activation type ggml never stores in files
 GGML = {t.name: t.id for t in GGML_TYPES.values()}
 
 
@@ -441,14 +442,15 @@ def layout(config: ModelConfig) -> list[Slot]:
     return slots
 
 
-def _integer(header: Header, key: str, low: int, high: int, default: int | None = None) -> int:
+def _integer(header: Header, key: str, low: int, high: int, default: int | None = None, why: str = "") -> int:
     v = header.metadata.get(key)
+    expected = (f"{low}" if low == high else f"an integer in {low}..{high:,}") + why
     if v is None:
         if default is None:
-            raise fail(header.path, key, f"an integer in {low}..{high:,}", "no such key")
+            raise fail(header.path, key, expected, "no such key")
         return default
     if v.type not in INTEGER_TYPES or not low <= v.value <= high:
-        raise fail(header.path, key, f"an integer in {low}..{high:,}", v.describe())
+        raise fail(header.path, key, expected, v.describe())
     return v.value
 
 
@@ -510,7 +512,8 @@ def model_config(header: Header) -> ModelConfig:
         raise fail(path, key + "attention.head_count_kv", f"a divisor of head_count {n_heads}", n_kv)
     head_size = dim // n_heads
     for name in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
-        _integer(header, key + name, head_size, head_size, default=head_size)
+        _integer(header, key + name, head_size, head_size, default=head_size,
+                 why=" (the head size: embedding_length / head_count)")
     embd = header.tensors.get("token_embd.weight")
     if embd is None or len(embd.shape) != 2:
         raise fail(path, "tensor 'token_embd.weight'", "a matrix (vocab, embedding_length)",
