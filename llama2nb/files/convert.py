@@ -65,7 +65,8 @@ def target_for(out: str | os.PathLike, container: str | None = None, type: str |
         raise UsageError(f"{out}: --version: expected {' or '.join(map(str, LLAMA2C_TYPES[type]))} for --type {type}, "
                          f"found {version}")
     if group_size is not None and version != 2:
-        raise UsageError(f"{out}: --group-size: expected only for Q8_0 (version 2) output, found it for version {version}")
+        raise UsageError(f"{out}: --group-size: expected only with --version 2 (Q8_0), found {group_size} for "
+                         f"version {version}")
     return Target("llama2c", type, version, group_size)
 
 

@@ -719,7 +719,8 @@ def read_vocabulary(path: str | os.PathLike) -> Vocabulary:
                                  f"{byte_piece(b).decode()} (run.c's byte fallback), found {tokens[BYTE_OFFSET + b]!r}")
     space_prefix = header.metadata.get("tokenizer.ggml.add_space_prefix")
     if space_prefix is not None and space_prefix.type != BOOL:
-        raise TokenizerError(f"{path}: tokenizer.ggml.add_space_prefix: expected a bool, found {space_prefix.describe()}")
+        raise TokenizerError(f"{path}: tokenizer.ggml.add_space_prefix: expected a bool, found "
+                             f"{space_prefix.describe()}")
     template = header.metadata.get("tokenizer.chat_template")
     if template is not None and template.type != STRING:
         raise TokenizerError(f"{path}: tokenizer.chat_template: expected a string, found {template.describe()}")
