@@ -134,8 +134,11 @@ def test_f32_gguf_gives_the_llama2c_files_logits(gguf_name, bin_path):
 @pytest.mark.parametrize("name", SHARED_FILES)
 def test_shared_file_matches_the_reference_fed_by_the_gguf_package(name):
     """Every file against the NumPy oracle on the gguf package's dequantized weights: F32 at the
-    oracle's float tolerance; quantized types (whose kernels quantize activations, as
-    llama.cpp's do) by greedy agreement and a bound relative to the logits' range."""
+    oracle's float tolerance. Quantized types' kernels quantize their activations (Q8 per 32
+    or per 256, as llama.cpp's do), which the float oracle does not: their bounds, relative to
+    the logits' range, sit a few times above what quantizing the oracle's own activations
+    that way moves its logits; greedy agreement is asked of the trained model only (on the
+    random-weight gqa256 model, whose top logits nearly tie, that alone flips some argmaxes)."""
     path = MODELS / f"{name}.gguf"
     skip_unless_supported(path)
     model = Transformer.load(path, fastmath="off")
@@ -150,8 +153,9 @@ def test_shared_file_matches_the_reference_fed_by_the_gguf_package(name):
         assert diff.max() <= 5e-4
         assert agree == 1.0
     else:
-        assert agree >= 0.9
-        assert diff.max() <= 0.1 * float(np.ptp(theirs))
+        spread = float(np.ptp(theirs))
+        assert diff.max() <= 0.08 * spread and diff.mean() <= 0.015 * spread
+        assert agree >= 0.9 or name.startswith("gqa256")
 
 
 @requires(MODELS)
