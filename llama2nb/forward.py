@@ -122,7 +122,8 @@ class RunState:
 
     @classmethod
     def allocate(cls, c: ModelConfig, weight_formats: set[Format], source: str = "model") -> "RunState":
-        require_memory(source, "KV cache", c.kv_cache_bytes, detail=" (n_layers x seq_len x kv_dim x 2 x 4 bytes)")
+        require_memory(source, "KV cache", c.kv_cache_bytes, detail=" (n_layers x seq_len x kv_dim x 2 x 4 bytes)",
+                       hint=" (cap the context with --ctx / ctx=)")
         f32, block = np.float32, min(PREFILL_BLOCK, c.seq_len)
         cos, sin = rope_tables(c.head_size, c.seq_len, c.rope_theta)
         width = max(c.dim, c.hidden_dim)  # the longest input a matmul takes

@@ -875,3 +875,29 @@ def test_eval_reads_gguf_with_its_vocabulary_and_ctx(small, tmp_path):
     text.write_text("once upon a time there was a little girl and the girl was little\n\n" * 6)
     result = cli("eval", str(path), "--text", str(text), "--ctx", "16")
     assert "windows of <= 16" in result.output
+
+
+TORCH_FREE_SCRIPT = """
+import sys
+from llama2nb.cli import main
+from llama2nb.tokenizer import Tokenizer
+bin_path, gguf_path, tokenizer, out = sys.argv[1:]
+for args in (["quantize", bin_path, out, "--type", "f32", "-z", tokenizer], ["info", out],
+             ["export", out, out + ".bin", "--version", "1"]):
+    try:
+        main(args)
+    except SystemExit as e:
+        assert e.code in (0, None), (args, e.code)
+Tokenizer.load(gguf_path).encode("once upon a time")
+print("torch" in sys.modules)
+"""
+
+
+def test_gguf_paths_never_import_torch(small, tmp_path):
+    path, bin_path = small["shared-gqa"]
+    tok = tmp_path / "tokenizer.bin"
+    small_tokenizer().save_bin(tok)
+    result = subprocess.run([sys.executable, "-c", TORCH_FREE_SCRIPT, str(bin_path), str(path), str(tok),
+                             str(tmp_path / "out.gguf")], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "False"
