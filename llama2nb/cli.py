@@ -1,6 +1,7 @@
 """The llama2nb command line: Click parsing and Rich display only; the work lives in the modules.
 
-`sample` and `info` never import torch (the training commands import it inside their bodies).
+`sample`, `info` and `quantize` never import torch (the training commands import it inside
+their bodies).
 Output contract of `sample`: on a terminal, Rich streams the story with a live status line;
 otherwise stdout carries only the text (flushed per token, as run.c) and everything else goes
 to stderr, where the "loading" line is shown only on a terminal and cleared once loaded. The
@@ -15,18 +16,19 @@ else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Iterator, TextIO
 
 import click
 
 from .errors import Llama2nbError, UsageError
 from .sampler import FLOAT32_MAX
-from .training.commands import TRAINING_COMMANDS
+from .training.commands import CTX_OPTION, TRAINING_COMMANDS
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 BUNDLED_DIR = PACKAGE_DIR / "checkpoints"
@@ -102,7 +104,8 @@ def resolve_checkpoint(name: str | None) -> tuple[Path, Path | None]:
 
 
 def resolve_tokenizer(option: str | None, checkpoint: Path, from_hub: Path | None, vocab_size: int) -> Path:
-    """-z if given; else the hub's tokenizer; else tokenizer.find_tokenizer's (eval's policy too)."""
+    """-z if given; else the hub's tokenizer; else tokenizer.find_tokenizer's (eval's policy too:
+    a GGUF checkpoint's own vocabulary first)."""
     from .tokenizer import find_tokenizer
 
     if option is not None:
@@ -113,6 +116,24 @@ def resolve_tokenizer(option: str | None, checkpoint: Path, from_hub: Path | Non
     if from_hub is not None:
         return from_hub
     return find_tokenizer(checkpoint, vocab_size)
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """A user's error as the command line shows it: a value the code cannot use (UsageError,
+    e.g. a sampler setting that rounds to 0 in float32) is a usage error, exit 2; any other
+    Llama2nbError, or an OSError naming a file of the user's, one line, exit 1. Anything else
+    (BrokenPipeError included) passes through."""
+    try:
+        yield
+    except UsageError as e:
+        raise click.UsageError(str(e)) from None
+    except Llama2nbError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        if e.filename is None:  # not about a file of the user's
+            raise
+        raise click.ClickException(f"{e.filename}: {e.strerror or e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,7 +193,8 @@ def _silence_stdout() -> None:
 @main.command()
 @click.argument("checkpoint", required=False)
 @click.option("-z", "--tokenizer", "tokenizer_path", metavar="PATH",
-              help="tokenizer.bin or .model [default: beside the checkpoint, data/tokN.bin, the bundled one]")
+              help="tokenizer.bin, .model or .gguf [default: a GGUF checkpoint's own vocabulary; else beside the "
+                   "checkpoint, data/tokN.bin, the bundled one]")
 @click.option("-t", "--temperature", type=FiniteFloat(min=0.0), default=1.0, show_default=True,
               help="0 = greedy (argmax); so small that logits / t overflow float32 (e.g. 1e-38): greedy too")
 @click.option("-p", "--topp", type=FiniteFloat(0.0, 1.0), default=0.9, show_default=True,
@@ -199,13 +221,14 @@ def _silence_stdout() -> None:
               help="drop tokens below min-p times the top probability; 0 = off")
 @click.option("--repetition-penalty", type=FiniteFloat(min=0.0, min_open=True), default=1.0, show_default=True,
               help="divide the logits of tokens already in the text (CTRL-style); 1 = off")
+@CTX_OPTION
 def sample(checkpoint: str | None, tokenizer_path: str | None, temperature: float, topp: float, seed: int,
            steps: int, prompt: str | None, mode: str, system: str | None, fastmath: bool | None, threads: int,
-           in_memory: bool, top_k: int, min_p: float, repetition_penalty: float) -> None:
-    """Sample a story (or chat) from a llama2.c CHECKPOINT: a path, a downloaded model name
-    such as stories15M, or nothing for the bundled model."""
-    from .files.llama2c import read_config
-    from .generate import chat, generate
+           in_memory: bool, top_k: int, min_p: float, repetition_penalty: float, ctx: int | None) -> None:
+    """Sample a story (or chat) from a CHECKPOINT (a llama2.c .bin or a llama GGUF file): a
+    path, a downloaded model name such as stories15M, or nothing for the bundled model."""
+    from .files import read_config
+    from .generate import chat, check_chat_format, generate
     from .sampler import Sampler
     from .tokenizer import Tokenizer
 
@@ -213,7 +236,7 @@ def sample(checkpoint: str | None, tokenizer_path: str | None, temperature: floa
     view = _View(interactive=_is_terminal(sys.stdout))
     run = None
     try:
-        try:
+        with _user_errors():
             ckpt, hub_tokenizer = resolve_checkpoint(checkpoint)
             config = read_config(ckpt)  # header and size only: fails fast, before compiling
             tok = Tokenizer.load(resolve_tokenizer(tokenizer_path, ckpt, hub_tokenizer, config.vocab_size),
@@ -225,26 +248,19 @@ def sample(checkpoint: str | None, tokenizer_path: str | None, temperature: floa
                     view.notice("-y/--system applies to chat mode only; ignored")
                 starter = lambda model: generate(model, tok, sampler, prompt or "", steps)  # noqa: E731
             else:
+                check_chat_format(tok)  # before compiling
                 starter = lambda model: chat(model, tok, sampler, view.read_user, system or "", prompt,  # noqa: E731
                                              steps)
             view.seed = sampler.seed
             if threads > (cores := usable_cores()):
                 view.notice(f"--threads {threads} is more than the {_count(cores, 'core')} this process may use: "
                             f"far slower than --threads {cores}")
-            model, view.compile_seconds = view.load(ckpt, fastmath, threads, in_memory)
+            model, view.compile_seconds = view.load(ckpt, fastmath, threads, in_memory, ctx)
             for note in model.notes:
                 view.notice(note)
             run = starter(model)
             view.stream(run, chat_mode=mode == "chat")
             view.summary(run)
-        except UsageError as e:  # a flag's value the sampler cannot use (e.g. 1e-50 rounds to 0 in float32)
-            raise click.UsageError(str(e)) from None
-        except Llama2nbError as e:
-            raise click.ClickException(str(e)) from None
-        except OSError as e:
-            if e.filename is None:  # not about a file of the user's (BrokenPipeError is handled below)
-                raise
-            raise click.ClickException(f"{e.filename}: {e.strerror or e}") from None
     except KeyboardInterrupt:
         view.interrupted(run)
         sys.exit(EXIT_INTERRUPTED)
@@ -290,7 +306,8 @@ class _View:
         else:
             click.echo(f"note: {message}", err=True)
 
-    def load(self, path: Path, fastmath: bool | None, threads: int = 1, in_memory: bool = False):
+    def load(self, path: Path, fastmath: bool | None, threads: int = 1, in_memory: bool = False,
+             ctx: int | None = None):
         """The model, and the seconds spent compiling (or loading cached) kernels: the model's
         and the sampler's."""
         from .forward import Transformer
@@ -306,6 +323,8 @@ class _View:
                 options["threads"] = threads
             if in_memory:
                 options["in_memory"] = True
+            if ctx is not None:
+                options["ctx"] = ctx
             with warnings.catch_warnings():  # compiler advice is for developers, not for sampling
                 warnings.simplefilter("ignore", NumbaPerformanceWarning)
                 model = Transformer.load(path, **options)
@@ -551,31 +570,131 @@ def _size(n: int) -> str:
 @main.command()
 @click.argument("checkpoint")
 def info(checkpoint: str) -> None:
-    """Describe a llama2.c CHECKPOINT from its header (no weights are mapped)."""
+    """Describe a CHECKPOINT (llama2.c .bin or GGUF) from its header (no weights are mapped)."""
+    from .files import container_of
     from .files.llama2c import read_config
 
     try:
         path, _ = resolve_checkpoint(checkpoint)
-        c = read_config(path)
+        rows = _gguf_rows(path) if container_of(path) == "gguf" else _llama2c_rows(path, read_config(path))
     except Llama2nbError as e:
         raise click.ClickException(str(e)) from None
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+
+
+def _file_row(path: Path) -> tuple[str, str]:
     size = path.stat().st_size
-    layouts = {0: "legacy fp32", 1: "fp32", 2: "Q8_0 int8"}
+    return "file", f"{path} ({size:,} bytes, {_size(size)})"
+
+
+def _shape_rows(c) -> list[tuple[str, str]]:
     params = c.n_params
-    rows = [
-        ("file", f"{path} ({size:,} bytes, {_size(size)})"),
-        ("format", f"llama2.c version {c.version} ({layouts.get(c.version, '?')})"),
+    return [
         ("shape", f"dim {c.dim}, hidden_dim {c.hidden_dim}, {c.n_layers} layers, {c.n_heads} heads "
                   f"({c.n_kv_heads} kv heads, head size {c.head_size}), vocab {c.vocab_size}, seq_len {c.seq_len}"),
         ("parameters", f"{params:,} ({params / 1e6:.1f}M)"),
         ("classifier", "shared with the token embedding" if c.shared_classifier else "separate (unshared)"),
-        ("group size", str(c.group_size) if c.version == 2 else "none (not quantized)"),
-        ("KV cache", f"{_size(c.kv_cache_bytes)} ({c.kv_cache_bytes:,} bytes, fp32, at seq_len {c.seq_len})"),
+        ("KV cache", f"{_size(c.kv_cache_bytes)} ({c.kv_cache_bytes:,} bytes, fp32, at seq_len {c.seq_len}; "
+                     "--ctx caps it)"),
     ]
-    rows.append(("matmul", f"{c.weight_format!r}: {c.weight_format.kernel_description()}"))
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        click.echo(f"{key:<{width}}  {value}")
+
+
+def _llama2c_rows(path: Path, c) -> list[tuple[str, str]]:
+    layouts = {0: "legacy fp32", 1: "fp32", 2: "Q8_0 int8"}
+    return [_file_row(path), ("format", f"llama2.c version {c.version} ({layouts.get(c.version, '?')})"),
+            *_shape_rows(c),
+            ("group size", str(c.group_size) if c.version == 2 else "none (not quantized)"),
+            ("matmul", f"{c.weight_format!r}: {c.weight_format.kernel_description()}")]
+
+
+def _gguf_rows(path: Path) -> list[tuple[str, str]]:
+    """A GGUF file's container, model, tensors per type, vocabulary and every metadata key;
+    whether this build runs it, and if not, why (the loader's own message)."""
+    from .files import gguf
+
+    header = gguf.read_header(path)
+    rows = [_file_row(path), ("format", f"GGUF version {header.version}, alignment {header.alignment}, "
+                                        f"tensor data from offset {header.data_offset:,}")]
+    config = None
+    try:
+        config = gguf.model_config(header)
+        gguf.tensor_formats(header)
+        status = "runs in this build"
+    except Llama2nbError as e:
+        status = f"cannot run: {str(e).removeprefix(f'{path}: ')}"
+    if config is not None:
+        rows += _shape_rows(config)
+        rows.append(("rms eps, rope theta", f"{config.norm_eps:g}, {config.rope_theta:g}"))
+    per_type: dict[int, list[int]] = {}
+    for t in header.tensors.values():
+        per_type.setdefault(t.type, []).append(t.nbytes)
+    for type_id, sizes in sorted(per_type.items(), key=lambda kv: -sum(kv[1])):
+        fmt = gguf.format_for(type_id)
+        kernel = f"; {fmt.kernel_description()}" if fmt is not None else "; not supported in this build"
+        rows.append((f"tensors {gguf.type_name(type_id)}", f"{len(sizes)}, {_size(sum(sizes))}{kernel}"))
+    rows.append(("status", status))
+    rows += [(key, _metadata_text(key, value)) for key, value in header.metadata.items()]
+    return rows
+
+
+def _metadata_text(key: str, value) -> str:
+    from .files import gguf
+
+    if value.type == gguf.ARRAY:
+        items = value.value
+        first = ", ".join(repr(bytes(x).decode("utf-8", "replace")) if isinstance(x, bytes) else str(x)
+                          for x in list(items[:4]))
+        more = ", ..." if len(items) > 4 else ""
+        return f"[{first}{more}] ({len(items):,} {gguf.VALUE_TYPE_NAMES[value.element_type]})"
+    text = repr(value.value) if value.type == gguf.STRING else str(value.value)
+    if key == "general.file_type" and value.value in gguf.FILE_TYPE_NAMES:
+        text += f" ({gguf.FILE_TYPE_NAMES[value.value]})"
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+# ----------------------------------------------------------------------------------------------
+# quantize
+
+
+@main.command()
+@click.argument("source", metavar="IN")
+@click.argument("out", metavar="OUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--type", "type_", type=click.Choice(["f32", "f16", "q8_0", "q4_0"]), required=True,
+              help="tensor type: GGUF takes all four; a llama2.c file f32 (v0/v1) or q8_0 (v2)")
+@click.option("--format", "container", type=click.Choice(["llama2c", "gguf"]), default=None,
+              help="OUT's container [default: GGUF for a .gguf suffix, else llama2.c]")
+@click.option("--version", type=click.IntRange(0, 2), default=None,
+              help="llama2.c version: 0 (what run.c reads) or 1 for f32, 2 for q8_0 [default: 0 or 2]")
+@click.option("--group-size", type=click.IntRange(min=1), default=None,
+              help="llama2.c Q8_0 group size; must divide dim and hidden_dim [default: 64, 32 or 16, the "
+                   "largest that does]")
+@click.option("-z", "--tokenizer", "tokenizer_path", metavar="PATH",
+              help="the vocabulary a GGUF OUT carries [default: a GGUF IN's own; else tokenizer.bin, "
+                   "tokenizer.model or tokN.bin beside IN]")
+@click.option("--save-tokenizer", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="also write IN's vocabulary (a GGUF's, or -z) as a llama2.c tokenizer.bin here, for run.c")
+def quantize(source: str, out: Path, type_: str, container: str | None, version: int | None,
+             group_size: int | None, tokenizer_path: str | None, save_tokenizer: Path | None) -> None:
+    """Convert IN (a llama2.c .bin, a GGUF file, or a downloaded model name) to OUT with
+    tensors of --type, one tensor at a time and without torch: e.g. a .bin to a Q4_0 GGUF, or
+    a Q8_0 GGUF to a llama2.c v2 file for runq.c."""
+    from .files.convert import convert, target_for, vocabulary_for
+
+    with _user_errors():
+        path, hub_tokenizer = resolve_checkpoint(source)
+        target = target_for(out, container, type_, version, group_size)
+        tokenizer = tokenizer_path or hub_tokenizer
+        click.echo(convert(path, out, target, tokenizer))
+        if save_tokenizer is not None:
+            from .files import read_config
+
+            vocab = vocabulary_for(path, read_config(path).vocab_size, tokenizer)
+            if vocab is None:
+                raise UsageError(f"{path}: --save-tokenizer: expected a vocabulary (a GGUF IN, or -z), found none")
+            vocab.save_bin(save_tokenizer)
+            click.echo(f"wrote {save_tokenizer}")
 
 
 # ----------------------------------------------------------------------------------------------

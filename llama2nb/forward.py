@@ -25,7 +25,8 @@ import numpy as np
 
 
 from .config import ModelConfig
-from .files.llama2c import Checkpoint, read_checkpoint, require_memory
+from .files import read_model
+from .files.llama2c import Checkpoint, require_memory
 from .formats import Format, format_of, linear, new_input
 from .kernels.common import add, rmsnorm, rope, swiglu
 from .kernels.jit import DEFAULT_FASTMATH, compile_family, fastmath_name, kernel
@@ -127,7 +128,8 @@ class RunState:
 
     @classmethod
     def allocate(cls, c: ModelConfig, weight_formats: set[Format], source: str = "model") -> "RunState":
-        require_memory(source, "KV cache", c.kv_cache_bytes, detail=" (n_layers x seq_len x kv_dim x 2 x 4 bytes)")
+        require_memory(source, "KV cache", c.kv_cache_bytes, detail=" (n_layers x seq_len x kv_dim x 2 x 4 bytes)",
+                       hint=" (cap the context with --ctx / ctx=)")
         f32, block = np.float32, min(PREFILL_BLOCK, c.seq_len)
         cos, sin = rope_tables(c.head_size, c.seq_len, c.rope_theta)
         width = max(c.dim, c.hidden_dim)  # the longest input a matmul takes
@@ -145,7 +147,7 @@ class RunState:
 
 
 class Transformer:
-    """A model's weights (a llama2.c checkpoint, mapped), its run state and compiled kernels.
+    """A model's weights (a llama2.c checkpoint or a llama GGUF file, mapped), its run state and compiled kernels.
 
     >>> model = Transformer.load("stories15M.bin")
     >>> logits = model.forward(token=1, pos=0)   # float32 (vocab_size,)
@@ -189,10 +191,11 @@ class Transformer:
     @classmethod
     def load(cls, path: str | os.PathLike, fastmath: bool | str = DEFAULT_FASTMATH, threads: int = 1,
              warm_up: bool = True, in_memory: bool = False, ctx: int | None = None) -> "Transformer":
-        """Map a llama2.c checkpoint (v0, v1 or v2) and compile (or load cached) kernels. With
-        warm_up, compiling happens here and is timed (compile_seconds); without, at first use.
-        in_memory reads the weights into RAM instead of mapping them (see read_checkpoint)."""
-        return cls(read_checkpoint(Path(path), in_memory), fastmath, threads, warm_up, ctx)
+        """Map a llama2.c checkpoint (v0, v1 or v2) or a llama GGUF file and compile (or load
+        cached) kernels. With warm_up, compiling happens here and is timed (compile_seconds);
+        without, at first use. in_memory reads the weights into RAM instead of mapping them
+        (see files.read_model)."""
+        return cls(read_model(Path(path), in_memory), fastmath, threads, warm_up, ctx)
 
     def _operand(self, matrix: Any) -> Any:
         fmt = format_of(matrix)

@@ -239,6 +239,13 @@ def generate(model: Model, tokenizer: Tokenizer, sampler: Sampler, prompt: str =
     return Generation(body, steps)
 
 
+def check_chat_format(tokenizer: Tokenizer) -> None:
+    """Refuse a vocabulary whose GGUF chat template is not Llama 2's: chat speaks only that."""
+    if getattr(tokenizer, "chat_format", "llama2") != "llama2":
+        raise GenerationError(f"{tokenizer.path}: tokenizer.chat_template: expected Llama 2's [INST] format "
+                              f"(the one chat speaks), found another: {tokenizer.chat_template[:60]!r}")
+
+
 def chat(model: Model, tokenizer: Tokenizer, sampler: Sampler, read_user: Callable[[], str | None] | Iterable[str],
          system: str = "", prompt: str | None = None, steps: int = 0) -> Generation:
     """run.c's chat(): Llama 2's chat template, one user turn at a time from `read_user` (a
@@ -251,10 +258,12 @@ def chat(model: Model, tokenizer: Tokenizer, sampler: Sampler, read_user: Callab
     Unlike run.c, the system prompt comes only from `system` (run.c asks for it on stdin first).
     A first turn that does not fit in `steps` is a GenerationError (raised here when `prompt`
     gives it, else while iterating); a later one, or a reply that uses up the positions, ends
-    the chat with a notice naming the limit."""
+    the chat with a notice naming the limit. A tokenizer whose GGUF chat template is not Llama
+    2's is refused (GenerationError)."""
     seq_len = model.config.seq_len
     steps, notice = resolve_steps(steps, seq_len)
     _check_vocab(model, tokenizer)
+    check_chat_format(tokenizer)
     if not callable(read_user):
         lines = iter(read_user)
         read_user = lambda: next(lines, None)  # noqa: E731 - an iterator as the callable form

@@ -1,4 +1,5 @@
-"""Tokenizers: llama2.c's `tokenizer.bin` and SentencePiece `.model` files, behind one class.
+"""Tokenizers: llama2.c's `tokenizer.bin`, SentencePiece `.model` files and the vocabulary in a
+GGUF file's metadata, behind one class.
 
 `.bin` encoding reproduces run.c's `encode()` id for id: a dummy-prefix space, one lookup per
 UTF-8 code point with byte fallback (id = byte + 3), then repeated merging of the adjacent pair
@@ -15,6 +16,12 @@ SentencePiece pieces to llama2.c's (`Tokenizer._from_sentencepiece`), so `senten
 (used by `export-tokenizer`, `data train-vocab` and the hub's Llama 2 tokenizer) and a `.model`
 loaded directly decode alike. It also holds the one policy that finds a checkpoint's tokenizer
 when none is given (`find_tokenizer`, shared by `sample` and `eval`).
+
+A GGUF vocabulary (files.gguf.read_vocabulary) becomes llama2.c's pieces and is encoded by the
+same algorithm, so it gives tokenizer.bin's ids for the same vocabulary. Its control, unknown
+and unused tokens (`special`) are never produced from text: text that spells "<s>" is text.
+Its add_space_prefix decides the dummy-prefix space, and its chat template, the chat format
+(`chat_format`).
 """
 
 from __future__ import annotations
@@ -47,7 +54,9 @@ class Tokenizer:
     """A vocabulary of byte-string pieces with scores; encode text to ids and ids to text."""
 
     def __init__(self, pieces: Sequence[bytes], scores: Sequence[float], *, path: str | os.PathLike = "<memory>",
-                 max_token_length: int | None = None, sentencepiece=None) -> None:
+                 max_token_length: int | None = None, sentencepiece=None, special: Iterable[int] = (),
+                 add_space_prefix: bool = True, token_types: np.ndarray | None = None,
+                 chat_template: str | None = None) -> None:
         if len(pieces) != len(scores):
             raise ValueError(f"{len(pieces)} pieces but {len(scores)} scores")
         self.path = Path(path)
@@ -56,11 +65,16 @@ class Tokenizer:
         self.max_token_length = max_token_length if max_token_length is not None else max(
             (len(p) for p in self.pieces), default=0)
         self._sp = sentencepiece  # a SentencePieceProcessor for .model files: it does the encoding
+        self.add_space_prefix = add_space_prefix
+        self.token_types = token_types  # GGUF's token types, when the vocabulary came with them
+        self.chat_template = chat_template
+        special = set(special)
         # bytes -> id. run.c binary-searches a sorted copy; with duplicate pieces that finds an
         # arbitrary one, here the lowest id wins (real vocabularies have no duplicates).
         self._lookup: dict[bytes, int] = {}
         for i, p in enumerate(self.pieces):
-            self._lookup.setdefault(p, i)
+            if i not in special:
+                self._lookup.setdefault(p, i)
         self._scores = self.scores.tolist()  # Python floats: the merge loop compares them per pair
         self._pair_cache: dict[tuple[int, int], int] = {}
         # What each token contributes to the output, and a second version with its leading
@@ -88,7 +102,9 @@ class Tokenizer:
             raise TokenizerError(f"{path}: expected a tokenizer file, found a directory") from None
         except OSError as e:
             raise TokenizerError(f"{path}: cannot read tokenizer: {e.strerror or e}") from None
-        if path.suffix == ".model" or _looks_like_sentencepiece(data):
+        if data[:4] == b"GGUF":
+            tok = cls._from_gguf(path)
+        elif path.suffix == ".model" or _looks_like_sentencepiece(data):
             tok = cls._from_sentencepiece(path, data)
         else:
             tok = cls._from_bin(path, data)
@@ -162,6 +178,15 @@ class Tokenizer:
             scores.append(sp.get_score(i))
         return cls(pieces, scores, path=path, sentencepiece=sp)
 
+    @classmethod
+    def _from_gguf(cls, path: Path) -> "Tokenizer":
+        """The SentencePiece vocabulary in a GGUF file's metadata (checked by read_vocabulary)."""
+        from .files.gguf import read_vocabulary
+
+        v = read_vocabulary(path)
+        return cls(v.pieces, v.scores, path=path, special=v.special_ids, add_space_prefix=v.add_space_prefix,
+                   token_types=v.token_types, chat_template=v.chat_template)
+
     def save_bin(self, path: str | os.PathLike) -> None:
         """Write llama2.c's tokenizer.bin layout (atomically)."""
         write_bin(path, self.pieces, self.scores, self.max_token_length)
@@ -176,6 +201,14 @@ class Tokenizer:
     @property
     def kind(self) -> str:
         return "sentencepiece" if self._sp is not None else "llama2.c"
+
+    @property
+    def chat_format(self) -> str | None:
+        """"llama2" (the [INST] format generate.chat speaks) when the vocabulary names no chat
+        template or names Llama 2's, else None: a format the engine does not have."""
+        if self.chat_template is None or "[INST]" in self.chat_template:
+            return "llama2"
+        return None
 
     def encode(self, text: str | bytes, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids for `text`: run.c's algorithm for `.bin` files, SentencePiece for `.model`.
@@ -196,7 +229,8 @@ class Tokenizer:
     def _encode_bpe(self, data: bytes) -> list[int]:
         if not data:
             return []
-        ids = self._initial_ids(b" " + data)  # run.c's add_dummy_prefix (" " for non-empty text)
+        prefix = b" " if self.add_space_prefix else b""
+        ids = self._initial_ids(prefix + data)  # run.c's add_dummy_prefix (" " for non-empty text)
         return self._merge(ids)
 
     def _initial_ids(self, data: bytes) -> list[int]:
@@ -381,14 +415,17 @@ def sentencepiece_to_bin(model_path: str | os.PathLike, out_path: str | os.PathL
 # Finding a checkpoint's tokenizer
 
 BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "checkpoints" / "tokenizer.bin"
-TOKENIZER_SEARCH = ("tokenizer.bin/.model or tokN.bin/.model beside the checkpoint, data/tokN.bin/.model, "
-                    "or the bundled tokenizer if it has N tokens")
+TOKENIZER_SEARCH = ("a GGUF checkpoint's own vocabulary, tokenizer.bin/.model or tokN.bin/.model beside the "
+                    "checkpoint, data/tokN.bin/.model, or the bundled tokenizer if it has N tokens")
 
 
 def tokenizer_candidates(checkpoint: str | os.PathLike, vocab_size: int) -> list[Path]:
-    """Where a checkpoint's tokenizer may be, in the order `find_tokenizer` tries them: beside
-    the checkpoint (its own name, then the name `data train-vocab` gives an N-token vocabulary),
-    then `data train-vocab`'s default output under the current directory."""
+    """Where a checkpoint's tokenizer may be, in the order `find_tokenizer` tries them: a GGUF
+    checkpoint itself (it carries its vocabulary), beside the checkpoint (its own name, then the
+    name `data train-vocab` gives an N-token vocabulary), then `data train-vocab`'s default
+    output under the current directory."""
+    if _is_gguf(Path(checkpoint)):
+        return [Path(checkpoint)]
     folder = Path(checkpoint).parent
     names = ("tokenizer.bin", "tokenizer.model", f"tok{vocab_size}.bin", f"tok{vocab_size}.model")
     data = Path("data")
@@ -408,6 +445,14 @@ def find_tokenizer(checkpoint: str | os.PathLike, vocab_size: int) -> Path:
         return BUNDLED_TOKENIZER
     raise TokenizerError(f"{checkpoint}: no tokenizer found (looked for {TOKENIZER_SEARCH}, N = {vocab_size}): "
                          "pass one with -z/--tokenizer")
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def _count_tokens(path: Path) -> int | None:

@@ -105,7 +105,18 @@ class Reference:
     """reference.forward(token, pos) over a file, with its own KV cache."""
 
     def __init__(self, path):
-        self.h, self.w = load(path)
+        self._start(*load(path))
+
+    @classmethod
+    def from_arrays(cls, header: dict, weights: dict) -> "Reference":
+        """The oracle over weights from elsewhere (load()'s keys: e.g. a GGUF file's tensors as
+        the gguf package dequantizes them), computed as version 1 (float) when header says so."""
+        ref = cls.__new__(cls)
+        ref._start(header, weights)
+        return ref
+
+    def _start(self, header: dict, weights: dict) -> None:
+        self.h, self.w = header, weights
         h = self.h
         hs = h["dim"] // h["heads"]
         kv = h["kv_heads"] * hs

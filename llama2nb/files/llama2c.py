@@ -182,6 +182,23 @@ def require_memory(source: str | os.PathLike, what: str, needed: int, detail: st
                               f"{available / 2**30:.1f} GiB of memory is available{hint}")
 
 
+def file_buffer(path: Path, size: int, in_memory: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(the object to keep alive, a plain uint8 ndarray of the file's `size` bytes): one
+    read-only mapping in 2 MB pages where the OS allows (mapping.py), or with in_memory one
+    copy in anonymous memory, which NumPy asks to back with 2 MB pages. Every container's
+    reader takes its views from this one buffer."""
+    if not in_memory:
+        mm = map_read_only(path)
+        return mm, mm.view(np.ndarray)  # plain ndarray views: Numba types them without the subclass
+    require_memory(path, "in-memory load", size, hint=" (map it instead)")
+    mm = np.empty(size, np.uint8)  # NumPy advises huge pages for large arrays
+    with open(path, "rb") as f:
+        if f.readinto(memoryview(mm)) != mm.size or f.read(1):
+            raise CheckpointError(f"{path}: file size: changed while it was being read")
+    mm.flags.writeable = False
+    return mm, mm
+
+
 def read_checkpoint(path: str | os.PathLike, in_memory: bool = False) -> Checkpoint:
     """Map a checkpoint read-only and return named views of its weights (nothing is copied).
     The mapping uses 2 MB pages where the OS allows (mapping.py), which streams the weights at
@@ -191,18 +208,7 @@ def read_checkpoint(path: str | os.PathLike, in_memory: bool = False) -> Checkpo
     2 MB pages: for platforms where a file cannot be mapped in them, for the memory of a copy."""
     path = Path(path)
     config = read_config(path)
-    if in_memory:
-        size = expected_file_size(config)  # read_config checked the file has exactly this size
-        require_memory(path, "in-memory load", size, hint=" (map it instead)")
-        mm = np.empty(size, np.uint8)  # NumPy advises huge pages for large arrays
-        with open(path, "rb") as f:
-            if f.readinto(memoryview(mm)) != mm.size:
-                raise CheckpointError(f"{path}: file size: changed while it was being read")
-        mm.flags.writeable = False
-        buf = mm
-    else:
-        mm = map_read_only(path)  # in 2 MB pages where the OS allows (see mapping.py)
-        buf = mm.view(np.ndarray)  # plain ndarray views: Numba types them without the subclass
+    mm, buf = file_buffer(path, expected_file_size(config), in_memory)
     offset = header_bytes(config)
     found: dict[str, Any] = {}
     for entry in layout(config):
@@ -233,8 +239,9 @@ def freq_cis_tables(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_checkpoint(path: str | os.PathLike, config: ModelConfig, weights: Mapping[str, np.ndarray]) -> None:
-    """Write `weights` (stacked float32 arrays keyed by TransformerWeights' names; "wcls" only
-    when the classifier is unshared) in the layout `config.version` names, atomically."""
+    """Write `weights` (stacked float32 arrays keyed by TransformerWeights' names, or anything
+    np.asarray stacks and [layer] indexes; "wcls" only when the classifier is unshared) in the
+    layout `config.version` names, atomically."""
     config.validate(str(path))
     arrays = dict(weights)
     if config.version == 0:
@@ -254,9 +261,8 @@ def write_checkpoint(path: str | os.PathLike, config: ModelConfig, weights: Mapp
         for entry in layout(config):
             if entry.name not in arrays:
                 raise CheckpointError(f"{path}: cannot write: weight {entry.name!r} missing")
-            array = np.asarray(arrays[entry.name], np.float32)
-            if entry.layer is not None:
-                array = array[entry.layer]
+            value = arrays[entry.name]  # indexed before conversion: a lazy source converts one layer
+            array = np.asarray(value if entry.layer is None else value[entry.layer], np.float32)
             if array.shape != entry.shape:
                 raise CheckpointError(f"{path}: cannot write {entry.name}: expected shape {entry.shape}, found {array.shape}")
             for part in entry.format.encode(array):

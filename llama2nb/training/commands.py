@@ -57,6 +57,9 @@ def _progress(console):
                     TextColumn("ETA"), TimeRemainingColumn(), console=console)
 
 
+CTX_OPTION = click.option("--ctx", type=click.IntRange(min=1), default=None, metavar="N",
+                          help="Cap the context at N positions: the KV cache is allocated for N. "
+                               "[default: the model's context length; GGUF files often declare large ones]")
 DATA_DIR_OPTION = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("data"),
                                show_default=True, help="Data directory (see `llama2nb data --help`).")
 
@@ -342,34 +345,76 @@ def train_command(ctx: click.Context, preset, resume, stop_after, quiet, **optio
 @click.command("export")
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--version", "version", type=click.IntRange(0, 2), default=0, show_default=True,
-              help="0: legacy fp32, 1: fp32 with header, 2: Q8_0 int8.")
+@click.option("--format", "container", type=click.Choice(["llama2c", "gguf"]), default=None,
+              help="OUT's container. [default: GGUF for a .gguf suffix, else llama2.c]")
+@click.option("--type", "type_", type=click.Choice(["f32", "f16", "q8_0", "q4_0"]), default=None,
+              help="Tensor type: any of these for GGUF; f32 or q8_0 for llama2.c. [f32; llama2.c: from --version]")
+@click.option("--version", "version", type=click.IntRange(0, 2), default=None,
+              help="llama2.c: 0 legacy fp32, 1 fp32 with header, 2 Q8_0 int8. [0]")
 @click.option("--group-size", type=click.IntRange(min=1), default=None,
               show_default="64, 32 or 16, the largest dividing dim and hidden_dim",
               help="Q8_0 group size for --version 2; must divide dim and hidden_dim.")
 @click.option("--hf", "hf", is_flag=True, help="SOURCE is a Hugging Face Llama directory "
               "(config.json + *.safetensors or pytorch_model*.bin).")
+@click.option("-z", "--tokenizer", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The vocabulary a GGUF OUT carries. [a GGUF SOURCE's own; else tokenizer.bin, tokenizer.model "
+                   "or tokN.bin beside SOURCE]")
 @_clean_errors
-def export_command(source: Path, out: Path, version: int, group_size: int | None, hf: bool) -> None:
-    """Export SOURCE (our ckpt.pt or the run directory holding it, or with --hf a Hugging Face
-    Llama directory) to a llama2.c checkpoint OUT."""
-    from .export import eps_warning, export_ckpt, export_hf
+def export_command(source: Path, out: Path, container: str | None, type_: str | None, version: int | None,
+                   group_size: int | None, hf: bool, tokenizer: Path | None) -> None:
+    """Export SOURCE (our ckpt.pt or the run directory holding it, a llama2.c .bin, a GGUF
+    file, or with --hf a Hugging Face Llama directory) to OUT: a llama2.c checkpoint, or a
+    GGUF file for a .gguf OUT. A .bin or GGUF SOURCE converts without torch."""
+    from ..files.convert import convert, target_for
 
+    target = target_for(out, container, type_, version, group_size)
+    if source.is_file() and not hf and _is_model_file(source):
+        click.echo(convert(source, out, target, tokenizer))
+        return
     if source.is_dir() and not hf and (source / "ckpt.pt").is_file() and not (source / "config.json").exists():
         source = source / "ckpt.pt"  # a training run's --out-dir
-    if hf or source.is_dir():
-        if not source.is_dir():
-            raise click.ClickException(f"{source}: --hf: expected a Hugging Face model directory, found a file")
+    if (hf or source.is_dir()) and not source.is_dir():
+        raise click.ClickException(f"{source}: --hf: expected a Hugging Face model directory, found a file")
+    if target.container == "gguf":
+        click.echo(_export_torch_gguf(source, out, target, tokenizer))
+        return
+    from .export import eps_warning, export_ckpt, export_hf
+
+    if source.is_dir():
         warning = eps_warning(source)
         if warning:
             click.echo(warning, err=True)
-        config = export_hf(source, out, version, group_size)
+        config = export_hf(source, out, target.version, target.group_size)
     else:
-        config = export_ckpt(source, out, version, group_size)
+        config = export_ckpt(source, out, target.version, target.group_size)
     extra = f", group size {config.group_size}" if config.version == 2 else ""
     click.echo(f"wrote {out}: v{config.version}{extra}, {config.n_params:,} parameters, dim {config.dim}, "
                f"{config.n_layers} layers, {config.n_heads} heads ({config.n_kv_heads} kv), vocab {config.vocab_size}, "
                f"seq_len {config.seq_len}")
+
+
+def _is_model_file(path: Path) -> bool:
+    """A GGUF file or a llama2.c checkpoint (what files.read_model reads), not a torch file
+    (a .pt/.pth, or any zip archive: torch.save's format)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"GGUF" or (path.suffix not in (".pt", ".pth") and head != b"PK\x03\x04")
+
+
+def _export_torch_gguf(source: Path, out: Path, target, tokenizer: Path | None) -> str:
+    """A ckpt.pt or Hugging Face directory to GGUF: torch loads the weights, the GGUF writer
+    streams them."""
+    from ..files.convert import vocabulary_for, write_model
+    from .export import load_hf, load_model
+
+    if source.is_dir():
+        config, weights = load_hf(source)
+    else:
+        model = load_model(source)
+        config, weights = model.args.to_config(), model.export_weights()
+    vocab = vocabulary_for(source, config.vocab_size, tokenizer)
+    name = source.name if source.is_dir() else source.parent.name if source.name == "ckpt.pt" else source.stem
+    return write_model(out, config, weights, vocab, target, name)
 
 
 @click.command("export-tokenizer")
@@ -394,17 +439,19 @@ def export_tokenizer_command(model: Path, out: Path) -> None:
               help="Text to score (stories split as `data pretokenize` splits them).")
 @click.option("-z", "--tokenizer", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               show_default=f"a downloaded model's own, else the first of {TOKENIZER_SEARCH} (as `sample`)",
-              help="tokenizer.bin or .model.")
+              help="tokenizer.bin, .model or .gguf.")
 @click.option("--max-tokens", type=click.IntRange(min=2), show_default="all", help="Score only the first N tokens.")
 @click.option("--seq-len", type=click.IntRange(min=1), show_default="the model's seq_len", help="Window length.")
 @click.option("--fastmath/--no-fastmath", default=True, show_default=True,
               help="Full fastmath kernels, as `sample` uses; --no-fastmath for IEEE arithmetic.")
+@CTX_OPTION
 @_clean_errors
-def eval_command(checkpoint: str, text: Path, tokenizer: Path | None, max_tokens, seq_len, fastmath: bool) -> None:
-    """Mean loss per token and perplexity of a llama2.c CHECKPOINT (or known model name) on a
-    text file, computed by the Numba engine."""
+def eval_command(checkpoint: str, text: Path, tokenizer: Path | None, max_tokens, seq_len, fastmath: bool,
+                 ctx: int | None) -> None:
+    """Mean loss per token and perplexity of a CHECKPOINT (llama2.c .bin, GGUF, or a known
+    model name) on a text file, computed by the Numba engine."""
     from .. import Transformer
-    from ..files.llama2c import read_config
+    from ..files import read_config
     from ..tokenizer import Tokenizer, find_tokenizer
     from .data import read_stories
     from .evaluate import encode_text, evaluate, windows
@@ -421,7 +468,7 @@ def eval_command(checkpoint: str, text: Path, tokenizer: Path | None, max_tokens
         tokenizer = tokenizer or known_tok
     vocab = read_config(ckpt_path).vocab_size  # the header only: a missing tokenizer fails before compiling
     tok = Tokenizer.load(tokenizer or find_tokenizer(ckpt_path, vocab), vocab_size=vocab)
-    model = Transformer.load(ckpt_path, fastmath="full" if fastmath else "off")
+    model = Transformer.load(ckpt_path, fastmath="full" if fastmath else "off", ctx=ctx)
     ids = encode_text(read_stories(text), tok)
     if max_tokens:
         ids = ids[:max_tokens]
