@@ -53,12 +53,13 @@ def test_bench_end_to_end(tmp_path, monkeypatch):
     # a row with a roof: one process per run, each after its own bandwidth probe, the ratio per pair
     assert len(model_row["tg128"]) == len(model_row["bandwidth_gbs"]) == len(model_row["pp256"]) == 2
     assert set(model_row["roof"]) == {"tg128", "tg256"} and min(model_row["roof"].values()) > 0
-    assert "bandwidth_gbs" not in rows["int8 Q8_0, full fastmath"]  # no fp32 roof for int8
+    int8_row = rows["int8 Q8_0, full fastmath"]  # a roof from its own bytes: a quarter of fp32's and a bit
+    assert 0.25 < int8_row["bytes_per_token"] / model_row["bytes_per_token"] < 0.4 and int8_row["roof"]["tg128"] > 0
     assert rows["run.c (run)"]["tg128"] == [123.456, 123.456]
     assert min(report["bandwidth_gbs"]) > 0 and report["startup"][0]["ttft_warm_s"] > 0
     assert (out / "latest.png").stat().st_size > 1000 and "| stories15M shape, fp32 |" in (out / "latest.md").read_text()
-    assert ("| configuration | tg128 | tg256 | pp128 | pp256 | fp32 roof | pp128 GFLOP/s (peak) | compile s "
-            "| peak RSS MB |") in result.output
+    assert ("| configuration | tg128 | tg256 | pp128 | pp256 | MB/token | DRAM roof | pp128 GFLOP/s (peak) "
+            "| compile s | peak RSS MB |") in result.output
     assert report["peaks"]["fma_gflops"] > 0 and model_row["flops_per_token"] == 2 * 2 * sum(
         r * c for r, c in TINY_LLAMA.matrix_shapes().values())  # 2 layers
     assert set(model_row["bandwidth_by_streams"][0]) == {"1", "2", "4", "8"}
@@ -114,8 +115,16 @@ def test_parse_cache_size():
 @pytest.mark.parametrize("steps", [2, 3, 100, 128, 256, 1000])
 def test_bytes_read_per_token_counts_the_kv_rows_of_any_length(steps):
     kv_row = TINY.n_layers * 2 * TINY.kv_dim * 4  # K and V, fp32, every layer, one position
-    expected = TINY.weight_bytes_per_token + kv_row * (steps + 1) / 2  # positions 0..pos, on average
-    assert roofs.bytes_read_per_token(TINY, steps) == pytest.approx(expected)
+    expected = 12345 + kv_row * (steps + 1) / 2  # positions 0..pos, on average
+    assert roofs.bytes_read_per_token(TINY, 12345, steps) == pytest.approx(expected)
+
+
+def test_a_file_s_bytes_per_token_count_each_tensor_in_its_format(tiny_checkpoints):
+    fp32 = models.file_bytes_per_token(tiny_checkpoints.fp32["tiny"])
+    q8 = models.file_bytes_per_token(tiny_checkpoints.q8["tiny"])
+    assert fp32 == TINY.weight_bytes_per_token  # the fp32 file: the header's own arithmetic
+    gs = TINY.q8_group_size
+    assert q8 == replace(TINY, version=2, group_size=gs).weight_bytes_per_token  # 1 + 4 / gs bytes a weight
 
 
 def test_roof_pairs_each_run_with_the_probe_before_it():
@@ -126,17 +135,15 @@ def test_roof_pairs_each_run_with_the_probe_before_it():
 
 def test_generation_roofs_for_whatever_lengths_a_row_measures():
     result = {"tg16": [50.0, 60.0], "tg300": [40.0, 40.0], "pp16": [9.0, 9.0], "bandwidth_gbs": [1.0, 1.0]}
-    got = roofs.generation_roofs(TINY, (16, 300, 4096), result)  # 4096: beyond the context, not measured
+    got = roofs.generation_roofs(TINY, 5000, (16, 300, 4096), result)  # 4096: beyond the context, not measured
     assert set(got) == {"tg16", "tg300"}
-    assert got["tg16"] == pytest.approx(55.0 * roofs.bytes_read_per_token(TINY, 16) / 1e9)
-    assert got["tg300"] == pytest.approx(40.0 * roofs.bytes_read_per_token(TINY, 300) / 1e9)
+    assert got["tg16"] == pytest.approx(55.0 * roofs.bytes_read_per_token(TINY, 5000, 16) / 1e9)
+    assert got["tg300"] == pytest.approx(40.0 * roofs.bytes_read_per_token(TINY, 5000, 300) / 1e9)
 
 
-def test_only_fp32_weights_beyond_the_cache_get_a_dram_roof():
-    fp32, q8 = TINY, replace(TINY, version=2, group_size=32)
-    assert roofs.gets_dram_roof(fp32, cache_bytes=0)
-    assert not roofs.gets_dram_roof(fp32, cache_bytes=fp32.weight_bytes_per_token)
-    assert not roofs.gets_dram_roof(q8, cache_bytes=0)
+def test_weights_beyond_the_cache_get_a_dram_roof_whatever_their_format():
+    assert roofs.gets_dram_roof(1000, cache_bytes=0)
+    assert not roofs.gets_dram_roof(1000, cache_bytes=1000)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,20 +184,22 @@ def test_a_roofed_row_runs_each_time_after_its_own_probe(tiny_checkpoints, tmp_p
     assert machine.calls == ["probe", "worker x1"] * 3
     assert row.result["bandwidth_gbs"] == [2.0, 4.0, 8.0] and row.result["tg40"] == [100.0] * 3
     assert row.result["peak_rss_mb"] == 16.0  # costs keep their worst
-    config = read_config(row.path)
+    config, weights = read_config(row.path), models.file_bytes_per_token(row.path)
     assert row.result["roof"] == {
-        f"tg{n}": pytest.approx(roofs.roof_fraction([100.0] * 3, [2.0, 4.0, 8.0], roofs.bytes_read_per_token(config, n)))
+        f"tg{n}": pytest.approx(roofs.roof_fraction([100.0] * 3, [2.0, 4.0, 8.0],
+                                                    roofs.bytes_read_per_token(config, weights, n)))
         for n in (8, 40)}
 
 
-def test_rows_in_cache_or_int8_run_in_one_process_without_probes(tiny_checkpoints, tmp_path, monkeypatch):
+def test_rows_in_cache_run_in_one_process_without_probes(tiny_checkpoints, tmp_path, monkeypatch):
     machine = FakeMachine(monkeypatch)
     fp32 = Row("models", "fp32", tiny_checkpoints.fp32["tiny"], tg=(8,), pp=(), runs=3)
     q8 = Row("models", "int8", tiny_checkpoints.q8["tiny"], tg=(8,), pp=(), runs=3)
+    q8_bytes = models.file_bytes_per_token(tiny_checkpoints.q8["tiny"])
     bench_measure.measure_row(fp32, tiny_checkpoints, tmp_path, cache_bytes=2**30)
-    bench_measure.measure_row(q8, tiny_checkpoints, tmp_path, cache_bytes=0)
+    bench_measure.measure_row(q8, tiny_checkpoints, tmp_path, cache_bytes=q8_bytes)  # fits: in cache
     assert machine.calls == ["worker x3", "worker x3"]
-    assert fp32.result["roof"] == roofs.IN_CACHE and "roof" not in q8.result
+    assert fp32.result["roof"] == q8.result["roof"] == roofs.IN_CACHE
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +224,7 @@ def test_markdown_table_columns_cells_and_roofs():
          "compile_s": 0.0, "peak_rss_mb": 150.0},
         {"section": "models", "label": "fp32", "tg": [128, 256], "pp": [128, 256], "tg128": [500.0, 520.0],
          "tg256": [480.0], "pp128": [4000.0], "pp256": [3900.0], "roof": {"tg128": 0.97, "tg256": 0.9},
-         "compile_s": 0.17, "peak_rss_mb": 209.4, "flops_per_token": 25_000_000},
+         "compile_s": 0.17, "peak_rss_mb": 209.4, "flops_per_token": 25_000_000, "bytes_per_token": 61_000_000},
         {"section": "models", "label": "int8 prefill", "tg": [128], "pp": [128], "pp128": [8000.0],
          "flops_per_token": 50_000_000, "int8": True},
         {"section": "models", "label": "bundled", "tg": [128, 256], "pp": [128, 256], "tg128": [6000.0],
@@ -223,25 +232,28 @@ def test_markdown_table_columns_cells_and_roofs():
         {"section": "models", "label": "int8", "tg": [128, 256], "pp": [128, 256], "tg128": [1200.0]},
     ]
     markdown = markdown_table(report_of(rows))
-    assert ("| configuration | tg128 | tg256 | pp128 | pp256 | fp32 roof | pp128 GFLOP/s (peak) | compile s "
-            "| peak RSS MB |") in markdown
+    assert ("| configuration | tg128 | tg256 | pp128 | pp256 | MB/token | DRAM roof | pp128 GFLOP/s (peak) "
+            "| compile s | peak RSS MB |") in markdown
     assert "single-core read bandwidth 20.0-30.0 GB/s (best of 1/2/4/8 streams" in markdown
     assert "fp32 FMA peak 200 GFLOP/s, int8 VNNI peak 800 GOP/s" in markdown
-    assert table_row(markdown, "pure Python") == ["0.5 (3 tokens)", "–", "–", "–", "0%", "–", "0.00", "150"]
-    assert table_row(markdown, "fp32") == ["510 ± 10", "480", "4000", "3900", "97%", "100 (50%)", "0.17", "209"]
-    assert table_row(markdown, "int8 prefill")[5] == "400 (50%)"  # against the VNNI peak
-    assert table_row(markdown, "bundled")[4] == "in cache" and table_row(markdown, "int8")[4] == "–"
+    assert table_row(markdown, "pure Python") == ["0.5 (3 tokens)", "–", "–", "–", "–", "0%", "–", "0.00", "150"]
+    assert table_row(markdown, "fp32") == ["510 ± 10", "480", "4000", "3900", "61.0", "97%", "100 (50%)", "0.17",
+                                           "209"]
+    assert table_row(markdown, "int8 prefill")[6] == "400 (50%)"  # against the VNNI peak
+    assert table_row(markdown, "bundled")[5] == "in cache" and table_row(markdown, "int8")[5] == "–"
     assert "| 15M | 0.40 | 3.20 |" in markdown
-    assert "fp32 roof: tg128 tok/s" in markdown and "64.5 positions on average" in markdown
+    assert "DRAM roof (models larger than the last-level cache): tg128 tok/s" in markdown
+    assert "64.5 positions on average" in markdown
 
 
 def test_markdown_table_follows_the_configured_lengths():
     rows = [{"section": "models", "label": "fp32", "tg": [64], "pp": [32], "tg64": [300.0], "pp32": [900.0],
              "roof": {"tg64": 0.5}}]
     markdown = markdown_table(report_of(rows, generation=(64,), prefill=(32,)))
-    assert "| configuration | tg64 | pp32 | fp32 roof | pp32 GFLOP/s (peak) |" in markdown
-    assert table_row(markdown, "fp32") == ["300", "900", "50%", "–", "–", "–"]
-    assert "fp32 roof: tg64 tok/s" in markdown and "32.5 positions on average" in markdown
+    assert "| configuration | tg64 | pp32 | MB/token | DRAM roof | pp32 GFLOP/s (peak) |" in markdown
+    assert table_row(markdown, "fp32") == ["300", "900", "–", "50%", "–", "–", "–"]
+    assert "DRAM roof (models larger than the last-level cache): tg64 tok/s" in markdown
+    assert "32.5 positions on average" in markdown
 
 
 def test_shown_generation_prefers_the_first_column_then_a_short_run():

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from . import probes, roofs
-from .models import ModelFiles, file_config
+from .models import ModelFiles, file_bytes_per_token, file_config
 from .rows import Row
 from .runc import measure_c_row
 from .worker import generation_key, run_worker
@@ -20,10 +20,11 @@ from .worker import generation_key, run_worker
 
 def measure_row(row: Row, files: ModelFiles, cache_dir: Path, cache_bytes: int) -> None:
     """Fill row.result: the rates of every run, costs, and the roof where the row has one."""
-    config = file_config(row.path)
-    if not roofs.gets_dram_roof(config, cache_bytes):
+    config, weight_bytes = file_config(row.path), file_bytes_per_token(row.path)
+    row.result["bytes_per_token"] = weight_bytes
+    if not roofs.gets_dram_roof(weight_bytes, cache_bytes):
         merge_runs(row.result, measure_runs(row, row.runs, files, cache_dir))
-        if config.version != 2 and measures_generation(row):
+        if measures_generation(row):
             row.result["roof"] = roofs.IN_CACHE
         return
     for _ in range(row.runs):
@@ -32,7 +33,7 @@ def measure_row(row: Row, files: ModelFiles, cache_dir: Path, cache_bytes: int) 
         row.result.setdefault("bandwidth_by_streams", []).append(probe["bandwidth_by_streams"])
         merge_runs(row.result, measure_runs(row, 1, files, cache_dir))
     if measures_generation(row):
-        row.result["roof"] = roofs.generation_roofs(config, row.tg, row.result)
+        row.result["roof"] = roofs.generation_roofs(config, weight_bytes, row.tg, row.result)
 
 
 def measures_generation(row: Row) -> bool:

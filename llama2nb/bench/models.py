@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..config import ModelConfig
-from ..files.llama2c import read_config, write_checkpoint
+from ..files import bytes_per_token, read_config, read_model
+from ..files.llama2c import write_checkpoint
 from ..testmodels import byte_vocab, random_weights
 from ..tokenizer import write_bin
 
@@ -43,8 +44,13 @@ def default_cache_dir() -> Path:
 
 
 def file_config(path: Path) -> ModelConfig:
-    """A measured file's header (shape, version, group size): what its roof is computed from."""
+    """A measured file's configuration (shape, context): what its roof is computed from."""
     return read_config(path)
+
+
+def file_bytes_per_token(path: Path) -> int:
+    """The bytes of weights one token reads from this file, each tensor in its own format."""
+    return bytes_per_token(read_model(path))
 
 
 def ensure_models(cache_dir: Path, shapes: list[str], log=print) -> ModelFiles:

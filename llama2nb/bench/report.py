@@ -2,8 +2,8 @@
 
 The report is plain data (rows as dicts of their settings and measurements), so the table and the
 chart can be rendered again from a saved latest.json. Columns: one per generation length (tg) and
-prompt length (pp) measured, then the fp32 roof, the prompt's arithmetic rate against the core's
-peak, compile seconds and peak RSS. A row measured over a length that is not a column (pure
+prompt length (pp) measured, then the weights' bytes per token, the DRAM roof, the prompt's
+arithmetic rate against the core's peak, compile seconds and peak RSS. A row measured over a length that is not a column (pure
 Python's short run) shows in the first tg column, labelled with its length. The roof shown is that
 of the generation figure shown.
 """
@@ -63,7 +63,8 @@ def row_cells(row: dict, generation: list[int], prefill: list[int], peaks: dict 
         cells[0] = f"{median_spread(row[generation_key(shown)])} ({shown} tokens)"
     compile_s = f"{row['compile_s']:.2f}" if "compile_s" in row else "–"
     rss = f"{row['peak_rss_mb']:.0f}" if "peak_rss_mb" in row else "–"
-    return cells + [roof_cell(row, shown), compute_cell(row, prefill, peaks or {}), compile_s, rss]
+    megabytes = f"{row['bytes_per_token'] / 1e6:.1f}" if "bytes_per_token" in row else "–"
+    return cells + [megabytes, roof_cell(row, shown), compute_cell(row, prefill, peaks or {}), compile_s, rss]
 
 
 def compute_cell(row: dict, prefill: list[int], peaks: dict) -> str:
@@ -91,8 +92,9 @@ def markdown_table(report: dict) -> str:
     lines = [header_line(report), ""]
     for section, title in SECTIONS:
         lines += [f"**{title}**", "", "| configuration | " + " | ".join(columns)
-                  + f" | fp32 roof | {prefill_key(prefill[0]) if prefill else 'pp'} GFLOP/s (peak) | compile s | peak RSS MB |",
-                  "|---|" + "---:|" * (len(columns) + 4)]
+                  + f" | MB/token | DRAM roof | {prefill_key(prefill[0]) if prefill else 'pp'} GFLOP/s (peak) "
+                  "| compile s | peak RSS MB |",
+                  "|---|" + "---:|" * (len(columns) + 5)]
         lines += [f"| {row['label']} | " + " | ".join(row_cells(row, generation, prefill, report.get("peaks"))) + " |"
                   for row in report["rows"] if row["section"] == section]
         lines.append("")
@@ -113,13 +115,14 @@ def header_line(report: dict) -> str:
         if peaks.get("vnni_gops"):
             compute += f", int8 VNNI peak {peaks['vnni_gops']:.0f} GOP/s"
     return (f"Machine: {report['machine']}; single-core read bandwidth {measured} (best of 1/2/4/8 streams, "
-            f"measured before each fp32 run){compute}; {report['date']}. tok/s as median ± half-range over "
+            f"measured before each run of a row with a DRAM roof){compute}; {report['date']}. tok/s as median ± half-range over "
             "runs; compile time excluded.")
 
 
 def footer(steps: int) -> str:
     """What the roof column means, for the generation length the table's first column shows."""
-    return (f"fp32 roof: {generation_key(steps)} tok/s x bytes read per token (the weights, and the KV-cache "
+    return (f"MB/token: the weights one token reads, each tensor in its own format. DRAM roof (models larger than "
+            f"the last-level cache): {generation_key(steps)} tok/s x bytes read per token (the weights, and the KV-cache "
             f"rows attention reads, {kv_positions_read(steps):g} positions on average) / the bandwidth "
             "measured just before that run; the median over runs, each run of these rows a process of its "
             "own. Mapped: the weights are the file's page-cache pages, mapped in 2 MB pages where Linux "

@@ -18,9 +18,9 @@ from .worker import generation_key
 IN_CACHE = "in cache"
 
 
-def gets_dram_roof(config: ModelConfig, cache_bytes: int) -> bool:
-    """fp32 weights larger than the last-level cache: generation streams them from DRAM."""
-    return config.version != 2 and config.weight_bytes_per_token > cache_bytes
+def gets_dram_roof(weight_bytes: int, cache_bytes: int) -> bool:
+    """Weights larger than the last-level cache: generation streams them from DRAM."""
+    return weight_bytes > cache_bytes
 
 
 def kv_positions_read(steps: int) -> float:
@@ -28,10 +28,10 @@ def kv_positions_read(steps: int) -> float:
     return (steps + 1) / 2
 
 
-def bytes_read_per_token(config: ModelConfig, steps: int) -> float:
+def bytes_read_per_token(config: ModelConfig, weight_bytes: int, steps: int) -> float:
     """The weights, and every layer's K and V rows attention reads on average over `steps` tokens."""
     kv_row_bytes = config.n_layers * 2 * config.kv_dim * 4
-    return config.weight_bytes_per_token + kv_row_bytes * kv_positions_read(steps)
+    return weight_bytes + kv_row_bytes * kv_positions_read(steps)
 
 
 def roof_fraction(rates: list[float], bandwidths_gbs: list[float], bytes_per_token: float) -> float:
@@ -39,9 +39,9 @@ def roof_fraction(rates: list[float], bandwidths_gbs: list[float], bytes_per_tok
     return statistics.median(tok_s * bytes_per_token / (gbs * 1e9) for tok_s, gbs in zip(rates, bandwidths_gbs))
 
 
-def generation_roofs(config: ModelConfig, lengths: tuple, result: dict) -> dict[str, float]:
+def generation_roofs(config: ModelConfig, weight_bytes: int, lengths: tuple, result: dict) -> dict[str, float]:
     """Each measured generation length's roof: {"tg128": fraction, ...}; result holds the rates per
     generation key and "bandwidth_gbs", one probe per run."""
     return {generation_key(n): roof_fraction(result[generation_key(n)], result["bandwidth_gbs"],
-                                             bytes_read_per_token(config, n))
+                                             bytes_read_per_token(config, weight_bytes, n))
             for n in lengths if generation_key(n) in result}

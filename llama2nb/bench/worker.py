@@ -80,6 +80,9 @@ def time_prefill(model, n: int) -> float:
     return n / (time.perf_counter() - started)
 
 
+FLOAT_FORMATS = ("f32", "f16", "bf16")  # matmuls in float; every other format's are integer dot products
+
+
 def prefill_flops_per_token(config) -> int:
     """Multiply-adds x 2 of one token's layer matmuls: a prompt's work per token (its classifier
     runs for the last token only)."""
@@ -99,7 +102,7 @@ def measure_in_process(spec: dict) -> dict:
                              warm_up=not spec.get("pure_python"), in_memory=spec.get("in_memory", False))
     result: dict = {"load_s": time.perf_counter() - started, "compile_s": model.compile_seconds,
                     "flops_per_token": prefill_flops_per_token(model.config),
-                    "int8": model.config.version == 2}
+                    "int8": any(f.name not in FLOAT_FORMATS for f in model.weight_formats)}
     seq_len = model.config.seq_len
     for steps in (s for s in spec.get("tg", []) if s <= seq_len):
         result[generation_key(steps)] = [time_generation(model, steps) for _ in range(spec["runs"])]

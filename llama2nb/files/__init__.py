@@ -33,3 +33,15 @@ def read_model(path: str | os.PathLike, in_memory: bool = False) -> Checkpoint:
     """A model file (llama2.c .bin or GGUF), validated, then mapped once (or read into memory
     with in_memory): a Checkpoint of read-only views, each matrix in its own format."""
     return (gguf if container_of(path) == "gguf" else llama2c).read_checkpoint(path, in_memory)
+
+
+def bytes_per_token(checkpoint: Checkpoint) -> int:
+    """Bytes of weights one generated token reads, each matrix in its own format: every layer's
+    matrices and norms, the final norm, the classifier and one row of the embedding table."""
+    from ..formats import format_of
+
+    w, c = checkpoint.weights, checkpoint.config
+    layers = [m for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3") for m in getattr(w, name)]
+    matrices = sum(format_of(m).nbytes(m.shape) for m in (w.wcls, *layers))
+    norms = (2 * c.n_layers + 1) * c.dim * 4
+    return matrices + norms + format_of(w.token_embedding_table).nbytes((1, c.dim))
