@@ -706,6 +706,12 @@ def quantize(source: str, out: Path, type_: str, container: str | None, version:
               help="Comma-separated stories model shapes to measure (random weights; 15M, 42M, 110M).")
 @click.option("--runs", default=3, show_default=True, type=click.IntRange(1, 50), help="Runs per measurement.")
 @click.option("--runc", type=click.Path(exists=True, dir_okay=False), help="A built llama2.c run binary to compare.")
+@click.option("--gguf", "gguf_types", default="Q4_0,Q4_K_M", show_default=True,
+              help="GGUF types to measure too (of F32, Q8_0, Q4_0, Q4_K_M; '' for none): copies of the same "
+                   "weights, quantized by llama.cpp's quantizer where llama-cpp-python is installed.")
+@click.option("--llamacpp", is_flag=True,
+              help="Also time llama.cpp on every GGUF file (needs llama-cpp-python: "
+                   "CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install llama-cpp-python).")
 @click.option("--runq", type=click.Path(exists=True, dir_okay=False), help="A built llama2.c runq binary to compare.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 256),
               help="Also measure fp32 with this many threads (rows split with prange).")
@@ -713,8 +719,8 @@ def quantize(source: str, out: Path, type_: str, container: str | None, version:
               "[default: ~/.cache/llama2nb/bench].")
 @click.option("--out", "out_dir", default="benchmarks/results", show_default=True, type=click.Path(file_okay=False),
               help="Folder for latest.md, latest.json, latest.png and dated copies.")
-def bench(shapes: str, runs: int, runc: str | None, runq: str | None, threads: int, cache_dir: str | None,
-          out_dir: str) -> None:
+def bench(shapes: str, runs: int, runc: str | None, gguf_types: str, llamacpp: bool, runq: str | None, threads: int,
+          cache_dir: str | None, out_dir: str) -> None:
     """Measure generation (tg), prompt processing (pp), start-up and memory, llama-bench style.
 
     Each row runs in a fresh process pinned to one core; compile time is excluded from tok/s and
@@ -726,10 +732,18 @@ def bench(shapes: str, runs: int, runc: str | None, runq: str | None, threads: i
     unknown = [n for n in names if n not in SHAPES]
     if unknown or not names:
         raise click.BadParameter(f"expected some of {', '.join(SHAPES)}, found {shapes!r}", param_hint="--models")
+    from .bench.llamacpp import available
+    from .bench.models import GGUF_TYPES
+
+    types = [t.strip() for t in gguf_types.split(",") if t.strip()]
+    if any(t not in GGUF_TYPES for t in types):
+        raise click.BadParameter(f"expected some of {', '.join(GGUF_TYPES)}, found {gguf_types!r}", param_hint="--gguf")
+    if llamacpp and not available():
+        raise click.BadParameter("needs llama-cpp-python, which is not installed", param_hint="--llamacpp")
     try:
         report = run_benchmark(names, runs=runs, cache_dir=Path(cache_dir) if cache_dir else None, runc=runc,
                                runq=runq, threads=threads, out_dir=Path(out_dir),
-                               log=lambda m: click.echo(m, err=True))
+                               log=lambda m: click.echo(m, err=True), gguf_types=types, llamacpp=llamacpp)
     except (RuntimeError, OSError, Llama2nbError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(report["markdown"])

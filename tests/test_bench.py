@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 from click.testing import CliRunner
 
+from llama2nb.bench import llamacpp
 from llama2nb.bench import measure as bench_measure
 from llama2nb.bench import models, probes, roofs
 from llama2nb.bench.report import markdown_table, shown_generation
@@ -39,8 +40,9 @@ def test_bench_end_to_end(tmp_path, monkeypatch):
     runc.write_text(FAKE_RUNC)
     runc.chmod(runc.stat().st_mode | stat.S_IEXEC)
     out = tmp_path / "results"
-    result = CliRunner().invoke(main, ["bench", "--models", "15M", "--runs", "2", "--runc", str(runc),
-                                       "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    versus = ["--llamacpp"] if llamacpp.available() else []  # llama.cpp beside it where it is installed
+    result = CliRunner().invoke(main, ["bench", "--models", "15M", "--runs", "2", "--runc", str(runc), "--gguf", "F32",
+                                       *versus, "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "latest.json").read_text())
     rows = {r["label"]: r for r in report["rows"]}
@@ -63,6 +65,11 @@ def test_bench_end_to_end(tmp_path, monkeypatch):
     assert report["peaks"]["fma_gflops"] > 0 and model_row["flops_per_token"] == 2 * 2 * sum(
         r * c for r, c in TINY_LLAMA.matrix_shapes().values())  # 2 layers
     assert set(model_row["bandwidth_by_streams"][0]) == {"1", "2", "4", "8"}
+    gguf_row = rows["stories15M shape, F32 GGUF"]  # the same weights through the GGUF reader
+    assert gguf_row["bytes_per_token"] == model_row["bytes_per_token"] and min(gguf_row["tg128"]) > 0
+    if versus:
+        assert min(rows["stories15M shape, F32 GGUF, llama.cpp"]["tg128"]) > 0
+        assert "**llama2nb / llama.cpp**" in result.output and "| stories15M shape, F32 GGUF |" in result.output
 
 
 def test_bench_rejects_unknown_shapes():

@@ -13,8 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import probes
+from .llamacpp import available as available_llamacpp
 from .measure import measure_row
-from .models import SHAPES, default_cache_dir, ensure_models
+from .models import SHAPES, default_cache_dir, ensure_gguf, ensure_models
 from .report import build_report, save_report
 from .rows import GENERATION, PREFILL, build_rows
 from .startup import measure_startup, startup_models
@@ -24,12 +25,15 @@ __all__ = ["SHAPES", "run_benchmark"]
 
 def run_benchmark(shapes: list[str], runs: int = 3, cache_dir: Path | None = None, runc: str | None = None,
                   runq: str | None = None, threads: int = 1, out_dir: Path = Path("benchmarks/results"),
-                  log=print) -> dict:
-    """Measure every row and start-up for these shapes, save the report into out_dir, return it."""
+                  log=print, gguf_types: list[str] = (), llamacpp: bool = False) -> dict:
+    """Measure every row and start-up for these shapes (and their GGUF copies in gguf_types,
+    beside llama.cpp with `llamacpp`), save the report into out_dir, return it."""
     cache_dir = cache_dir or default_cache_dir()
     files = ensure_models(cache_dir, shapes, log)
+    if gguf_types:
+        ensure_gguf(cache_dir, files, shapes, list(gguf_types), log)
     cache_bytes = probes.last_level_cache_bytes()
-    rows = build_rows(files, shapes, runs, runc, runq, threads)
+    rows = build_rows(files, shapes, runs, runc, runq, threads, llamacpp)
     for row in rows:
         log(f"  {row.section}: {row.label}")
         measure_row(row, files, cache_dir, cache_bytes)
@@ -39,5 +43,7 @@ def run_benchmark(shapes: list[str], runs: int = 3, cache_dir: Path | None = Non
     startup = measure_startup(startup_models(files, shapes), runs, log)
     peaks = probes.probe_compute()
     report = build_report(rows, startup, bandwidths, probes.machine_description(), GENERATION, PREFILL, peaks)
+    if llamacpp:
+        report["llamacpp"] = available_llamacpp()
     save_report(report, out_dir)
     return report

@@ -75,12 +75,28 @@ class LlamaCppModel:
         self._l.llama_model_free(self._model)
 
 
+def quantize(source, out, ftype: int) -> None:
+    """llama.cpp's own quantizer (llama_model_quantize) from an F32 GGUF to file type `ftype`
+    (its LLAMA_FTYPE_MOSTLY_* value), into a temp name renamed on success."""
+    import llama_cpp as l
+
+    from ..atomic import atomic_path
+
+    params = l.llama_model_quantize_default_params()
+    params.ftype, params.nthread = ftype, 2
+    quiet = l.llama_log_callback(lambda level, text, user_data: None)
+    l.llama_log_set(quiet, ctypes.c_void_p())
+    with atomic_path(out) as tmp:
+        if l.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+            raise RuntimeError(f"{source}: llama.cpp's quantizer failed (file type {ftype})")
+
+
 def llamacpp_worker(spec: dict) -> dict:
     """The `llamacpp` worker: spec has path, runs, tg and pp (lists of lengths), like a row's."""
     pin_to_one_core()
     tg, pp = spec.get("tg", []), spec.get("pp", [])
     model = LlamaCppModel(spec["path"], n_ctx=max([*tg, *pp, 8]), n_batch=max([*pp, 8]))
-    result: dict = {"engine": f"llama.cpp (llama-cpp-python {available()})"}
+    result: dict = {"engine_version": f"llama-cpp-python {available()}"}
     for steps in tg:
         result[generation_key(steps)] = [time_generation(model, steps) for _ in range(spec["runs"])]
     for n in pp:

@@ -47,6 +47,8 @@ def measure_runs(row: Row, runs: int, files: ModelFiles, cache_dir: Path) -> dic
     spec = {"path": str(row.path), "fastmath": row.fastmath, "runs": runs, "tg": list(row.tg),
             "pp": list(row.pp), "threads": row.threads, "pure_python": row.pure_python,
             "in_memory": row.in_memory}
+    if row.engine == "llama.cpp":
+        return run_worker(["llamacpp", json.dumps(spec)])
     env = dict(row.env)
     if "NUMBA_OPT" in env:  # its own cache folder: Numba's cache key does not include the opt level
         env["NUMBA_CACHE_DIR"] = str(cache_dir / "numba-opt0")

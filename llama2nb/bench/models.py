@@ -5,12 +5,17 @@ written once into a cache folder by the project's own writers: a v0 fp32 file, a
 with the shape's `q8_group_size`, the group size `export --version 2` picks, so the int8 rows
 measure what users get. llama2.c's run.c and runq.c also want a tokenizer.bin as large as the
 vocabulary (they only decode here), written by the one tokenizer.bin writer.
+
+GGUF copies of the same weights: F32 written by llama2nb's converter, and the quantized types
+written by llama.cpp's own quantizer where llama-cpp-python is installed (the files users have,
+with llama.cpp's type mixes: a Q4_0 file's classifier is Q6_K or Q8_0, Q4_K_M mixes Q4_K and
+Q6_K), else by llama2nb's (the types it writes: Q8_0, Q4_0).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..config import ModelConfig
@@ -37,6 +42,7 @@ class ModelFiles:
     q8: dict[str, Path]
     tokenizer: Path
     bundled: Path | None
+    gguf: dict[str, dict[str, Path]] = field(default_factory=dict)  # shape -> GGUF type -> file
 
 
 def default_cache_dir() -> Path:
@@ -83,3 +89,40 @@ def placeholder_vocab(vocab_size: int) -> tuple[list[bytes], list[float]]:
     pieces, scores = byte_vocab()
     fillers = range(vocab_size - len(pieces))
     return pieces + [f" t{i}".encode() for i in fillers], scores + [-float(i) for i in fillers]
+
+
+# GGUF types the bench measures, llama.cpp's quantizer's file types for them, and llama2nb's --type
+GGUF_TYPES = {"F32": (0, "f32"), "Q8_0": (7, "q8_0"), "Q4_0": (2, "q4_0"), "Q4_K_M": (15, None)}
+
+
+def ensure_gguf(cache_dir: Path, files: ModelFiles, shapes: list[str], types: list[str], log=print) -> None:
+    """GGUF copies of each shape's random weights in `types`, written once into cache_dir (into
+    files.gguf); a type nothing here can write is left out, with a line saying so."""
+    from . import llamacpp
+
+    quantizer = "llama.cpp" if llamacpp.available() else "llama2nb"
+    for name in shapes:
+        f32 = cache_dir / f"stories{name}-random-F32.gguf"
+        if not f32.exists():
+            convert_to_gguf(files.fp32[name], f32, "f32", files.tokenizer)
+        written = files.gguf.setdefault(name, {})
+        for type_ in types:
+            path = cache_dir / f"stories{name}-random-{type_}-{quantizer}.gguf" if type_ != "F32" else f32
+            if not path.exists():
+                ftype, ours = GGUF_TYPES[type_]
+                if quantizer == "llama.cpp":
+                    log(f"quantizing stories{name} to {type_} with llama.cpp's quantizer (once)")
+                    llamacpp.quantize(f32, path, ftype)
+                elif ours is not None:
+                    log(f"writing stories{name} as {type_} GGUF (once)")
+                    convert_to_gguf(files.fp32[name], path, ours, files.tokenizer)
+                else:
+                    log(f"stories{name} {type_}: no quantizer for it here (pip install llama-cpp-python): left out")
+                    continue
+            written[type_] = path
+
+
+def convert_to_gguf(source: Path, out: Path, type_: str, tokenizer: Path) -> None:
+    from ..files.convert import convert, target_for
+
+    convert(source, out, target_for(out, type=type_), tokenizer)

@@ -24,7 +24,8 @@ from .worker import generation_key, prefill_key
 if TYPE_CHECKING:
     from .rows import Row
 
-SECTIONS = (("flags", "The flag story (stories15M shape)"), ("models", "Models"))
+SECTIONS = (("flags", "The flag story (stories15M shape)"), ("models", "Models"),
+            ("gguf", "GGUF files (the same random weights)"))
 
 
 def build_report(rows: list[Row], startup: list[dict], bandwidths: list[float], machine: str,
@@ -32,7 +33,7 @@ def build_report(rows: list[Row], startup: list[dict], bandwidths: list[float], 
     report = {"machine": machine, "bandwidth_gbs": [min(bandwidths), max(bandwidths)], "peaks": peaks or {},
               "date": time.strftime("%Y-%m-%d %H:%M"), "tg": list(generation), "pp": list(prefill),
               "rows": [{"section": r.section, "label": r.label, "path": str(r.path), "fastmath": r.fastmath,
-                        "env": r.env, "tg": list(r.tg), "pp": list(r.pp), **r.result} for r in rows],
+                        "env": r.env, "engine": r.engine, "tg": list(r.tg), "pp": list(r.pp), **r.result} for r in rows],
               "startup": startup}
     report["markdown"] = markdown_table(report)
     return report
@@ -98,11 +99,32 @@ def markdown_table(report: dict) -> str:
         lines += [f"| {row['label']} | " + " | ".join(row_cells(row, generation, prefill, report.get("peaks"))) + " |"
                   for row in report["rows"] if row["section"] == section]
         lines.append("")
+    lines += versus_llamacpp(report)
     lines += ["**Start-up** (fresh process to first logits)", "", "| model | warm cache s | cold cache s |",
               "|---|---:|---:|"]
     lines += [f"| {s['model']} | {s['ttft_warm_s']:.2f} | {s['ttft_cold_s']:.2f} |" for s in report["startup"]]
     lines += ["", footer(generation[0])]
     return "\n".join(lines)
+
+
+def versus_llamacpp(report: dict) -> list[str]:
+    """llama2nb's rate over llama.cpp's on the same file, per column: the ratio of the medians
+    of rows measured in this run (empty without llama.cpp rows)."""
+    generation, prefill = report["tg"], report["pp"]
+    columns = [generation_key(n) for n in generation] + [prefill_key(n) for n in prefill]
+    theirs = {row.get("path"): row for row in report["rows"] if row.get("engine") == "llama.cpp"}
+    pairs = [(row, theirs[row.get("path")]) for row in report["rows"]
+             if row.get("engine", "llama2nb") == "llama2nb" and row.get("path") in theirs]
+    if not pairs:
+        return []
+    version = report.get("llamacpp") or "?"
+    lines = [f"**llama2nb / llama.cpp** (llama-cpp-python {version}, same file, same loop, one core)", "",
+             "| file | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for ours, other in pairs:
+        cells = [f"{statistics.median(ours[c]) / statistics.median(other[c]):.2f}x" if c in ours and c in other
+                 else "–" for c in columns]
+        lines.append(f"| {ours['label']} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def header_line(report: dict) -> str:

@@ -34,12 +34,26 @@ class Row:
     threads: int = 1
     in_memory: bool = False
     c_binary: str | None = None
+    engine: str = "llama2nb"  # or "llama.cpp" (bench/llamacpp.py), on a GGUF file
     result: dict = field(default_factory=dict)
 
 
 def build_rows(files: ModelFiles, shapes: list[str], runs: int, runc: str | None, runq: str | None,
-               threads: int) -> list[Row]:
-    return flag_rows(files, shapes, runs, runc, runq) + model_rows(files, shapes, runs, runc, runq, threads)
+               threads: int, llamacpp: bool = False) -> list[Row]:
+    return (flag_rows(files, shapes, runs, runc, runq) + model_rows(files, shapes, runs, runc, runq, threads)
+            + gguf_rows(files, shapes, runs, llamacpp))
+
+
+def gguf_rows(files: ModelFiles, shapes: list[str], runs: int, llamacpp: bool) -> list[Row]:
+    """Each shape's GGUF files, each followed by llama.cpp on the same file when asked for."""
+    rows = []
+    for name in shapes:
+        for type_, path in files.gguf.get(name, {}).items():
+            label = f"stories{name} shape, {type_} GGUF"
+            rows.append(Row("gguf", label, path, runs=runs))
+            if llamacpp:
+                rows.append(Row("gguf", f"{label}, llama.cpp", path, runs=runs, engine="llama.cpp"))
+    return rows
 
 
 def flag_rows(files: ModelFiles, shapes: list[str], runs: int, runc: str | None, runq: str | None) -> list[Row]:
