@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from llama2nb import Transformer as Engine
 from llama2nb.files.llama2c import read_checkpoint
 from llama2nb.cli import main
-from llama2nb.training.export import hf_permute, hf_unpermute, pick_group_size
+from llama2nb.export import pick_group_size
+from llama2nb.files.hf import hf_permute, hf_unpermute
 from llama2nb.training.model import ModelArgs, Transformer
 from tests.reference import Reference
 from tests.test_training_helpers import scramble
@@ -234,9 +235,9 @@ def test_hf_refuses_other_rope(tmp_path):
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_export_real_transformers_llama(tie, tmp_path):
-    """Against transformers' own LlamaForCausalLM (GQA 8 heads / 2 kv heads) when it is
-    installed (it is not a dependency: skipped otherwise)."""
-    transformers = pytest.importorskip("transformers")
+    """Against transformers' own LlamaForCausalLM (GQA 8 heads / 2 kv heads; the dev extra
+    installs transformers)."""
+    import transformers
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=8,
                                    num_key_value_heads=2, vocab_size=97, max_position_embeddings=N_POS,

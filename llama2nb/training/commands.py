@@ -347,29 +347,56 @@ def train_command(ctx: click.Context, preset, resume, stop_after, quiet, **optio
 @click.option("--group-size", type=click.IntRange(min=1), default=None,
               show_default="64, 32 or 16, the largest dividing dim and hidden_dim",
               help="Q8_0 group size for --version 2; must divide dim and hidden_dim.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=None,
+              show_default="the source's; 4096 (Llama 2's) for Meta's files, which record none",
+              help="Context length written in the header.")
 @click.option("--hf", "hf", is_flag=True, help="SOURCE is a Hugging Face Llama directory "
               "(config.json + *.safetensors or pytorch_model*.bin).")
+@click.option("--meta", "meta", is_flag=True, help="SOURCE is a Meta Llama directory "
+              "(params.json + consolidated.NN.pth).")
 @_clean_errors
-def export_command(source: Path, out: Path, version: int, group_size: int | None, hf: bool) -> None:
-    """Export SOURCE (our ckpt.pt or the run directory holding it, or with --hf a Hugging Face
-    Llama directory) to a llama2.c checkpoint OUT."""
-    from .export import eps_warning, export_ckpt, export_hf
+def export_command(source: Path, out: Path, version: int, group_size: int | None, seq_len: int | None, hf: bool,
+                   meta: bool) -> None:
+    """Export SOURCE to a llama2.c checkpoint OUT, tensor by tensor (a 7B model in a few hundred
+    MB of memory). SOURCE: a training run directory or its ckpt.pt, a llama2.c .bin, a Hugging
+    Face directory or a Meta directory (detected; or forced with --hf / --meta). Only
+    ckpt.pt, .pth and .bin weights need torch."""
+    from ..export import ExportOptions, export
 
-    if source.is_dir() and not hf and (source / "ckpt.pt").is_file() and not (source / "config.json").exists():
-        source = source / "ckpt.pt"  # a training run's --out-dir
-    if hf or source.is_dir():
-        if not source.is_dir():
-            raise click.ClickException(f"{source}: --hf: expected a Hugging Face model directory, found a file")
-        warning = eps_warning(source)
-        if warning:
-            click.echo(warning, err=True)
-        config = export_hf(source, out, version, group_size)
-    else:
-        config = export_ckpt(source, out, version, group_size)
-    extra = f", group size {config.group_size}" if config.version == 2 else ""
-    click.echo(f"wrote {out}: v{config.version}{extra}, {config.n_params:,} parameters, dim {config.dim}, "
-               f"{config.n_layers} layers, {config.n_heads} heads ({config.n_kv_heads} kv), vocab {config.vocab_size}, "
-               f"seq_len {config.seq_len}")
+    if hf and meta:
+        raise click.UsageError("--hf and --meta: expected one of them, found both")
+    console = _console()
+    with _export_progress(console) as progress:
+        message = export(source, out, "hf" if hf else "meta" if meta else None, ExportOptions(version, group_size),
+                         seq_len, progress)
+    click.echo(message)
+
+
+class _export_progress:
+    """A Rich progress bar over tensors and bytes while an export writes (on a terminal only);
+    the context manager gives the writers' progress callback, or None."""
+
+    def __init__(self, console) -> None:
+        self.console, self.bar, self.task = console, None, None
+
+    def __enter__(self):
+        if not self.console.is_terminal:
+            return None
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, \
+            TransferSpeedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            TimeRemainingColumn(), console=self.console, transient=True)
+        self.bar.start()
+        self.task = self.bar.add_task("export", total=None)
+        return self.update
+
+    def update(self, tensor: str, done: int, total: int, written: int, total_bytes: int) -> None:
+        self.bar.update(self.task, description=f"tensor {done}/{total} {tensor}", completed=written, total=total_bytes)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 @click.command("export-tokenizer")
