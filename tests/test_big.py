@@ -275,3 +275,39 @@ def test_forced_kind_and_undetectable_source(tmp_path):
     (tmp_path / "empty").mkdir()
     assert "expected a training run (ckpt.pt), a Hugging Face" in export_error(tmp_path / "empty", tmp_path / "o.bin")
     assert "this build writes no GGUF" in export_error(hf, tmp_path / "o.gguf")
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: streaming holds a block, the whole-model path the model
+
+MEMORY_SHAPE = dict(dim=768, n_layers=4, n_heads=12, n_kv_heads=4, vocab=32000)  # 74M parameters, 297 MB fp32
+BOUND_KB = 64 << 10  # what the streaming export may add to the process's private memory
+
+
+def test_export_streams_in_bounded_memory(tmp_path):
+    from tests.memory_probe import measure, write_fake_meta
+
+    fp32_kb = 4 * write_fake_meta(tmp_path / "meta", **MEMORY_SHAPE) // 1024
+    assert fp32_kb > 4 * BOUND_KB  # the model is several times the bound
+    stream = measure("stream", tmp_path / "meta", tmp_path / "stream.bin", version=2)
+    whole = measure("whole", tmp_path / "meta", tmp_path / "whole.bin", version=2)
+    print(f"fake Meta checkpoint, {fp32_kb >> 10} MiB fp32 -> v2: private memory grew {stream.grown_kb >> 10} MiB "
+          f"streaming ({stream.seconds:.1f} s), {whole.grown_kb >> 10} MiB gathering the model ({whole.seconds:.1f} s)")
+    assert stream.grown_kb < BOUND_KB < whole.grown_kb  # the negative control fails the same bound
+    assert (tmp_path / "stream.bin").read_bytes() == (tmp_path / "whole.bin").read_bytes()
+
+
+def test_random_model_streams_in_bounded_memory(tmp_path):
+    from tests.memory_probe import measure
+
+    from llama2nb.config import ModelConfig
+
+    fields = dict(dim=768, hidden_dim=2048, n_layers=4, n_heads=12, n_kv_heads=4, vocab_size=32000, seq_len=4096,
+                  shared_classifier=False, version=1)
+    config = ModelConfig(**fields)
+    fp32_kb = 4 * config.n_params // 1024
+    random = measure("random", json.dumps(fields), tmp_path / "random.bin")
+    print(f"random {fp32_kb >> 10} MiB fp32 model written as v1: private memory grew {random.grown_kb >> 10} MiB "
+          f"({random.seconds:.1f} s)")
+    assert fp32_kb > 4 * BOUND_KB and random.grown_kb < BOUND_KB
+    assert read_checkpoint(tmp_path / "random.bin").config == config
