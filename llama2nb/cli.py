@@ -26,7 +26,7 @@ import click
 
 from .errors import Llama2nbError, UsageError
 from .sampler import FLOAT32_MAX
-from .training.commands import TRAINING_COMMANDS
+from .training.commands import CTX_OPTION, TRAINING_COMMANDS
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 BUNDLED_DIR = PACKAGE_DIR / "checkpoints"
@@ -199,9 +199,10 @@ def _silence_stdout() -> None:
               help="drop tokens below min-p times the top probability; 0 = off")
 @click.option("--repetition-penalty", type=FiniteFloat(min=0.0, min_open=True), default=1.0, show_default=True,
               help="divide the logits of tokens already in the text (CTRL-style); 1 = off")
+@CTX_OPTION
 def sample(checkpoint: str | None, tokenizer_path: str | None, temperature: float, topp: float, seed: int,
            steps: int, prompt: str | None, mode: str, system: str | None, fastmath: bool | None, threads: int,
-           in_memory: bool, top_k: int, min_p: float, repetition_penalty: float) -> None:
+           in_memory: bool, top_k: int, min_p: float, repetition_penalty: float, ctx: int | None) -> None:
     """Sample a story (or chat) from a llama2.c CHECKPOINT: a path, a downloaded model name
     such as stories15M, or nothing for the bundled model."""
     from .files.llama2c import read_config
@@ -231,7 +232,7 @@ def sample(checkpoint: str | None, tokenizer_path: str | None, temperature: floa
             if threads > (cores := usable_cores()):
                 view.notice(f"--threads {threads} is more than the {_count(cores, 'core')} this process may use: "
                             f"far slower than --threads {cores}")
-            model, view.compile_seconds = view.load(ckpt, fastmath, threads, in_memory)
+            model, view.compile_seconds = view.load(ckpt, fastmath, threads, in_memory, ctx)
             for note in model.notes:
                 view.notice(note)
             run = starter(model)
@@ -268,6 +269,7 @@ class _View:
         self._at_prompt = False  # chat: waiting at the `User: ` prompt
         self.seed: int | None = None
         self.compile_seconds: float | None = None
+        self.load_seconds: float | None = None
 
     @property
     def console(self):
@@ -290,13 +292,17 @@ class _View:
         else:
             click.echo(f"note: {message}", err=True)
 
-    def load(self, path: Path, fastmath: bool | None, threads: int = 1, in_memory: bool = False):
+    def load(self, path: Path, fastmath: bool | None, threads: int = 1, in_memory: bool = False,
+             ctx: int | None = None):
         """The model, and the seconds spent compiling (or loading cached) kernels: the model's
-        and the sampler's."""
+        and the sampler's. Reading the file is timed apart (load_seconds) and, on a terminal,
+        shown as it goes (a cold multi-GB file takes a while)."""
         from .forward import Transformer
         from .sampler import Sampler
 
-        def work():
+        ellipsis = "…" if _utf8(sys.stderr) else "..."
+
+        def work(show):
             import warnings
 
             from numba.core.errors import NumbaPerformanceWarning
@@ -306,21 +312,31 @@ class _View:
                 options["threads"] = threads
             if in_memory:
                 options["in_memory"] = True
+
+            def reading(done: int, size: int) -> None:
+                show(f"reading {path.name}: {_size(done)} of {_size(size)}" if done < size
+                     else f"compiling kernels for {path.name}{ellipsis}")
+
             with warnings.catch_warnings():  # compiler advice is for developers, not for sampling
                 warnings.simplefilter("ignore", NumbaPerformanceWarning)
-                model = Transformer.load(path, **options)
+                model = Transformer.load(path, ctx=ctx, progress=reading, **options)
+            self.load_seconds = model.load_seconds
             return model, model.compile_seconds + Sampler.warm_up()
 
-        message = f"loading {path.name}, compiling kernels" + ("…" if _utf8(sys.stderr) else "...")
+        message = f"loading {path.name}, compiling kernels{ellipsis}"
         if self.interactive:
-            with self.console.status(message):
-                return work()
+            with self.console.status(message) as status:
+                return work(status.update)
         if not _is_terminal(sys.stderr):  # a log file gets no progress line
-            return work()
-        sys.stderr.write(message)
-        sys.stderr.flush()
+            return work(lambda text: None)
+
+        def show(text: str) -> None:
+            sys.stderr.write("\r\x1b[K" + text)
+            sys.stderr.flush()
+
+        show(message)
         try:
-            return work()
+            return work(show)
         finally:  # transient: the line is cleared once loaded
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
@@ -435,6 +451,8 @@ class _View:
             parts.append("tok/s n/a")  # one token: no span to time
         if s.first_token_seconds is not None:
             parts.append(f"first token {s.first_token_seconds * 1000:.0f} ms")
+        if self.load_seconds is not None:
+            parts.append(f"load {self.load_seconds:.2f} s")
         if self.compile_seconds is not None:
             parts.append(f"JIT compile {self.compile_seconds:.2f} s")
         if self.seed is not None:
@@ -550,8 +568,10 @@ def _size(n: int) -> str:
 
 @main.command()
 @click.argument("checkpoint")
-def info(checkpoint: str) -> None:
-    """Describe a llama2.c CHECKPOINT from its header (no weights are mapped)."""
+@CTX_OPTION
+def info(checkpoint: str, ctx: int | None) -> None:
+    """Describe a llama2.c CHECKPOINT from its header (no weights are mapped), and the memory a
+    run of it needs."""
     from .files.llama2c import read_config
 
     try:
@@ -571,11 +591,35 @@ def info(checkpoint: str) -> None:
         ("classifier", "shared with the token embedding" if c.shared_classifier else "separate (unshared)"),
         ("group size", str(c.group_size) if c.version == 2 else "none (not quantized)"),
         ("KV cache", f"{_size(c.kv_cache_bytes)} ({c.kv_cache_bytes:,} bytes, fp32, at seq_len {c.seq_len})"),
+        *_memory_rows(size, c, ctx),
     ]
     rows.append(("matmul", f"{c.weight_format!r}: {c.weight_format.kernel_description()}"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
+
+
+def _memory_rows(file_size: int, c, ctx: int | None) -> list[tuple[str, str]]:
+    """What a run takes: the weights mapped (page cache: shared, evictable; --in-memory: private)
+    and the run state (KV cache and buffers, private), at the file's context and at --ctx."""
+    from dataclasses import replace
+
+    from .files.llama2c import available_memory
+    from .forward import RunState
+
+    def run(positions: int) -> str:
+        state = RunState.nbytes(replace(c, seq_len=positions))
+        return (f"{_size(file_size + state)} at {positions} positions: {_size(file_size)} of weights mapped + "
+                f"{_size(state)} of KV cache and buffers")
+
+    rows = [("memory", run(c.seq_len))]
+    if ctx is not None and ctx < c.seq_len:
+        rows.append(("with --ctx", run(ctx)))
+    available = available_memory()
+    if available is not None:
+        rows.append(("available", f"{_size(available)} now (the weights may exceed it, at the disk's speed; "
+                                  "the KV cache may not)"))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------

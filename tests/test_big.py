@@ -311,3 +311,181 @@ def test_random_model_streams_in_bounded_memory(tmp_path):
           f"({random.seconds:.1f} s)")
     assert fp32_kb > 4 * BOUND_KB and random.grown_kb < BOUND_KB
     assert read_checkpoint(tmp_path / "random.bin").config == config
+
+
+# ----------------------------------------------------------------------------------------------
+# Chat: Llama 2's format on token ids
+
+
+class Replaying:
+    """A model that predicts `planned` (argmax at position p is planned[p + 1]) and records what
+    it is fed: fed equals planned exactly when chat feeds the planned stream."""
+
+    def __init__(self, planned: list[int], vocab_size: int) -> None:
+        from types import SimpleNamespace
+
+        self.planned, self.fed = planned, []
+        self.config = SimpleNamespace(vocab_size=vocab_size, seq_len=4096)
+        self.logits = np.zeros(vocab_size, np.float32)
+
+    def forward(self, token: int, pos: int) -> np.ndarray:
+        assert pos == len(self.fed)
+        self.fed.append(token)
+        self.logits[:] = 0
+        self.logits[self.planned[pos + 1] if pos + 1 < len(self.planned) else 2] = 10
+        return self.logits
+
+
+def meta_dialog_tokens(sp, dialog: list[dict]) -> list[int]:
+    """Meta's llama/generation.py chat_completion, written out: the tokens of a dialog ending in
+    a user turn (system folded into the first user turn; each exchange BOS ... EOS)."""
+    B_INST, E_INST, B_SYS, E_SYS = "[INST]", "[/INST]", "<<SYS>>\n", "\n<</SYS>>\n\n"
+    if dialog[0]["role"] == "system":
+        dialog = [{"role": dialog[1]["role"], "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]},
+                  *dialog[2:]]
+    tokens = []
+    for prompt, answer in zip(dialog[::2], dialog[1::2]):
+        tokens += [sp.bos_id(), *sp.encode(f"{B_INST} {prompt['content'].strip()} {E_INST} "
+                                           f"{answer['content'].strip()} "), sp.eos_id()]
+    return tokens + [sp.bos_id(), *sp.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}")]
+
+
+def test_chat_feeds_llama2_chat_format(tmp_path):
+    """A 7B-chat export's conversation, on the Llama 2 tokenizer's ids: every turn BOS + [INST]
+    ... [/INST] (the system prompt in <<SYS>> in the first), the reply as sampled, EOS ending
+    it. Meta's chat_completion re-encodes earlier replies as text with a trailing space (one
+    "▁" before each EOS); chat keeps the sampled tokens as run.c does: that is the one difference."""
+    from sentencepiece import SentencePieceProcessor
+
+    from llama2nb.generate import chat
+    from llama2nb.sampler import Sampler
+    from llama2nb.tokenizer import Tokenizer
+    from tests.conftest import LLAMA2_MODEL
+
+    if not LLAMA2_MODEL.exists():
+        pytest.skip(f"{LLAMA2_MODEL} not present (../shared is the developers' folder)")
+    sp = SentencePieceProcessor(model_file=str(LLAMA2_MODEL))
+    tok = Tokenizer.load(LLAMA2_MODEL, 32000)
+    system, users, replies = "Answer in one sentence.", ["What is the capital of France?", "And of Italy?", "Thanks!"], \
+        ["Paris is the capital of France.", "Rome.", "You're welcome!"]
+    planned = [sp.bos_id(), *sp.encode(f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{users[0]} [/INST]")]
+    for i, reply in enumerate(replies):
+        planned += [*sp.encode(reply), sp.eos_id()]
+        if i + 1 < len(users):
+            planned += [sp.bos_id(), *sp.encode(f"[INST] {users[i + 1]} [/INST]")]
+    model = Replaying(planned, 32000)
+    events = list(chat(model, tok, Sampler(32000, temperature=0.0), users, system=system))
+    assert model.fed == planned
+    texts = ["".join(e.text for e in events if getattr(e, "id", None) not in (None, -1))]
+    assert all(r in texts[0] for r in replies)
+    dialog = [{"role": "system", "content": system}]
+    for user, reply in zip(users, replies):
+        dialog += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    meta = meta_dialog_tokens(sp, dialog[:-1])  # the prompt Meta builds for the last reply
+    space = sp.piece_to_id("▁")
+    assert [t for i, t in enumerate(meta) if not (t == space and meta[i + 1] == sp.eos_id())] == \
+        model.fed[:len(meta) - 2]
+    assert meta.count(space) - sum(t == space for t in model.fed[:len(meta) - 2]) == 2  # one per earlier reply
+
+
+def test_chat_stops_with_a_note_before_the_capped_context_is_full(tmp_path):
+    from llama2nb.generate import NoticeEvent, chat
+    from llama2nb.sampler import Sampler
+    from llama2nb.tokenizer import Tokenizer
+    from tests.sampling_fixtures import write_tiny_model
+
+    path = write_tiny_model(tmp_path, seq_len=256)
+    model = Engine.load(path, ctx=48)
+    assert model.config.seq_len == 48 and model.state.key_cache.shape[1] == 48
+    tok = Tokenizer.load(path.parent / "tokenizer.bin", model.config.vocab_size)
+    events = list(chat(model, tok, Sampler(tok.vocab_size, seed=3), ["hello there"] * 20))
+    notices = [e.message for e in events if isinstance(e, NoticeEvent)]
+    assert notices and "context of 48 positions" in notices[-1]
+    assert events[-1].stats.positions <= 48 and events[-1].stats.stop_reason == "context"
+
+
+# ----------------------------------------------------------------------------------------------
+# Running big models: memory shown and checked first, load time apart from compile time
+
+
+def test_memory_is_checked_before_anything_is_read(tmp_path, monkeypatch):
+    from llama2nb import forward
+    from llama2nb.config import ModelConfig
+    from llama2nb.errors import CheckpointError
+    from llama2nb.files import llama2c
+    from llama2nb.testmodels import write_random_model
+
+    config = ModelConfig(64, 128, 2, 4, 4, 100, 1024)
+    path = tmp_path / "m.bin"
+    write_random_model(path, config)
+    run_state = forward.RunState.nbytes(config)
+    size = path.stat().st_size
+    monkeypatch.setattr(forward, "read_checkpoint", lambda *a: pytest.fail("read before the memory check"))
+    # the weights fit, and the run state too, but not both: only an in-memory load is refused
+    monkeypatch.setattr(llama2c, "available_memory", lambda: int((max(size, run_state) + 1000) / 0.9))
+    monkeypatch.setattr(forward, "available_memory", llama2c.available_memory)
+    with pytest.raises(CheckpointError, match=r"in-memory load: needs .* GiB \(.* GiB of weights, then the KV "
+                                              r"cache's .* GiB for 1024 positions.*\(map it instead\)"):
+        Engine.load(path, in_memory=True)
+    monkeypatch.setattr(llama2c, "available_memory", lambda: int(run_state // 2 / 0.9))
+    with pytest.raises(CheckpointError, match="KV cache: needs .* for 1024 positions and the buffers: --ctx N caps"):
+        Engine.load(path)
+    monkeypatch.undo()
+    monkeypatch.setattr(llama2c, "available_memory", lambda: int(0.8 * size))
+    monkeypatch.setattr(forward, "available_memory", llama2c.available_memory)
+    model = Engine.load(path, ctx=16)  # capped, the run state fits; weights beyond memory are a note
+    assert forward.RunState.nbytes(model.config) < 0.9 * 0.8 * size < run_state and model.load_seconds > 0
+    assert any("tokens will wait for the disk" in note for note in model.notes)
+
+
+def test_load_is_timed_apart_from_compiling_and_reports_reading(tmp_path, monkeypatch):
+    from llama2nb import forward, mapping
+    from llama2nb.config import ModelConfig
+    from llama2nb.testmodels import write_random_model
+
+    path = tmp_path / "m.bin"
+    write_random_model(path, ModelConfig(256, 512, 2, 4, 4, 2000, 64))  # 6 MB
+    monkeypatch.setattr(mapping, "READ_STEP", 1 << 20)
+    reads = []
+    clock = iter(range(0, 1000, 10))  # perf_counter: 10 s per call, so every span is visible
+    monkeypatch.setattr(forward.time, "perf_counter", lambda: next(clock))
+    model = Engine.load(path, progress=lambda done, size: reads.append((done, size)))
+    size = path.stat().st_size
+    assert len(reads) > 5 and reads[-1] == (size, size) and all(0 < done <= size for done, _ in reads)
+    assert model.load_seconds == 10  # started .. read (one span of the fake clock)
+    assert model.compile_seconds == 0  # two warm-up passes of equal (fake) length: reading is not in it
+
+
+def test_cli_info_memory_and_sample_ctx(tmp_path):
+    from llama2nb.config import ModelConfig
+    from llama2nb.testmodels import write_random_model
+    from tests.sampling_fixtures import write_tiny_tokenizer
+
+    vocab = write_tiny_tokenizer(tmp_path / "tokenizer.bin")
+    write_random_model(tmp_path / "m.bin", ModelConfig(32, 64, 2, 4, 4, vocab, 512))
+    runner = CliRunner()
+    out = runner.invoke(main, ["info", str(tmp_path / "m.bin"), "--ctx", "100"]).output
+    assert "at 512 positions" in out and "with --ctx" in out and "at 100 positions" in out
+    r = runner.invoke(main, ["sample", str(tmp_path / "m.bin"), "--ctx", "20", "-n", "0", "-s", "1"])
+    assert r.exit_code == 0, r.output
+    assert "in 20 positions" in r.stderr and "load " in r.stderr and "JIT compile" in r.stderr
+
+
+def test_writer_reports_tensors_and_bytes(tmp_path):
+    from llama2nb.config import ModelConfig
+    from llama2nb.files.llama2c import expected_file_size
+    from llama2nb.testmodels import RandomSource
+
+    for config in (ModelConfig(64, 128, 3, 4, 2, 300, 32, shared_classifier=False),
+                   ModelConfig(64, 128, 3, 4, 2, 300, 32, version=2, group_size=32)):
+        source = RandomSource(config)
+        source.chunk_bytes = 4096  # several blocks per matrix
+        calls = []
+        write_checkpoint(tmp_path / "m.bin", config, source, progress=lambda *a: calls.append(a))
+        tensors = 3 + 9 * 3 - (1 if config.shared_classifier else 0)  # + freq_cis tables in v0
+        tensors += 2 if config.version == 0 else 0
+        total = expected_file_size(config)
+        assert calls[-1][1:] == (tensors, tensors, total, total)
+        assert [c[3] for c in calls] == sorted(c[3] for c in calls)  # bytes only grow
+        assert {c[0] for c in calls} >= {"wq[2]", "token_embedding_table", "rms_final_weight"}
+        assert len(calls) > 2 * tensors  # and blocks in between

@@ -21,7 +21,7 @@ from ..atomic import atomic_write
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..formats import F32, Format
-from ..mapping import map_read_only
+from ..mapping import READ_STEP, Progress, map_read_only
 from .source import PER_LAYER, block_source
 
 MAGIC = 0x616B3432  # "ak42" as a little-endian uint32
@@ -183,10 +183,11 @@ def require_memory(source: str | os.PathLike, what: str, needed: int, detail: st
                               f"{available / 2**30:.1f} GiB of memory is available{hint}")
 
 
-def read_checkpoint(path: str | os.PathLike, in_memory: bool = False) -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike, in_memory: bool = False, progress: Progress | None = None) -> Checkpoint:
     """Map a checkpoint read-only and return named views of its weights (nothing is copied).
     The mapping uses 2 MB pages where the OS allows (mapping.py), which streams the weights at
-    the speed of memory.
+    the speed of memory; the file is read (into the page cache) here, reporting
+    `progress(bytes read, size)`.
 
     in_memory=True reads the file into anonymous memory instead, which NumPy asks to back with
     2 MB pages: for platforms where a file cannot be mapped in them, for the memory of a copy."""
@@ -197,12 +198,16 @@ def read_checkpoint(path: str | os.PathLike, in_memory: bool = False) -> Checkpo
         require_memory(path, "in-memory load", size, hint=" (map it instead)")
         mm = np.empty(size, np.uint8)  # NumPy advises huge pages for large arrays
         with open(path, "rb") as f:
-            if f.readinto(memoryview(mm)) != mm.size:
-                raise CheckpointError(f"{path}: file size: changed while it was being read")
+            for start in range(0, size, READ_STEP):
+                stop = min(start + READ_STEP, size)
+                if f.readinto(memoryview(mm)[start:stop]) != stop - start:
+                    raise CheckpointError(f"{path}: file size: changed while it was being read")
+                if progress is not None:
+                    progress(stop, size)
         mm.flags.writeable = False
         buf = mm
     else:
-        mm = map_read_only(path)  # in 2 MB pages where the OS allows (see mapping.py)
+        mm = map_read_only(path, progress)  # in 2 MB pages where the OS allows (see mapping.py)
         buf = mm.view(np.ndarray)  # plain ndarray views: Numba types them without the subclass
     offset = header_bytes(config)
     found: dict[str, Any] = {}

@@ -57,6 +57,9 @@ def _progress(console):
                     TextColumn("ETA"), TimeRemainingColumn(), console=console)
 
 
+CTX_OPTION = click.option("--ctx", type=click.IntRange(min=1), default=None, metavar="N",
+                          help="Cap the context at N positions: the KV cache is allocated for N. "
+                               "[default: the model's context length; GGUF files often declare large ones]")
 DATA_DIR_OPTION = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("data"),
                                show_default=True, help="Data directory (see `llama2nb data --help`).")
 
