@@ -313,9 +313,14 @@ class _View:
             if in_memory:
                 options["in_memory"] = True
 
-            def reading(done: int, size: int) -> None:
-                show(f"reading {path.name}: {_size(done)} of {_size(size)}" if done < size
-                     else f"compiling kernels for {path.name}{ellipsis}")
+            def reading(done: int, size: int) -> None:  # shown only while a read takes its time
+                if done < size:
+                    shown.append(done)
+                    show(f"reading {path.name}: {_size(done)} of {_size(size)}")
+                elif shown:
+                    show(f"compiling kernels for {path.name}{ellipsis}")
+
+            shown: list[int] = []
 
             with warnings.catch_warnings():  # compiler advice is for developers, not for sampling
                 warnings.simplefilter("ignore", NumbaPerformanceWarning)

@@ -351,7 +351,7 @@ def train_command(ctx: click.Context, preset, resume, stop_after, quiet, **optio
               show_default="64, 32 or 16, the largest dividing dim and hidden_dim",
               help="Q8_0 group size for --version 2; must divide dim and hidden_dim.")
 @click.option("--seq-len", type=click.IntRange(min=1), default=None,
-              show_default="the source's; 4096 (Llama 2's) for Meta's files, which record none",
+              show_default="the source's, or 4096 (Llama 2's) for Meta's files, which record none",
               help="Context length written in the header.")
 @click.option("--hf", "hf", is_flag=True, help="SOURCE is a Hugging Face Llama directory "
               "(config.json + *.safetensors or pytorch_model*.bin).")
