@@ -18,11 +18,10 @@ from click.testing import CliRunner
 
 from llama2nb import Transformer as Engine
 from llama2nb.cli import main
-from llama2nb.export import ExportOptions, export, open_source
-from llama2nb.files.hf import hf_permute
+from llama2nb.export import ExportOptions, llama2c_header, open_source
 from llama2nb.files.llama2c import read_checkpoint, write_checkpoint
 from llama2nb.training.model import ModelArgs
-from tests.test_export import engine_logits, make_model, tokens, torch_logits
+from tests.test_export import engine_logits, hf_tensors, make_model, tokens, torch_logits
 
 N_POS = 40
 GQA = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=N_POS,
@@ -63,23 +62,6 @@ def write_meta(model, folder: Path, shards: int = 2, dtype: torch.dtype = torch.
          "multiple_of": a.multiple_of, "norm_eps": 1e-5, "vocab_size": -1, **params}
     (folder / "params.json").write_text(json.dumps(p))
     return folder
-
-
-def hf_tensors(model) -> dict[str, torch.Tensor]:
-    """Hugging Face's names and layout (q and k permuted to rotate-half, k with the kv heads)."""
-    a, w = model.args, model.export_weights()
-    t = {"model.embed_tokens.weight": w["token_embedding_table"], "model.norm.weight": w["rms_final_weight"]}
-    if not a.shared_classifier:
-        t["lm_head.weight"] = w["wcls"]
-    for i in range(a.n_layers):
-        p = f"model.layers.{i}."
-        t[p + "self_attn.q_proj.weight"] = hf_permute(w["wq"][i], a.n_heads)
-        t[p + "self_attn.k_proj.weight"] = hf_permute(w["wk"][i], a.kv_heads)
-        for hf_name, name in (("self_attn.v_proj", "wv"), ("self_attn.o_proj", "wo"), ("mlp.gate_proj", "w1"),
-                              ("mlp.down_proj", "w2"), ("mlp.up_proj", "w3"), ("input_layernorm", "rms_att_weight"),
-                              ("post_attention_layernorm", "rms_ffn_weight")):
-            t[p + hf_name + ".weight"] = w[name][i]
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in t.items()}
 
 
 def write_hf(model, folder: Path, fmt: str = "safetensors", dtype: torch.dtype = torch.bfloat16, files: int = 2,
@@ -181,10 +163,7 @@ def test_row_blocks_write_the_bytes_of_whole_tensors(tmp_path):
                 source = open_source(folder, seq_len=N_POS)
                 source.chunk_bytes = chunk_bytes
                 path = tmp_path / f"{kind}-{version}-{chunk_bytes}.bin"
-                config = ExportOptions(version)
-                from llama2nb.export import llama2c_header
-
-                write_checkpoint(path, llama2c_header(source.config, config, path), source)
+                write_checkpoint(path, llama2c_header(source.config, ExportOptions(version), path), source)
                 files.append(path.read_bytes())
             assert files[0] == files[1], (kind, version)
     # and the two layouts hold the same model

@@ -32,7 +32,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from .source import PER_LAYER, NumpyStored, Stored, TensorSource, TorchStored, load_torch_mapped, \
-    read_rows, tensor_shape
+    read_json_object, read_rows, tensor_shape
 
 NAMES = {  # engine name -> Hugging Face's ({} is the layer)
     "token_embedding_table": "model.embed_tokens.weight", "rms_final_weight": "model.norm.weight",
@@ -158,16 +158,7 @@ def read_tensors(folder: Path) -> dict[str, Stored | str]:
 
 
 def read_hf_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    try:
-        hf = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: expected a Hugging Face config.json, found nothing") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: expected JSON, found unreadable data ({e})") from None
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(hf).__name__}")
-    return hf
+    return read_json_object(folder / "config.json", "a Hugging Face config.json")
 
 
 def _field(hf: dict[str, Any], path: Path, name: str, default: Any = None) -> Any:

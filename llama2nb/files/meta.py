@@ -18,15 +18,14 @@ against the rule), the context from the caller (Llama 2's is 4096).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
-from .source import PER_LAYER, WHOLE, Joined, Stored, TensorSource, TorchStored, load_torch_mapped, read_rows, \
-    tensor_shape
+from .source import PER_LAYER, WHOLE, Joined, Stored, TensorSource, TorchStored, load_torch_mapped, \
+    read_json_object, read_rows, tensor_shape
 
 LLAMA2_SEQ_LEN = 4096  # Llama 2's context; Meta's files do not record one
 NAMES = {  # engine name -> Meta's ({} is the layer)
@@ -55,14 +54,7 @@ def hidden_dim_rule(dim: int, multiple_of: int, ffn_dim_multiplier: float | None
 
 def read_params(folder: Path) -> dict[str, Any]:
     path = folder / "params.json"
-    try:
-        params = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: expected Meta's params.json, found nothing") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: expected JSON, found unreadable data ({e})") from None
-    if not isinstance(params, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(params).__name__}")
+    params = read_json_object(path, "Meta's params.json")
     for key in ("use_scaled_rope", "rope_scaling", "moe"):
         if params.get(key):
             raise CheckpointError(f"{path}: field {key}: expected none (the engine has plain RoPE and dense layers), "

@@ -263,6 +263,21 @@ def read_rows(stored: Stored, start: int, stop: int) -> np.ndarray:
     return out
 
 
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A checkpoint's JSON settings (`what` names the file for the user: "Meta's params.json")."""
+    import json
+
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: expected {what}, found nothing") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: expected JSON, found unreadable data ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
 def load_torch_mapped(path: Path) -> dict[str, Any]:
     """A PyTorch weights file (Meta's consolidated.NN.pth, Hugging Face's pytorch_model*.bin)
     mapped, not read: torch.load(mmap=True, weights_only=True) of its zip format."""
