@@ -25,8 +25,7 @@ import numpy as np
 
 
 from .config import ModelConfig
-from .files.llama2c import Checkpoint, available_memory, expected_file_size, read_checkpoint, read_config, \
-    require_memory
+from .files.llama2c import Checkpoint, available_memory, read_checkpoint, read_config, require_memory
 from .formats import Format, format_of, linear, new_input
 from .kernels.common import add, rmsnorm, rope, swiglu
 from .kernels.jit import DEFAULT_FASTMATH, compile_family, fastmath_name, kernel
@@ -217,7 +216,7 @@ class Transformer:
         started = time.perf_counter()
         path = Path(path)
         config = read_config(path)
-        size, run_state = expected_file_size(config), capped(config, ctx)
+        size, run_state = path.stat().st_size, capped(config, ctx)  # (read_config checked the size)
         if in_memory:
             require_memory(path, "in-memory load", size + RunState.nbytes(run_state), hint=" (map it instead)",
                            detail=f" ({size / 2**30:.2f} GiB of weights, then {kv_cache_detail(run_state)})")
