@@ -29,7 +29,7 @@ from .files.llama2c import Checkpoint, available_memory, read_checkpoint, read_c
 from .formats import Format, format_of, linear, new_input
 from .kernels.common import add, rmsnorm, rope, swiglu
 from .kernels.jit import DEFAULT_FASTMATH, compile_family, fastmath_name, kernel
-from .mapping import Progress
+from .mapping import Progress, fault_in
 
 
 @kernel
@@ -224,6 +224,8 @@ class Transformer:
             require_memory(path, "KV cache", RunState.nbytes(run_state), detail=f" ({kv_cache_detail(run_state)})")
         available = available_memory()  # the file's cached pages count: they are reclaimable
         checkpoint = read_checkpoint(path, in_memory, progress)
+        if warm_up and not in_memory:  # warming up touches every page anyway: time it as loading
+            fault_in(checkpoint.buffer)
         load_seconds = time.perf_counter() - started
         model = cls(checkpoint, fastmath, threads, warm_up, ctx)
         model.load_seconds = load_seconds

@@ -46,6 +46,13 @@ def map_read_only(path: str | os.PathLike, progress: Progress | None = None) -> 
     return _map_advised(path)
 
 
+def fault_in(mm: np.ndarray) -> None:
+    """Fault every page of a mapping in, in order (a no-op for pages already mapped). The first
+    pass over a mapping of a file just read from disk sets up its page tables, which takes
+    seconds for a multi-GB file: whoever times loading apart from running calls this."""
+    _fault_in_order(mm, mmap.PAGESIZE, mm.size, None)
+
+
 def _cached_in_huge_pages_after_eviction(path: str | os.PathLike, progress: Progress | None) -> bool:
     """Whether the file now sits in the page cache in 2 MB pages: after one faulting pass, or
     after evicting its small pages and a second one."""
