@@ -284,6 +284,7 @@ class _View:
         self._at_prompt = False  # chat: waiting at the `User: ` prompt
         self.seed: int | None = None
         self.compile_seconds: float | None = None
+        self.load_seconds: float | None = None
 
     @property
     def console(self):
@@ -309,11 +310,14 @@ class _View:
     def load(self, path: Path, fastmath: bool | None, threads: int = 1, in_memory: bool = False,
              ctx: int | None = None):
         """The model, and the seconds spent compiling (or loading cached) kernels: the model's
-        and the sampler's."""
+        and the sampler's. Reading the file is timed apart (load_seconds) and, on a terminal,
+        shown as it goes (a cold multi-GB file takes a while)."""
         from .forward import Transformer
         from .sampler import Sampler
 
-        def work():
+        ellipsis = "…" if _utf8(sys.stderr) else "..."
+
+        def work(show):
             import warnings
 
             from numba.core.errors import NumbaPerformanceWarning
@@ -323,23 +327,36 @@ class _View:
                 options["threads"] = threads
             if in_memory:
                 options["in_memory"] = True
-            if ctx is not None:
-                options["ctx"] = ctx
+
+            def reading(done: int, size: int) -> None:  # shown only while a read takes its time
+                if done < size:
+                    shown.append(done)
+                    show(f"reading {path.name}: {_size(done)} of {_size(size)}")
+                elif shown:
+                    show(f"compiling kernels for {path.name}{ellipsis}")
+
+            shown: list[int] = []
+
             with warnings.catch_warnings():  # compiler advice is for developers, not for sampling
                 warnings.simplefilter("ignore", NumbaPerformanceWarning)
-                model = Transformer.load(path, **options)
+                model = Transformer.load(path, ctx=ctx, progress=reading, **options)
+            self.load_seconds = model.load_seconds
             return model, model.compile_seconds + Sampler.warm_up()
 
-        message = f"loading {path.name}, compiling kernels" + ("…" if _utf8(sys.stderr) else "...")
+        message = f"loading {path.name}, compiling kernels{ellipsis}"
         if self.interactive:
-            with self.console.status(message):
-                return work()
+            with self.console.status(message) as status:
+                return work(status.update)
         if not _is_terminal(sys.stderr):  # a log file gets no progress line
-            return work()
-        sys.stderr.write(message)
-        sys.stderr.flush()
+            return work(lambda text: None)
+
+        def show(text: str) -> None:
+            sys.stderr.write("\r\x1b[K" + text)
+            sys.stderr.flush()
+
+        show(message)
         try:
-            return work()
+            return work(show)
         finally:  # transient: the line is cleared once loaded
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
@@ -454,6 +471,8 @@ class _View:
             parts.append("tok/s n/a")  # one token: no span to time
         if s.first_token_seconds is not None:
             parts.append(f"first token {s.first_token_seconds * 1000:.0f} ms")
+        if self.load_seconds is not None:
+            parts.append(f"load {self.load_seconds:.2f} s")
         if self.compile_seconds is not None:
             parts.append(f"JIT compile {self.compile_seconds:.2f} s")
         if self.seed is not None:
@@ -569,14 +588,16 @@ def _size(n: int) -> str:
 
 @main.command()
 @click.argument("checkpoint")
-def info(checkpoint: str) -> None:
-    """Describe a CHECKPOINT (llama2.c .bin or GGUF) from its header (no weights are mapped)."""
+@CTX_OPTION
+def info(checkpoint: str, ctx: int | None) -> None:
+    """Describe a CHECKPOINT (llama2.c .bin or GGUF) from its header (no weights are mapped), and
+    the memory a run of it needs."""
     from .files import container_of
     from .files.llama2c import read_config
 
     try:
         path, _ = resolve_checkpoint(checkpoint)
-        rows = _gguf_rows(path) if container_of(path) == "gguf" else _llama2c_rows(path, read_config(path))
+        rows = _gguf_rows(path, ctx) if container_of(path) == "gguf" else _llama2c_rows(path, read_config(path), ctx)
     except Llama2nbError as e:
         raise click.ClickException(str(e)) from None
     width = max(len(k) for k, _ in rows)
@@ -601,15 +622,16 @@ def _shape_rows(c) -> list[tuple[str, str]]:
     ]
 
 
-def _llama2c_rows(path: Path, c) -> list[tuple[str, str]]:
+def _llama2c_rows(path: Path, c, ctx: int | None) -> list[tuple[str, str]]:
     layouts = {0: "legacy fp32", 1: "fp32", 2: "Q8_0 int8"}
     return [_file_row(path), ("format", f"llama2.c version {c.version} ({layouts.get(c.version, '?')})"),
             *_shape_rows(c),
             ("group size", str(c.group_size) if c.version == 2 else "none (not quantized)"),
-            ("matmul", f"{c.weight_format!r}: {c.weight_format.kernel_description()}")]
+            ("matmul", f"{c.weight_format!r}: {c.weight_format.kernel_description()}"),
+            *_memory_rows(path.stat().st_size, c, ctx)]
 
 
-def _gguf_rows(path: Path) -> list[tuple[str, str]]:
+def _gguf_rows(path: Path, ctx: int | None) -> list[tuple[str, str]]:
     """A GGUF file's container, model, tensors per type, vocabulary and every metadata key;
     whether this build runs it, and if not, why (the loader's own message)."""
     from .files import gguf
@@ -627,6 +649,7 @@ def _gguf_rows(path: Path) -> list[tuple[str, str]]:
     if config is not None:
         rows += _shape_rows(config)
         rows.append(("rms eps, rope theta", f"{config.norm_eps:g}, {config.rope_theta:g}"))
+        rows += _memory_rows(path.stat().st_size, config, ctx)
     per_type: dict[int, list[int]] = {}
     for t in header.tensors.values():
         per_type.setdefault(t.type, []).append(t.nbytes)
@@ -695,6 +718,29 @@ def quantize(source: str, out: Path, type_: str, container: str | None, version:
                 raise UsageError(f"{path}: --save-tokenizer: expected a vocabulary (a GGUF IN, or -z), found none")
             vocab.save_bin(save_tokenizer)
             click.echo(f"wrote {save_tokenizer}")
+
+
+def _memory_rows(file_size: int, c, ctx: int | None) -> list[tuple[str, str]]:
+    """What a run takes: the weights mapped (page cache: shared, evictable; --in-memory: private)
+    and the run state (KV cache and buffers, private), at the file's context and at --ctx."""
+    from dataclasses import replace
+
+    from .files.llama2c import available_memory
+    from .forward import RunState
+
+    def run(positions: int) -> str:
+        state = RunState.nbytes(replace(c, seq_len=positions))
+        return (f"{_size(file_size + state)} at {positions} positions: {_size(file_size)} of weights mapped + "
+                f"{_size(state)} of KV cache and buffers")
+
+    rows = [("memory", run(c.seq_len))]
+    if ctx is not None and ctx < c.seq_len:
+        rows.append(("with --ctx", run(ctx)))
+    available = available_memory()
+    if available is not None:
+        rows.append(("available", f"{_size(available)} now (the weights may exceed it, at the disk's speed; "
+                                  "the KV cache may not)"))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,11 +25,12 @@ import numpy as np
 
 
 from .config import ModelConfig
-from .files import read_model
-from .files.llama2c import Checkpoint, require_memory
+from .files import read_config, read_model
+from .files.llama2c import Checkpoint, available_memory, require_memory
 from .formats import Format, format_of, linear, new_input
 from .kernels.common import add, rmsnorm, rope, swiglu
 from .kernels.jit import DEFAULT_FASTMATH, compile_family, fastmath_name, kernel
+from .mapping import Progress, fault_in
 
 
 @kernel
@@ -126,24 +127,41 @@ class RunState:
     tick: np.ndarray  # (1,) int64: the last input stamp handed out (formats.new_input)
     scratch: dict[Any, Any]  # activation buffers by Format.scratch_key (Format.scratch)
 
+    @staticmethod
+    def shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """Every float32 buffer's shape (the formats' scratch apart: a few MB at most)."""
+        block, half = min(PREFILL_BLOCK, c.seq_len), c.head_size // 2
+        return {"x": (block, c.dim), "xb": (block, c.dim), "xb2": (block, c.dim), "q": (block, c.dim),
+                "hb": (block, c.hidden_dim), "hb2": (block, c.hidden_dim), "att": (c.n_heads, c.seq_len),
+                "att_block": (block, c.seq_len), "logits": (1, c.vocab_size),
+                "key_cache": (c.n_layers, c.seq_len, c.kv_dim), "value_cache": (c.n_layers, c.seq_len, c.kv_dim),
+                "cos": (c.seq_len, half), "sin": (c.seq_len, half)}
+
+    @classmethod
+    def nbytes(cls, c: ModelConfig) -> int:
+        """The memory allocate() takes for `c` (its seq_len being the context), KV cache included."""
+        return 4 * sum(int(np.prod(shape, dtype=np.int64)) for shape in cls.shapes(c).values())
+
     @classmethod
     def allocate(cls, c: ModelConfig, weight_formats: set[Format], source: str = "model") -> "RunState":
-        require_memory(source, "KV cache", c.kv_cache_bytes, detail=" (n_layers x seq_len x kv_dim x 2 x 4 bytes)",
-                       hint=" (cap the context with --ctx / ctx=)")
-        f32, block = np.float32, min(PREFILL_BLOCK, c.seq_len)
-        cos, sin = rope_tables(c.head_size, c.seq_len, c.rope_theta)
-        width = max(c.dim, c.hidden_dim)  # the longest input a matmul takes
-        return cls(
-            x=np.zeros((block, c.dim), f32), xb=np.zeros((block, c.dim), f32), xb2=np.zeros((block, c.dim), f32),
-            q=np.zeros((block, c.dim), f32), hb=np.zeros((block, c.hidden_dim), f32),
-            hb2=np.zeros((block, c.hidden_dim), f32), att=np.zeros((c.n_heads, c.seq_len), f32),
-            att_block=np.zeros((block, c.seq_len), f32),
-            logits=np.zeros((1, c.vocab_size), f32),
-            key_cache=np.zeros((c.n_layers, c.seq_len, c.kv_dim), f32),
-            value_cache=np.zeros((c.n_layers, c.seq_len, c.kv_dim), f32),
-            cos=cos, sin=sin, tick=np.zeros(1, np.int64),
-            scratch={fmt.scratch_key(): fmt.scratch(block, width) for fmt in weight_formats},
-        )
+        require_memory(source, "KV cache", cls.nbytes(c), detail=f" ({kv_cache_detail(c)})")
+        block, width = min(PREFILL_BLOCK, c.seq_len), max(c.dim, c.hidden_dim)  # width: a matmul's longest input
+        buffers = {name: np.zeros(shape, np.float32) for name, shape in cls.shapes(c).items()}
+        buffers["cos"], buffers["sin"] = rope_tables(c.head_size, c.seq_len, c.rope_theta)
+        return cls(**buffers, tick=np.zeros(1, np.int64),
+                   scratch={fmt.scratch_key(): fmt.scratch(block, width) for fmt in weight_formats})
+
+
+def kv_cache_detail(c: ModelConfig) -> str:
+    return (f"the KV cache's {c.kv_cache_bytes / 2**30:.2f} GiB for {c.seq_len} positions and the buffers: "
+            "--ctx N caps the positions")
+
+
+def capped(config: ModelConfig, ctx: int | None) -> ModelConfig:
+    """The config with its context capped at ctx positions (None: the file's seq_len)."""
+    if ctx is not None and ctx < 1:
+        raise ValueError(f"ctx: expected 1 or more positions, found {ctx}")
+    return replace(config, seq_len=min(ctx or config.seq_len, config.seq_len))
 
 
 class Transformer:
@@ -163,10 +181,8 @@ class Transformer:
     def __init__(self, checkpoint: Checkpoint, fastmath: bool | str = DEFAULT_FASTMATH, threads: int = 1,
                  warm_up: bool = True, ctx: int | None = None):
         self.checkpoint = checkpoint
-        if ctx is not None and ctx < 1:
-            raise ValueError(f"ctx: expected 1 or more positions, found {ctx}")
-        self.config = replace(checkpoint.config, seq_len=min(ctx or checkpoint.config.seq_len,
-                                                             checkpoint.config.seq_len))
+        self.config = capped(checkpoint.config, ctx)
+        self.load_seconds = 0.0  # reading the file (load() sets it)
         self.weights = checkpoint.weights
         self.fastmath = fastmath_name(fastmath)
         if threads < 1:
@@ -190,12 +206,34 @@ class Transformer:
 
     @classmethod
     def load(cls, path: str | os.PathLike, fastmath: bool | str = DEFAULT_FASTMATH, threads: int = 1,
-             warm_up: bool = True, in_memory: bool = False, ctx: int | None = None) -> "Transformer":
-        """Map a llama2.c checkpoint (v0, v1 or v2) or a llama GGUF file and compile (or load
-        cached) kernels. With warm_up, compiling happens here and is timed (compile_seconds);
+             warm_up: bool = True, in_memory: bool = False, ctx: int | None = None,
+             progress: Progress | None = None) -> "Transformer":
+        """Map a llama2.c checkpoint (v0, v1 or v2) or a llama GGUF file, reading it into the page cache (timed:
+        load_seconds; `progress(bytes, size)` as it goes), and compile (or load cached)
+        kernels. With warm_up, compiling happens here and is timed apart (compile_seconds);
         without, at first use. in_memory reads the weights into RAM instead of mapping them
-        (see files.read_model)."""
-        return cls(read_model(Path(path), in_memory), fastmath, threads, warm_up, ctx)
+        (see files.read_model). Refused before anything is read or allocated when the KV cache
+        (and with in_memory the weights) would not fit in the memory available."""
+        started = time.perf_counter()
+        path = Path(path)
+        config = read_config(path)
+        size, run_state = path.stat().st_size, capped(config, ctx)  # (read_config checked the size)
+        if in_memory:
+            require_memory(path, "in-memory load", size + RunState.nbytes(run_state), hint=" (map it instead)",
+                           detail=f" ({size / 2**30:.2f} GiB of weights, then {kv_cache_detail(run_state)})")
+        else:  # (allocate checks again, for models built from a Checkpoint)
+            require_memory(path, "KV cache", RunState.nbytes(run_state), detail=f" ({kv_cache_detail(run_state)})")
+        available = available_memory()  # the file's cached pages count: they are reclaimable
+        checkpoint = read_model(path, in_memory, progress)
+        if warm_up and not in_memory:  # warming up touches every page anyway: time it as loading
+            fault_in(checkpoint.buffer)
+        load_seconds = time.perf_counter() - started
+        model = cls(checkpoint, fastmath, threads, warm_up, ctx)
+        model.load_seconds = load_seconds
+        if not in_memory and available is not None and size + RunState.nbytes(run_state) > available:
+            model.notes.append(f"the weights ({size / 2**30:.1f} GiB) and the KV cache do not fit in the "
+                               f"{available / 2**30:.1f} GiB of memory available: tokens will wait for the disk")
+        return model
 
     def _operand(self, matrix: Any) -> Any:
         fmt = format_of(matrix)

@@ -13,36 +13,69 @@ once every 2 MB, which leaves the whole file cached in 2 MB pages (a no-op when 
 Pages the file was already cached in stay as they are, so when that pass finds small pages, the
 file's cached pages are written back and evicted, and the pass runs again: a one-off re-read,
 after which every load is fast. The real mapping starts untouched (loading adds nothing to
-RSS). Elsewhere (no THP, macOS, Windows) this is a plain np.memmap.
+RSS). Elsewhere (no THP, macOS, Windows, a file system that keeps small pages) this is a plain
+np.memmap, after a throwaway mapping has been faulted in file order once per 4 KB page: either
+way the file is read here, where `progress(bytes, size)` can show it, and not by the first
+forward pass (which would count a cold 7 GB read as the kernels' compile time).
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+from typing import Callable
 
 import numpy as np
 
 HUGE_PAGE = 2 << 20
+READ_STEP = 64 << 20  # bytes faulted in between two progress reports
+Progress = Callable[[int, int], None]  # (bytes of the file read so far, its size)
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 # file systems (st_dev) whose files stayed in small pages even after a fresh read: not retried
 _no_huge_pages: set[int] = set()
 
 
-def map_read_only(path: str | os.PathLike) -> np.memmap:
-    """np.memmap(path, uint8, "r"), in 2 MB pages when the platform can (see the module doc)."""
+def map_read_only(path: str | os.PathLike, progress: Progress | None = None) -> np.memmap:
+    """np.memmap(path, uint8, "r"), in 2 MB pages when the platform can (see the module doc),
+    the file read once in order first; `progress` is called as it is read."""
     stat = os.stat(path)
     eligible = stat.st_size >= 2 * HUGE_PAGE and stat.st_dev not in _no_huge_pages and _huge_pages_possible()
-    if eligible and not _cache_in_huge_pages(path):
-        try:
-            _evict_from_page_cache(path)
-        except OSError:  # a read-only file system, say: keep the small pages
-            pass
-        else:
-            if not _cache_in_huge_pages(path):
-                _no_huge_pages.add(stat.st_dev)  # this file system keeps files in small pages
+    if not (eligible and _cached_in_huge_pages_after_eviction(path, progress)):
+        _fault_in_order(_map_advised(path), mmap.PAGESIZE, stat.st_size, progress)  # a no-op for a cached file
     return _map_advised(path)
+
+
+def fault_in(mm: np.ndarray) -> None:
+    """Fault every page of a mapping in, in order (a no-op for pages already mapped). The first
+    pass over a mapping of a file just read from disk sets up its page tables, which takes
+    seconds for a multi-GB file: whoever times loading apart from running calls this."""
+    _fault_in_order(mm, mmap.PAGESIZE, mm.size, None)
+
+
+def _cached_in_huge_pages_after_eviction(path: str | os.PathLike, progress: Progress | None) -> bool:
+    """Whether the file now sits in the page cache in 2 MB pages: after one faulting pass, or
+    after evicting its small pages and a second one."""
+    if _cache_in_huge_pages(path, progress):
+        return True
+    try:
+        _evict_from_page_cache(path)
+    except OSError:  # a read-only file system, say: keep the small pages
+        return False
+    if _cache_in_huge_pages(path, progress):
+        return True
+    _no_huge_pages.add(os.stat(path).st_dev)  # this file system keeps files in small pages
+    return False
+
+
+def _fault_in_order(mm: np.ndarray, stride: int, end: int, progress: Progress | None) -> None:
+    """Touch one byte every `stride` bytes of mm[:end], in file order, reporting progress (the
+    whole file once the pass is through: what a 2 MB-page pass leaves, a part page, is small)."""
+    for start in range(0, end, READ_STEP):
+        stop = min(start + READ_STEP, end)
+        int(mm[start:stop:stride].max())
+        if progress is not None:
+            progress(stop if stop < end else mm.size, mm.size)
 
 
 def _evict_from_page_cache(path: str | os.PathLike) -> None:
@@ -77,16 +110,17 @@ def _huge_pages_possible() -> bool:
     return "[never]" not in setting and hasattr(os, "posix_fadvise") and os.path.exists("/proc/self/smaps")
 
 
-def _cache_in_huge_pages(path: str | os.PathLike) -> bool:
+def _cache_in_huge_pages(path: str | os.PathLike, progress: Progress | None = None) -> bool:
     """Fault a throwaway advised mapping of the file in file order, one byte every 2 MB, and
     say whether every whole 2 MB page of it came in as one 2 MB page (FilePmdMapped in
     /proc/self/smaps). True also where the mapping is not 2 MB-aligned (nothing to gain)."""
     mm = _map_advised(path)
     start = mm.ctypes.data
-    if start % HUGE_PAGE:
-        return True  # file offsets and addresses out of step: 2 MB pages cannot map it
+    if start % HUGE_PAGE:  # file offsets and addresses out of step: 2 MB pages cannot map it
+        _fault_in_order(mm, mmap.PAGESIZE, mm.size, progress)
+        return True
     pages = mm.size // HUGE_PAGE
-    int(mm[:pages * HUGE_PAGE:HUGE_PAGE].max())  # fault every whole 2 MB page, in order
+    _fault_in_order(mm, HUGE_PAGE, pages * HUGE_PAGE, progress)  # every whole 2 MB page, in order
     return mapped_in_huge_pages_kb(mm) >= pages * HUGE_PAGE // 1024
 
 

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from llama2nb import Transformer as Engine
 from llama2nb.files.llama2c import read_checkpoint
 from llama2nb.cli import main
-from llama2nb.training.export import hf_permute, hf_unpermute, pick_group_size
+from llama2nb.export import pick_group_size
+from llama2nb.files.hf import hf_permute, hf_unpermute
 from llama2nb.training.model import ModelArgs, Transformer
 from tests.reference import Reference
 from tests.test_training_helpers import scramble
@@ -124,12 +125,10 @@ def test_export_bad_input_is_one_line(tmp_path):
 # Hugging Face
 
 
-def write_hf_dir(model: Transformer, folder: Path, fmt: str = "safetensors") -> Path:
-    """A LlamaForCausalLM directory as transformers' convert_llama_weights_to_hf writes it:
-    wq/wk rows permuted into the rotate-half layout (wk with the kv head count)."""
-    a = model.args
-    folder.mkdir(parents=True, exist_ok=True)
-    w = model.export_weights()
+def hf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """Hugging Face's names and layout, as transformers' convert_llama_weights_to_hf writes
+    them: wq/wk rows permuted into the rotate-half layout (wk with the kv head count)."""
+    a, w = model.args, model.export_weights()
     t = {"model.embed_tokens.weight": w["token_embedding_table"], "model.norm.weight": w["rms_final_weight"]}
     if not a.shared_classifier:
         t["lm_head.weight"] = w["wcls"]
@@ -137,14 +136,18 @@ def write_hf_dir(model: Transformer, folder: Path, fmt: str = "safetensors") -> 
         p = f"model.layers.{i}."
         t[p + "self_attn.q_proj.weight"] = hf_permute(w["wq"][i], a.n_heads)
         t[p + "self_attn.k_proj.weight"] = hf_permute(w["wk"][i], a.kv_heads)
-        t[p + "self_attn.v_proj.weight"] = w["wv"][i]
-        t[p + "self_attn.o_proj.weight"] = w["wo"][i]
-        t[p + "mlp.gate_proj.weight"] = w["w1"][i]
-        t[p + "mlp.down_proj.weight"] = w["w2"][i]
-        t[p + "mlp.up_proj.weight"] = w["w3"][i]
-        t[p + "input_layernorm.weight"] = w["rms_att_weight"][i]
-        t[p + "post_attention_layernorm.weight"] = w["rms_ffn_weight"][i]
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in t.items()}
+        for hf_name, name in (("self_attn.v_proj", "wv"), ("self_attn.o_proj", "wo"), ("mlp.gate_proj", "w1"),
+                              ("mlp.down_proj", "w2"), ("mlp.up_proj", "w3"), ("input_layernorm", "rms_att_weight"),
+                              ("post_attention_layernorm", "rms_ffn_weight")):
+            t[p + hf_name + ".weight"] = w[name][i]
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in t.items()}
+
+
+def write_hf_dir(model: Transformer, folder: Path, fmt: str = "safetensors") -> Path:
+    """A LlamaForCausalLM directory as transformers' convert_llama_weights_to_hf writes it."""
+    a = model.args
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = hf_tensors(model)
     if fmt == "safetensors":
         from safetensors.torch import save_file
 
@@ -234,9 +237,9 @@ def test_hf_refuses_other_rope(tmp_path):
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_export_real_transformers_llama(tie, tmp_path):
-    """Against transformers' own LlamaForCausalLM (GQA 8 heads / 2 kv heads) when it is
-    installed (it is not a dependency: skipped otherwise)."""
-    transformers = pytest.importorskip("transformers")
+    """Against transformers' own LlamaForCausalLM (GQA 8 heads / 2 kv heads; the dev extra
+    installs transformers)."""
+    import transformers
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=8,
                                    num_key_value_heads=2, vocab_size=97, max_position_embeddings=N_POS,

@@ -48,7 +48,7 @@ def test_a_file_that_cannot_be_evicted_still_maps(tmp_path, monkeypatch):
         raise OSError(30, "Read-only file system")
 
     monkeypatch.setattr(mapping.os, "fsync", refuse)
-    monkeypatch.setattr(mapping, "_cache_in_huge_pages", lambda path: False)  # as if in small pages
+    monkeypatch.setattr(mapping, "_cache_in_huge_pages", lambda path, progress=None: False)  # as if in small pages
     path = tmp_path / "f.bin"
     data = np.arange(3 * mapping.HUGE_PAGE, dtype=np.uint8)
     data.tofile(path)

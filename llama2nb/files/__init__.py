@@ -29,10 +29,11 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     return (gguf if container_of(path) == "gguf" else llama2c).read_config(path)
 
 
-def read_model(path: str | os.PathLike, in_memory: bool = False) -> Checkpoint:
+def read_model(path: str | os.PathLike, in_memory: bool = False, progress=None) -> Checkpoint:
     """A model file (llama2.c .bin or GGUF), validated, then mapped once (or read into memory
-    with in_memory): a Checkpoint of read-only views, each matrix in its own format."""
-    return (gguf if container_of(path) == "gguf" else llama2c).read_checkpoint(path, in_memory)
+    with in_memory): a Checkpoint of read-only views, each matrix in its own format.
+    `progress(bytes read, size)` as the file is read (mapping.Progress)."""
+    return (gguf if container_of(path) == "gguf" else llama2c).read_checkpoint(path, in_memory, progress)
 
 
 def bytes_per_token(checkpoint: Checkpoint) -> int:

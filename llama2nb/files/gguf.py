@@ -598,14 +598,14 @@ class GGUFCheckpoint(Checkpoint):
     header: Header | None = field(default=None, repr=False)
 
 
-def read_checkpoint(path: str | os.PathLike, in_memory: bool = False) -> GGUFCheckpoint:
+def read_checkpoint(path: str | os.PathLike, in_memory: bool = False, progress=None) -> GGUFCheckpoint:
     """Validate a GGUF file, then map it once (or read it into memory with in_memory) and return
     each tensor as a read-only view in its own format (nothing is copied)."""
     path = Path(path)
     header = read_header(path)
     config = model_config(header)
     fmts = tensor_formats(header)
-    mm, buf = file_buffer(path, header.file_size, in_memory)
+    mm, buf = file_buffer(path, header.file_size, in_memory, progress)
     if len(buf) != header.file_size:
         raise fail(path, "file size", f"{header.file_size:,} bytes", f"{len(buf):,}: it changed while being read")
     found: dict[str, Any] = {}

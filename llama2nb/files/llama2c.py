@@ -13,7 +13,7 @@ import os
 import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -21,7 +21,8 @@ from ..atomic import atomic_write
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..formats import F32, Format
-from ..mapping import map_read_only
+from ..mapping import READ_STEP, Progress, map_read_only
+from .source import PER_LAYER, block_source
 
 MAGIC = 0x616B3432  # "ak42" as a little-endian uint32
 V1_HEADER_BYTES = 256
@@ -182,33 +183,42 @@ def require_memory(source: str | os.PathLike, what: str, needed: int, detail: st
                               f"{available / 2**30:.1f} GiB of memory is available{hint}")
 
 
-def file_buffer(path: Path, size: int, in_memory: bool) -> tuple[np.ndarray, np.ndarray]:
+def file_buffer(path: Path, size: int, in_memory: bool,
+                progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(the object to keep alive, a plain uint8 ndarray of the file's `size` bytes): one
     read-only mapping in 2 MB pages where the OS allows (mapping.py), or with in_memory one
-    copy in anonymous memory, which NumPy asks to back with 2 MB pages. Every container's
-    reader takes its views from this one buffer."""
+    copy in anonymous memory, which NumPy asks to back with 2 MB pages; either way the file is
+    read here, reporting `progress(bytes read, size)`. Every container's reader takes its views
+    from this one buffer."""
     if not in_memory:
-        mm = map_read_only(path)
+        mm = map_read_only(path, progress)
         return mm, mm.view(np.ndarray)  # plain ndarray views: Numba types them without the subclass
     require_memory(path, "in-memory load", size, hint=" (map it instead)")
     mm = np.empty(size, np.uint8)  # NumPy advises huge pages for large arrays
     with open(path, "rb") as f:
-        if f.readinto(memoryview(mm)) != mm.size or f.read(1):
+        for start in range(0, size, READ_STEP):
+            stop = min(start + READ_STEP, size)
+            if f.readinto(memoryview(mm)[start:stop]) != stop - start:
+                raise CheckpointError(f"{path}: file size: changed while it was being read")
+            if progress is not None:
+                progress(stop, size)
+        if f.read(1):
             raise CheckpointError(f"{path}: file size: changed while it was being read")
     mm.flags.writeable = False
     return mm, mm
 
 
-def read_checkpoint(path: str | os.PathLike, in_memory: bool = False) -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike, in_memory: bool = False, progress: Progress | None = None) -> Checkpoint:
     """Map a checkpoint read-only and return named views of its weights (nothing is copied).
     The mapping uses 2 MB pages where the OS allows (mapping.py), which streams the weights at
-    the speed of memory.
+    the speed of memory; the file is read (into the page cache) here, reporting
+    `progress(bytes read, size)`.
 
     in_memory=True reads the file into anonymous memory instead, which NumPy asks to back with
     2 MB pages: for platforms where a file cannot be mapped in them, for the memory of a copy."""
     path = Path(path)
     config = read_config(path)
-    mm, buf = file_buffer(path, expected_file_size(config), in_memory)
+    mm, buf = file_buffer(path, expected_file_size(config), in_memory, progress)
     offset = header_bytes(config)
     found: dict[str, Any] = {}
     for entry in layout(config):
@@ -238,32 +248,102 @@ def freq_cis_tables(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def write_checkpoint(path: str | os.PathLike, config: ModelConfig, weights: Mapping[str, np.ndarray]) -> None:
-    """Write `weights` (stacked float32 arrays keyed by TransformerWeights' names, or anything
-    np.asarray stacks and [layer] indexes; "wcls" only when the classifier is unshared) in the
-    layout `config.version` names, atomically."""
+WriteProgress = Callable[[str, int, int, int, int], None]
+"""progress(tensor, tensors_done, tensors_total, bytes_done, bytes_total), after every block."""
+
+
+def write_checkpoint(path: str | os.PathLike, config: ModelConfig, weights: Mapping[str, Any],
+                     progress: WriteProgress | None = None) -> None:
+    """Write `weights` in the layout `config.version` names, atomically (temp file + rename).
+
+    `weights` maps TransformerWeights' names ("wcls" only for an unshared classifier) to
+    float32 arrays, stacked over the layers or sequences indexed by layer, or is a TensorSource
+    (files.source), read tensor by tensor in row blocks: then memory holds about one block, and
+    v2 quantizes each block as it goes. `progress` is called after every block."""
     config.validate(str(path))
-    arrays = dict(weights)
-    if config.version == 0:
-        arrays["freq_cis_real"], arrays["freq_cis_imag"] = freq_cis_tables(config)
+    _check_implied_constants(config, path)
+    entries = layout(config)
+    missing = [e.name for e in entries if e.name not in weights and not e.name.startswith("freq_cis")]
+    if missing:
+        raise CheckpointError(f"{path}: cannot write: weight {missing[0]!r} missing")
+    extra = dict(zip(("freq_cis_real", "freq_cis_imag"), freq_cis_tables(config))) if config.version == 0 else {}
+    tensors = [(entry, layer) for entry in entries for layer in _layers_of(entry, config)]
+    header = _header(config)
+    done_bytes, total_bytes = len(header), expected_file_size(config)
     with atomic_write(path) as f:
-        if config.version == 0:
-            vocab = config.vocab_size if config.shared_classifier else -config.vocab_size
-            f.write(struct.pack("<7i", config.dim, config.hidden_dim, config.n_layers, config.n_heads,
-                                config.n_kv_heads, vocab, config.seq_len))
-        else:
-            head = struct.pack("<Ii7iB", MAGIC, config.version, config.dim, config.hidden_dim, config.n_layers,
-                               config.n_heads, config.n_kv_heads, config.vocab_size, config.seq_len,
-                               int(config.shared_classifier))
-            if config.version == 2:
-                head += struct.pack("<i", config.group_size)
-            f.write(head.ljust(V1_HEADER_BYTES, b"\0"))
-        for entry in layout(config):
-            if entry.name not in arrays:
-                raise CheckpointError(f"{path}: cannot write: weight {entry.name!r} missing")
-            value = arrays[entry.name]  # indexed before conversion: a lazy source converts one layer
-            array = np.asarray(value if entry.layer is None else value[entry.layer], np.float32)
-            if array.shape != entry.shape:
-                raise CheckpointError(f"{path}: cannot write {entry.name}: expected shape {entry.shape}, found {array.shape}")
-            for part in entry.format.encode(array):
-                f.write(memoryview(np.ascontiguousarray(part)).cast("B"))
+        f.write(header)
+        for done, (entry, layer) in enumerate(tensors):
+            label = entry.name if layer is None else f"{entry.name}[{layer}]"
+            shape = entry.shape[1:] if layer is not None and entry.layer is None else entry.shape
+            blocks = iter([extra[entry.name]]) if entry.name in extra else block_source(weights, entry.name, layer)
+            for written in _write_tensor(f, path, label, entry.format, shape, blocks):
+                done_bytes += written
+                if progress is not None:
+                    progress(label, done, len(tensors), done_bytes, total_bytes)
+            if progress is not None:
+                progress(label, done + 1, len(tensors), done_bytes, total_bytes)
+
+
+def _check_implied_constants(config: ModelConfig, path: str | os.PathLike) -> None:
+    """A llama2.c file cannot record norm_eps or rope_theta: readers imply run.c's values, so
+    a model with others would be silently changed."""
+    if np.float32(config.norm_eps) != np.float32(ModelConfig.norm_eps):
+        raise CheckpointError(f"{path}: norm_eps: expected {ModelConfig.norm_eps:g} (the only value a llama2.c file "
+                              f"can mean), found {config.norm_eps:g}: write a GGUF file instead")
+    if config.rope_theta != ModelConfig.rope_theta:
+        raise CheckpointError(f"{path}: rope_theta: expected {ModelConfig.rope_theta:g} (the only value a llama2.c "
+                              f"file can mean), found {config.rope_theta:g}: write a GGUF file instead")
+
+
+def _header(config: ModelConfig) -> bytes:
+    if config.version == 0:
+        vocab = config.vocab_size if config.shared_classifier else -config.vocab_size
+        return struct.pack("<7i", config.dim, config.hidden_dim, config.n_layers, config.n_heads,
+                           config.n_kv_heads, vocab, config.seq_len)
+    head = struct.pack("<Ii7iB", MAGIC, config.version, config.dim, config.hidden_dim, config.n_layers,
+                       config.n_heads, config.n_kv_heads, config.vocab_size, config.seq_len,
+                       int(config.shared_classifier))
+    if config.version == 2:
+        head += struct.pack("<i", config.group_size)
+    return head.ljust(V1_HEADER_BYTES, b"\0")
+
+
+def _layers_of(entry: Entry, config: ModelConfig) -> Sequence[int | None]:
+    """The tensors one entry is written from: its own layer, or for a stack over the layers
+    (v0/v1's per-layer tensors) each layer in turn."""
+    if entry.layer is None and entry.name in PER_LAYER:
+        return range(config.n_layers)
+    return [entry.layer]
+
+
+def _write_tensor(f, path: str | os.PathLike, label: str, fmt: Format, shape: tuple[int, ...],
+                  blocks: Iterator[np.ndarray]) -> Iterator[int]:
+    """Encode one tensor's row blocks in `fmt` into f at its offset; yield the bytes of each block.
+
+    A format's encode may give several parts (Q8_0: the int8 values, then the scales): each
+    part is a section of the tensor's bytes in which every row has the same size, so part i of
+    each block goes to section i, after the rows written before it. A vector is one row."""
+    matrix = shape if len(shape) > 1 else (1, *shape)
+    start, rows, cursors = f.tell(), 0, None
+    for block in blocks:
+        block = np.asarray(block, np.float32)
+        if (block.shape[1:] if len(shape) > 1 else block.shape) != matrix[1:]:
+            raise CheckpointError(f"{path}: cannot write {label}: expected shape {shape}, found "
+                                  f"{'rows of shape ' if len(shape) > 1 else ''}{block.shape}")
+        block = block.reshape(-1, matrix[1])
+        parts = [memoryview(np.ascontiguousarray(part)).cast("B") for part in fmt.encode(block)]
+        if cursors is None:  # the sections' offsets, from the first block's bytes per row
+            per_row = [len(part) // len(block) for part in parts]
+            if any(len(part) != size * len(block) for part, size in zip(parts, per_row)) or \
+                    sum(per_row) * matrix[0] != fmt.nbytes(shape):
+                raise ValueError(f"{fmt!r}: encode must give parts of a whole number of bytes per row")
+            cursors = [start + sum(per_row[:i]) * matrix[0] for i in range(len(parts))]
+        for i, part in enumerate(parts):
+            f.seek(cursors[i])
+            f.write(part)
+            cursors[i] += len(part)
+        rows += len(block)
+        yield sum(len(part) for part in parts)
+    if rows != matrix[0]:
+        raise CheckpointError(f"{path}: cannot write {label}: expected shape {shape}, found {rows} rows")
+    f.seek(start + fmt.nbytes(shape))

@@ -354,67 +354,60 @@ def train_command(ctx: click.Context, preset, resume, stop_after, quiet, **optio
 @click.option("--group-size", type=click.IntRange(min=1), default=None,
               show_default="64, 32 or 16, the largest dividing dim and hidden_dim",
               help="Q8_0 group size for --version 2; must divide dim and hidden_dim.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=None,
+              show_default="the source's, or 4096 (Llama 2's) for Meta's files, which record none",
+              help="Context length written in the header.")
 @click.option("--hf", "hf", is_flag=True, help="SOURCE is a Hugging Face Llama directory "
               "(config.json + *.safetensors or pytorch_model*.bin).")
+@click.option("--meta", "meta", is_flag=True, help="SOURCE is a Meta Llama directory "
+              "(params.json + consolidated.NN.pth).")
 @click.option("-z", "--tokenizer", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="The vocabulary a GGUF OUT carries. [a GGUF SOURCE's own; else tokenizer.bin, tokenizer.model "
-                   "or tokN.bin beside SOURCE]")
+              help="The vocabulary a GGUF OUT carries. [a GGUF SOURCE's own; else tokenizer.model or tokenizer.bin "
+                   "beside SOURCE]")
 @_clean_errors
 def export_command(source: Path, out: Path, container: str | None, type_: str | None, version: int | None,
-                   group_size: int | None, hf: bool, tokenizer: Path | None) -> None:
-    """Export SOURCE (our ckpt.pt or the run directory holding it, a llama2.c .bin, a GGUF
-    file, or with --hf a Hugging Face Llama directory) to OUT: a llama2.c checkpoint, or a
-    GGUF file for a .gguf OUT. A .bin or GGUF SOURCE converts without torch."""
-    from ..files.convert import convert, target_for
+                   group_size: int | None, seq_len: int | None, hf: bool, meta: bool, tokenizer: Path | None) -> None:
+    """Export SOURCE to OUT, tensor by tensor (a 7B model in a few hundred MB of memory): a
+    llama2.c checkpoint, or a GGUF file for a .gguf OUT (or --format gguf). SOURCE: a training
+    run directory or its ckpt.pt, a llama2.c .bin, a GGUF file, a Hugging Face directory or a
+    Meta directory (detected; or forced with --hf / --meta). Only ckpt.pt, .pth and .bin
+    weights need torch."""
+    from ..export import ExportOptions, export
 
-    target = target_for(out, container, type_, version, group_size)
-    if source.is_file() and not hf and _is_model_file(source):
-        click.echo(convert(source, out, target, tokenizer))
-        return
-    if source.is_dir() and not hf and (source / "ckpt.pt").is_file() and not (source / "config.json").exists():
-        source = source / "ckpt.pt"  # a training run's --out-dir
-    if (hf or source.is_dir()) and not source.is_dir():
-        raise click.ClickException(f"{source}: --hf: expected a Hugging Face model directory, found a file")
-    if target.container == "gguf":
-        click.echo(_export_torch_gguf(source, out, target, tokenizer))
-        return
-    from .export import eps_warning, export_ckpt, export_hf
-
-    if source.is_dir():
-        warning = eps_warning(source)
-        if warning:
-            click.echo(warning, err=True)
-        config = export_hf(source, out, target.version, target.group_size)
-    else:
-        config = export_ckpt(source, out, target.version, target.group_size)
-    extra = f", group size {config.group_size}" if config.version == 2 else ""
-    click.echo(f"wrote {out}: v{config.version}{extra}, {config.n_params:,} parameters, dim {config.dim}, "
-               f"{config.n_layers} layers, {config.n_heads} heads ({config.n_kv_heads} kv), vocab {config.vocab_size}, "
-               f"seq_len {config.seq_len}")
+    if hf and meta:
+        raise click.UsageError("--hf and --meta: expected one of them, found both")
+    options = ExportOptions(version, group_size, type_, container, tokenizer)
+    console = _console()
+    with _export_progress(console) as progress:
+        message = export(source, out, "hf" if hf else "meta" if meta else None, options, seq_len, progress)
+    click.echo(message)
 
 
-def _is_model_file(path: Path) -> bool:
-    """A GGUF file or a llama2.c checkpoint (what files.read_model reads), not a torch file
-    (a .pt/.pth, or any zip archive: torch.save's format)."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return head == b"GGUF" or (path.suffix not in (".pt", ".pth") and head != b"PK\x03\x04")
+class _export_progress:
+    """A Rich progress bar over tensors and bytes while an export writes (on a terminal only);
+    the context manager gives the writers' progress callback, or None."""
 
+    def __init__(self, console) -> None:
+        self.console, self.bar, self.task = console, None, None
 
-def _export_torch_gguf(source: Path, out: Path, target, tokenizer: Path | None) -> str:
-    """A ckpt.pt or Hugging Face directory to GGUF: torch loads the weights, the GGUF writer
-    streams them."""
-    from ..files.convert import vocabulary_for, write_model
-    from .export import load_hf, load_model
+    def __enter__(self):
+        if not self.console.is_terminal:
+            return None
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, \
+            TransferSpeedColumn
 
-    if source.is_dir():
-        config, weights = load_hf(source)
-    else:
-        model = load_model(source)
-        config, weights = model.args.to_config(), model.export_weights()
-    vocab = vocabulary_for(source, config.vocab_size, tokenizer)
-    name = source.name if source.is_dir() else source.parent.name if source.name == "ckpt.pt" else source.stem
-    return write_model(out, config, weights, vocab, target, name)
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            TimeRemainingColumn(), console=self.console, transient=True)
+        self.bar.start()
+        self.task = self.bar.add_task("export", total=None)
+        return self.update
+
+    def update(self, tensor: str, done: int, total: int, written: int, total_bytes: int) -> None:
+        self.bar.update(self.task, description=f"tensor {done}/{total} {tensor}", completed=written, total=total_bytes)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 @click.command("export-tokenizer")

@@ -49,7 +49,7 @@ class ModelArgs:
     def to_config(self, version: int = 0, group_size: int = 0) -> ModelConfig:
         return ModelConfig(self.dim, self.ffn_dim, self.n_layers, self.n_heads, self.kv_heads,
                            self.vocab_size, self.max_seq_len, self.shared_classifier,
-                           version=version, group_size=group_size)
+                           version=version, group_size=group_size, norm_eps=self.norm_eps)
 
 
 class RMSNorm(nn.Module):
