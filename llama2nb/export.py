@@ -137,7 +137,7 @@ def write_llama2c(out: Path, source: TensorSource, options: ExportOptions, progr
     config = llama2c_header(source.config, replace(options, version=options.version or 0), out)
     write_checkpoint(out, config, source, progress)
     extra = f", group size {config.group_size}" if config.version == 2 else ""
-    return f"wrote {out}: v{config.version}{extra}, {describe(config)}"
+    return f"wrote {out}: llama2.c v{config.version}{extra}, {describe(config)}"
 
 
 def describe(c: ModelConfig) -> str:
@@ -150,16 +150,20 @@ def describe(c: ModelConfig) -> str:
 
 def write_gguf(out: Path, source: TensorSource, options: ExportOptions, progress: WriteProgress | None) -> str:
     """GGUF with the --type's tensor types and the vocabulary of -z, else the source's own."""
-    from .files.convert import target_for, write_model
+    from .files.convert import target_for, vocabulary_for, write_model
     from .tokenizer import Tokenizer
 
     target = target_for(out, "gguf", options.type)
     tokenizer = options.tokenizer or source.tokenizer
-    if tokenizer is None:
+    vocab_size = source.config.vocab_size
+    vocab = (Tokenizer.load(tokenizer, vocab_size=vocab_size) if tokenizer is not None
+             else vocabulary_for(source.origin, vocab_size))  # tokN.bin beside it too
+    if vocab is None:
         raise CheckpointError(f"{out}: vocabulary: expected a tokenizer for the GGUF file's metadata (none beside "
                               "the source), found none: pass the model's tokenizer with -z")
-    vocab = Tokenizer.load(tokenizer, vocab_size=source.config.vocab_size)
-    return write_model(out, source.config, source, vocab, target, Path(source.path).stem)
+    origin = Path(source.origin)
+    name = origin.parent.name if origin.name == "ckpt.pt" else origin.name if origin.is_dir() else origin.stem
+    return write_model(out, source.config, source, vocab, target, name)
 
 
 Writer = Callable[[Path, TensorSource, ExportOptions, "WriteProgress | None"], str]

@@ -253,7 +253,7 @@ def test_forced_kind_and_undetectable_source(tmp_path):
         "--hf", hf / "config.json", tmp_path / "o.bin")
     (tmp_path / "empty").mkdir()
     assert "expected a training run (ckpt.pt), a Hugging Face" in export_error(tmp_path / "empty", tmp_path / "o.bin")
-    assert "this build writes no GGUF" in export_error(hf, tmp_path / "o.gguf")
+    assert "vocabulary: expected a tokenizer for the GGUF file" in export_error(hf, tmp_path / "o.gguf")  # no -z
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,7 +399,7 @@ def test_memory_is_checked_before_anything_is_read(tmp_path, monkeypatch):
     write_random_model(path, config)
     run_state = forward.RunState.nbytes(config)
     size = path.stat().st_size
-    monkeypatch.setattr(forward, "read_checkpoint", lambda *a: pytest.fail("read before the memory check"))
+    monkeypatch.setattr(forward, "read_model", lambda *a: pytest.fail("read before the memory check"))
     # the weights fit, and the run state too, but not both: only an in-memory load is refused
     monkeypatch.setattr(llama2c, "available_memory", lambda: int((max(size, run_state) + 1000) / 0.9))
     monkeypatch.setattr(forward, "available_memory", llama2c.available_memory)
