@@ -58,8 +58,8 @@ def _progress(console):
 
 
 CTX_OPTION = click.option("--ctx", type=click.IntRange(min=1), default=None, metavar="N",
-                          help="Cap the context at N positions: the KV cache is allocated for N. "
-                               "[default: the model's context length; GGUF files often declare large ones]")
+                          show_default="the model's context length (GGUF files often declare large ones)",
+                          help="Cap the context at N positions: the KV cache is allocated for N.")
 DATA_DIR_OPTION = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("data"),
                                show_default=True, help="Data directory (see `llama2nb data --help`).")
 
@@ -346,11 +346,12 @@ def train_command(ctx: click.Context, preset, resume, stop_after, quiet, **optio
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--format", "container", type=click.Choice(["llama2c", "gguf"]), default=None,
-              help="OUT's container. [default: GGUF for a .gguf suffix, else llama2.c]")
+              show_default="GGUF for a .gguf suffix, else llama2.c", help="OUT's container.")
 @click.option("--type", "type_", type=click.Choice(["f32", "f16", "q8_0", "q4_0"]), default=None,
-              help="Tensor type: any of these for GGUF; f32 or q8_0 for llama2.c. [f32; llama2.c: from --version]")
-@click.option("--version", "version", type=click.IntRange(0, 2), default=None,
-              help="llama2.c: 0 legacy fp32, 1 fp32 with header, 2 Q8_0 int8. [0]")
+              show_default="f32, or for llama2.c the one --version implies",
+              help="Tensor type: any of these for GGUF; f32 or q8_0 for llama2.c.")
+@click.option("--version", "version", type=click.IntRange(0, 2), default=None, show_default="0",
+              help="llama2.c: 0 legacy fp32, 1 fp32 with header, 2 Q8_0 int8.")
 @click.option("--group-size", type=click.IntRange(min=1), default=None,
               show_default="64, 32 or 16, the largest dividing dim and hidden_dim",
               help="Q8_0 group size for --version 2; must divide dim and hidden_dim.")
