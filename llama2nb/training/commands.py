@@ -363,8 +363,8 @@ def train_command(ctx: click.Context, preset, resume, stop_after, quiet, **optio
 @click.option("--meta", "meta", is_flag=True, help="SOURCE is a Meta Llama directory "
               "(params.json + consolidated.NN.pth).")
 @click.option("-z", "--tokenizer", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="The vocabulary a GGUF OUT carries. [a GGUF SOURCE's own; else tokenizer.model or tokenizer.bin "
-                   "beside SOURCE]")
+              show_default="a GGUF SOURCE's own, else tokenizer.model or tokenizer.bin beside SOURCE",
+              help="The vocabulary a GGUF OUT carries.")
 @_clean_errors
 def export_command(source: Path, out: Path, container: str | None, type_: str | None, version: int | None,
                    group_size: int | None, seq_len: int | None, hf: bool, meta: bool, tokenizer: Path | None) -> None:
