@@ -7,5 +7,7 @@ its tests, and one line below.
 from .base import REGISTRY, Format, embed, format_of, linear, new_input, register
 from .f32 import F32
 from .q8_0 import Q8_0
+from .gguf_float import BF16, F16
+from .gguf_legacy import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0Block
 
 __all__ = ["F32", "Format", "Q8_0", "REGISTRY", "embed", "format_of", "linear", "new_input", "register"]

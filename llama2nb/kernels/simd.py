@@ -25,23 +25,30 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 
-def target_has_vnni() -> bool:
-    """Whether the CPU Numba compiles for has vpdpbusd on 128/256-bit registers: AVX-512 VNNI
-    (Intel since Ice Lake, AMD since Zen 4) or AVX-VNNI (Intel since Alder Lake), which LLVM
-    selects from the same intrinsic. Honours NUMBA_CPU_NAME / NUMBA_CPU_FEATURES, which make
-    Numba compile for another CPU than this one (a portable cache, say)."""
+def target_features() -> set[str]:
+    """The CPU features of the target Numba compiles for. Honours NUMBA_CPU_NAME /
+    NUMBA_CPU_FEATURES, which make Numba compile for another CPU than this one (a portable
+    cache, say); empty under NUMBA_DISABLE_JIT (nothing is compiled)."""
     if numba.config.DISABLE_JIT:
-        return False
+        return set()
     if numba.config.CPU_NAME not in (None, "host"):
-        listed = {f[1:] for f in (numba.config.CPU_FEATURES or "").split(",") if f.startswith("+")}
-    else:
-        import llvmlite.binding as llvm
+        return {f[1:] for f in (numba.config.CPU_FEATURES or "").split(",") if f.startswith("+")}
+    import llvmlite.binding as llvm
 
-        listed = {name for name, on in llvm.get_host_cpu_features().items() if on}
+    return {name for name, on in llvm.get_host_cpu_features().items() if on}
+
+
+def target_has_vnni() -> bool:
+    """Whether the target CPU has vpdpbusd on 128/256-bit registers: AVX-512 VNNI (Intel since
+    Ice Lake, AMD since Zen 4) or AVX-VNNI (Intel since Alder Lake), which LLVM selects from the
+    same intrinsic."""
+    listed = target_features()
     return {"avx512vnni", "avx512vl"} <= listed or "avxvnni" in listed
 
 
 VNNI = target_has_vnni()
+# AVX-512 with VNNI on 512-bit registers (the GGUF block kernels' fast paths, kernels/vnni_gguf.py)
+VNNI512 = {"avx512f", "avx512bw", "avx512vl", "avx512vnni"} <= target_features()
 
 
 def vnni_chunk(group_size: int) -> int:

@@ -1,0 +1,202 @@
+"""What GGUF's tensor types share as weight formats: blocks, views, operands, checked inputs.
+
+A GGUF tensor of a block type is a run of blocks, each `block_size` values in `block_bytes`
+bytes (F16 and BF16: blocks of one value in two bytes), row after row, exactly as llama.cpp
+writes it; a (rows, cols) matrix needs cols to be a multiple of block_size. The view of a matrix
+is a read-only numpy view of the file's bytes: (rows, cols / block_size * block_bytes) uint8,
+or (rows, cols) uint16 for F16 and BF16. Nothing is copied and nothing is expanded: a 4-bit
+matrix stays 4 bits a value in memory and the kernels read its blocks as they lie (the
+project's rule: one mapping, no copy).
+
+The formats themselves: gguf_float.py (F16, BF16), gguf_legacy.py (the 32-value blocks: Q8_0,
+Q4_0, Q4_1, Q5_0, Q5_1), gguf_kquants.py (the 256-value super-blocks: Q4_K, Q5_K, Q6_K). Each
+has its NumPy dequantize (bit-exact with llama.cpp's), a quantize where llama2nb writes the type,
+and its matmul and embedding kernels; every matmul kernel checks the shapes it is given, so no
+call can read or write outside its arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numba
+import numpy as np
+from numba import prange
+
+from ..kernels import simd
+from ..kernels.jit import generic, kernel
+from .base import Format, _format_class_of_operand, _kernel_of_type
+
+if numba.config.DISABLE_JIT:  # the intrinsic exists only compiled: the same bitcast in NumPy
+
+    def float32_from_bits(bits):
+        return np.uint32(np.int64(bits) & 0xFFFFFFFF).view(np.float32)
+else:
+    from ..kernels.simd import float32_from_bits
+
+I32 = np.int32
+TWO_112 = np.float32(2.0 ** 112)  # float32's exponent bias (127) minus float16's (15)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockMatrix:
+    """A GGUF tensor's read-only view: `data` holds its blocks ((rows, row bytes) uint8, or
+    (rows, cols) uint16 for F16/BF16); `shape` is the tensor's, in values."""
+
+    format: "BlockFormat"
+    data: np.ndarray
+    shape: tuple[int, ...]
+
+    def dequantize(self) -> np.ndarray:
+        return self.format.dequantize(self)
+
+
+class BlockFormat(Format):
+    """A GGUF tensor type: a parameterless Format whose matrices are BlockMatrix views.
+    Subclasses set the class attributes and define _dequantize_blocks (and _quantize_blocks
+    where llama2nb writes the type)."""
+
+    block_size: ClassVar[int]  # values per block
+    block_bytes: ClassVar[int]  # bytes per block
+    storage: ClassVar[np.dtype] = np.dtype(np.uint8)  # the dtype of a view's data
+
+    def data_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of the view's data for a tensor of `shape` values (ValueError if the
+        last axis is not a whole number of blocks)."""
+        shape = tuple(int(s) for s in shape)
+        if not shape or any(s <= 0 for s in shape) or shape[-1] % self.block_size:
+            raise ValueError(f"{self.name}: shape {shape}: expected positive sizes and rows of a multiple "
+                             f"of {self.block_size} values")
+        return (*shape[:-1], shape[-1] // self.block_size * self.block_bytes // self.storage.itemsize)
+
+    def nbytes(self, shape):
+        return int(np.prod(self.data_shape(shape), dtype=np.int64)) * self.storage.itemsize
+
+    def view(self, buffer, offset, shape):
+        """The tensor of `shape` values whose blocks start at byte `offset` of `buffer` (a
+        mapping, bytes, any buffer): a read-only view, nothing copied."""
+        data_shape = self.data_shape(shape)
+        size, available = self.nbytes(shape), memoryview(buffer).nbytes
+        if offset < 0 or offset + size > available:
+            raise ValueError(f"{self.name}: {size} bytes at offset {offset} do not fit in a buffer of {available}")
+        data = np.ndarray(data_shape, self.storage, buffer=buffer, offset=offset)
+        data.flags.writeable = False
+        return BlockMatrix(self, data, tuple(int(s) for s in shape))
+
+    def from_blocks(self, blocks: np.ndarray, shape: tuple[int, ...]) -> BlockMatrix:
+        """A matrix over blocks already in memory (quantize's result, a test's bytes)."""
+        return self.view(np.ascontiguousarray(blocks).view(np.uint8).reshape(-1), 0, shape)
+
+    def quantize(self, array):
+        array = np.asarray(array, np.float32)
+        self.data_shape(array.shape)
+        blocks = self._quantize_blocks(np.ascontiguousarray(array).reshape(-1, self.block_size))
+        return self.from_blocks(blocks, array.shape)
+
+    def encode(self, array):
+        yield self.quantize(array).data
+
+    def dequantize(self, matrix):
+        blocks = matrix.data.view(np.uint8).reshape(-1, self.block_bytes)
+        return self._dequantize_blocks(blocks).reshape(matrix.shape)
+
+    def _quantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
+        """(N, block_size) float32 -> (N, block_bytes) uint8"""
+        raise NotImplementedError(f"{self.name}: llama2nb reads this type but does not write it")
+
+    def _dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
+        """(N, block_bytes) uint8 -> (N, block_size) float32"""
+        raise NotImplementedError
+
+    def operand(self, matrix, scratch):
+        if not isinstance(matrix, BlockMatrix) or matrix.format != self or len(matrix.shape) != 2:
+            raise ValueError(f"operand: expected a 2-D {self!r} matrix, found {matrix!r}")
+        return self.operand_class(matrix.data, *(scratch or ()))
+
+
+def vnni_constants(fastmath: str) -> dict[str, Any]:
+    """The compile-time constant of the block formats' kernels: VNNI512, whether they take
+    their AVX-512 VNNI paths (kernels/vnni_gguf.py): on such a CPU, with fastmath."""
+    return {"VNNI512": simd.VNNI512 and fastmath != "off"}
+
+
+@kernel
+def check_linear(out, x, w, block_values, block_units, scratch_values):
+    """ValueError unless out (B, d), x (B, n) and the matrix's data w (d, n / block_values *
+    block_units) agree, n is a whole number of blocks and the B inputs fit a scratch of
+    `scratch_values` values."""
+    B, n = x.shape
+    if (B < 1 or out.shape[0] != B or out.shape[1] != w.shape[0] or n % block_values
+            or w.shape[1] != n // block_values * block_units or B * n > scratch_values):
+        raise ValueError("linear: out (B, d), x (B, n), the (d, n) matrix and the scratch disagree")
+
+
+@kernel
+def check_embed(out, table_rows, table_cols, tokens):
+    """ValueError unless out is (B, table_cols) and every token is a row of the table."""
+    if out.shape[0] != tokens.shape[0] or out.shape[1] != table_cols:
+        raise ValueError("embed: out (B, n) does not fit the tokens and the table")
+    for b in range(tokens.shape[0]):
+        if tokens[b] < 0 or tokens[b] >= table_rows:
+            raise ValueError("embed: a token is outside the table")
+
+
+TOKENS = 4  # tokens per pass over a weight row in a block matmul
+
+
+@kernel
+def matmul_rows(out, w, acts):
+    """out[:, i] = x @ row i of the matrix, for every row, by block_rows (the row kernel of w's
+    format: its portable loops or its VNNI intrinsic).  out (B, d), w a block format's operand
+    of a (d, n) matrix, acts its quantized input (shapes checked by the caller)
+
+    One token takes its rows from the two halves of the matrix in turn: two streams from DRAM
+    keep more reads in flight than one. A block of tokens passes over each row TOKENS tokens at
+    a time, so each decoded piece of the row serves several tokens."""
+    B = out.shape[0]
+    rows = w.w
+    d = rows.shape[0]
+    if B == 1:
+        half = d // 2
+        for k in prange(half):
+            block_rows(out, k, rows[k], acts, 0, 1, w)
+            block_rows(out, half + k, rows[half + k], acts, 0, 1, w)
+        if d % 2:
+            block_rows(out, d - 1, rows[d - 1], acts, 0, 1, w)
+        return
+    full = B - B % TOKENS
+    for i in prange(d):
+        row = rows[i]
+        for b in range(0, full, TOKENS):
+            block_rows(out, i, row, acts, b, TOKENS, w)
+        if full < B:
+            block_rows(out, i, row, acts, full, B - full, w)
+
+
+@generic(6, choose=lambda w: _format_class_of_operand(w).rows_kernel, choose_type=_kernel_of_type("rows_kernel"))
+def block_rows(out, i, row, acts, b0, count, w):
+    """out[b, i] = row . x_b for the count inputs from b0, in the format of the operand w (its
+    rows_kernel).  out (B, d), row (row bytes,) uint8, acts w's quantized input"""
+
+
+@generic(2, choose=lambda w: _format_class_of_operand(w).block_kernel, choose_type=_kernel_of_type("block_kernel"))
+def block_dot(blk, x, w):
+    """One block's exact integer sums against its quantized input and its scales, in the
+    format of the operand w (its block_kernel; what they are is the format's to say)."""
+
+
+@kernel
+def read_f16(blk, at):
+    """The fp16 at byte `at` of blk, as float32.  blk (n,) uint8"""
+    return f16_to_f32(I32(blk[at]) | I32(blk[at + 1]) << I32(8))
+
+
+@kernel
+def f16_to_f32(h):
+    """The float32 equal to the IEEE half with bits h (an integer below 2^16), exactly."""
+    magnitude = I32(h) & I32(0x7FFF)
+    bits = I32(I32(I32(h) & I32(0x8000)) << I32(16)) | I32(magnitude << I32(13))
+    if magnitude >= I32(0x7C00):  # infinity or NaN: float32's largest exponent too
+        bits |= I32(0x7F800000)
+    return float32_from_bits(bits) * TWO_112

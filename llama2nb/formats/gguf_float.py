@@ -1,0 +1,196 @@
+"""F16 and BF16: GGUF's 16-bit float tensors (ggml types 1 and 30), read as they lie.
+
+A (rows, cols) matrix is rows * cols uint16 values; the view is that (rows, cols) uint16 array.
+Numba has no 16-bit float arithmetic, so the kernels convert each weight to float32 as they read
+it, exactly: BF16 is the upper half of a float32 (`bits << 16`, bitcast); F16 moves its
+exponent and mantissa into float32's fields and multiplies by 2^112, which rebiases the exponent
+and turns F16's subnormals into float32 normals exactly; infinities and NaNs keep their class.
+Both bitcasts vectorise, so the conversion costs a few vector instructions per 16 weights and
+the matmul stays bound by memory for one token. Activations stay float32: nothing is quantized,
+no scratch, and with fastmath off the results equal a float32 matmul on the dequantized weights.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import prange
+
+from ..kernels.common import ZERO
+from ..kernels.jit import kernel
+from .base import register
+from .blocks import BlockFormat, check_embed, check_linear, f16_to_f32, float32_from_bits
+
+I32 = np.int32
+ALL = np.iinfo(np.int64).max  # no scratch to fit
+
+
+class F16Operand(NamedTuple):
+    w: np.ndarray  # (rows, cols) uint16
+
+
+class BF16Operand(NamedTuple):
+    w: np.ndarray  # (rows, cols) uint16
+
+
+class _Float16Bits(BlockFormat):
+    block_size = 1
+    block_bytes = 2
+    storage = np.dtype(np.uint16)
+
+    def kernel_description(self, fastmath="full"):
+        return f"{self.name} weights converted to float32 as they are read, float32 multiply-adds"
+
+
+@register
+class F16(_Float16Bits):
+    name = "f16"
+    ggml_type = 1
+    operand_class = F16Operand
+    linear_kernel = "linear_f16"
+    embed_kernel = "embed_f16"
+
+    def _quantize_blocks(self, blocks):
+        """IEEE round to nearest even, as llama.cpp's conversion (NumPy's astype)."""
+        return blocks.astype(np.float16).view(np.uint8)
+
+    def _dequantize_blocks(self, blocks):
+        return blocks.view(np.float16).astype(np.float32)
+
+
+@register
+class BF16(_Float16Bits):
+    name = "bf16"
+    ggml_type = 30
+    operand_class = BF16Operand
+    linear_kernel = "linear_bf16"
+    embed_kernel = "embed_bf16"
+
+    def _quantize_blocks(self, blocks):
+        """llama.cpp's ggml_compute_fp32_to_bf16: the upper 16 bits rounded to nearest even;
+        NaNs stay NaNs (made quiet) instead of rounding into infinities."""
+        n = blocks.view(np.uint32).astype(np.uint64)
+        nan = (n & 0x7FFFFFFF) > 0x7F800000
+        rounded = (n + 0x7FFF + ((n >> 16) & 1)) >> 16
+        quiet = (n >> 16) | 0x40
+        return np.where(nan, quiet, rounded).astype(np.uint16).view(np.uint8)
+
+    def _dequantize_blocks(self, blocks):
+        return (blocks.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+@kernel
+def bf16_to_f32(h):
+    """The float32 whose upper half is the bfloat16 with bits h (an integer below 2^16)."""
+    return float32_from_bits(I32(h) << I32(16))
+
+
+@kernel
+def linear_f16(out, x, w, stamp):
+    """out = x @ W.T for F16 W.  out (B, d), x (B, n) float32, w: (d, n) F16; stamp unused"""
+    check_linear(out, x, w.w, 1, 1, ALL)
+    matmul_16bit(out, x, w.w, f16_to_f32)
+
+
+@kernel
+def linear_bf16(out, x, w, stamp):
+    """out = x @ W.T for BF16 W.  out (B, d), x (B, n) float32, w: (d, n) BF16; stamp unused"""
+    check_linear(out, x, w.w, 1, 1, ALL)
+    matmul_16bit(out, x, w.w, bf16_to_f32)
+
+
+@kernel
+def embed_f16(out, table, tokens):
+    """out[b] = row tokens[b] of an F16 table, in float32.  out (B, n), table: (rows, n) F16"""
+    embed_16bit(out, table.w, tokens, f16_to_f32)
+
+
+@kernel
+def embed_bf16(out, table, tokens):
+    """out[b] = row tokens[b] of a BF16 table, in float32.  out (B, n), table: (rows, n) BF16"""
+    embed_16bit(out, table.w, tokens, bf16_to_f32)
+
+
+@kernel
+def embed_16bit(out, w, tokens, convert):
+    """out[b] = convert(w[tokens[b]]).  out (B, n), w (rows, n) uint16, tokens (B,)"""
+    check_embed(out, w.shape[0], w.shape[1], tokens)
+    for b in range(tokens.shape[0]):
+        row = w[tokens[b]]
+        for j in range(out.shape[1]):
+            out[b, j] = convert(row[j])
+
+
+@kernel
+def dot_16bit(x, w, convert):
+    """x · convert(w) in float32.  x (n,) float32, w (n,) uint16"""
+    acc = ZERO
+    for j in range(x.shape[0]):
+        acc += x[j] * convert(w[j])
+    return acc
+
+
+@kernel
+def matmul_16bit(out, x, w, convert):
+    """out = x @ convert(w).T, each weight converted as it is read.  out (B, d), x (B, n),
+    w (d, n) uint16, convert f16_to_f32 or bf16_to_f32
+
+    The loops of F32's matmul: one token takes its rows from the two halves of w in turn (two
+    streams from DRAM); a block of tokens runs 2 rows x 4 tokens at a time, so each converted
+    weight serves four tokens."""
+    B, n = x.shape
+    d = w.shape[0]
+    if B == 1:
+        x0 = x[0]
+        o = out[0]
+        half = d // 2
+        for i in prange(half):
+            o[i] = dot_16bit(x0, w[i], convert)
+            o[half + i] = dot_16bit(x0, w[half + i], convert)
+        if d % 2:
+            o[d - 1] = dot_16bit(x0, w[d - 1], convert)
+        return
+    full_b = B - B % 4
+    for pair in prange(d // 2):
+        i = 2 * pair
+        w0 = w[i]
+        w1 = w[i + 1]
+        for b in range(0, full_b, 4):
+            x0 = x[b]
+            x1 = x[b + 1]
+            x2 = x[b + 2]
+            x3 = x[b + 3]
+            a0 = ZERO
+            a1 = ZERO
+            a2 = ZERO
+            a3 = ZERO
+            c0 = ZERO
+            c1 = ZERO
+            c2 = ZERO
+            c3 = ZERO
+            for j in range(n):
+                u = convert(w0[j])
+                v = convert(w1[j])
+                a0 += u * x0[j]
+                a1 += u * x1[j]
+                a2 += u * x2[j]
+                a3 += u * x3[j]
+                c0 += v * x0[j]
+                c1 += v * x1[j]
+                c2 += v * x2[j]
+                c3 += v * x3[j]
+            out[b, i] = a0
+            out[b + 1, i] = a1
+            out[b + 2, i] = a2
+            out[b + 3, i] = a3
+            out[b, i + 1] = c0
+            out[b + 1, i + 1] = c1
+            out[b + 2, i + 1] = c2
+            out[b + 3, i + 1] = c3
+        for b in range(full_b, B):
+            out[b, i] = dot_16bit(x[b], w0, convert)
+            out[b, i + 1] = dot_16bit(x[b], w1, convert)
+    if d % 2:
+        for b in range(B):
+            out[b, d - 1] = dot_16bit(x[b], w[d - 1], convert)

@@ -1,0 +1,539 @@
+"""GGUF's 32-value block types: Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 (ggml types 8, 2, 3, 6, 7).
+
+Every block holds 32 values and starts with an fp16 scale d; the values are stored as integers q:
+
+    Q8_0  34 bytes: d, int8 q[32]                       w = d * q
+    Q4_0  18 bytes: d, nibbles[16]                      w = d * (q - 8)
+    Q4_1  20 bytes: d, m, nibbles[16]                   w = d * q + m
+    Q5_0  22 bytes: d, qh (uint32), nibbles[16]         w = d * (q - 16)
+    Q5_1  24 bytes: d, m, qh (uint32), nibbles[16]      w = d * q + m
+
+Nibble byte j holds value j (low four bits) and value j + 16 (high four bits); bit j of qh is
+the fifth bit of value j. GGUF's Q8_0 is not llama2.c's v2 Q8_0 (q8_0.py: int8 values and fp32
+scales apart, any group size), hence its name here, `q8_0_block`.
+
+The matmul follows llama.cpp: its input x is quantized per 32 values to int8 (d_x = max|x| /
+127, q = round(x / d_x), half away from zero; d_x stays float32 where llama.cpp rounds it to
+fp16), with each block's sum of q for the offset and min terms, once per input for every format
+here (one scratch_key): a block's contribution is d_x * (d * sum(q * x_q) + m * sum(x_q)), m
+being -8 d, -16 d, the block's min, or 0. Those sums are exact in int32. The portable loops
+compute them per block; on a CPU with AVX-512 VNNI, with fastmath, vnni_gguf.py's intrinsics do
+(vpdpbusd on the weights' nibbles as they lie, several tokens per decoded weight row), for which
+the input quantizer also writes the layout they read (see quantize_q8_32).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from numba import prange
+
+from ..kernels import vnni_gguf
+from ..kernels.common import ONE, ZERO
+from ..kernels.jit import kernel
+from .base import register
+from .blocks import BlockFormat, block_dot, check_embed, check_linear, matmul_rows, read_f16, vnni_constants
+
+I32 = np.int32
+QK = 32  # values per block
+VNNI512 = False  # compile-time constant: the AVX-512 VNNI paths (blocks.vnni_constants)
+ACTIVATIONS = "int8 per 32 values (llama.cpp's Q8_0 activations)"  # the shared scratch_key
+
+
+def round_half_away(v: np.ndarray) -> np.ndarray:
+    """C's roundf, elementwise in float32 (floor(|v| + 0.5) would round 0.49999997 up)."""
+    a = np.abs(v)
+    whole = np.floor(a)
+    return np.sign(v) * (whole + (a - whole >= 0.5))
+
+
+def fp16_bytes(values: np.ndarray) -> np.ndarray:
+    """(N,) float32 -> (N, 2) uint8: fp16, rounded to nearest even."""
+    return values.astype(np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def fp16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
+    """(N, 1) float32 from the fp16 at byte `offset` of every block."""
+    return np.ascontiguousarray(blocks[:, offset:offset + 2]).view(np.float16).astype(np.float32)
+
+
+class _Legacy(BlockFormat):
+    block_size = QK
+    qs: int  # byte offset of the values (nibbles, or int8 for Q8_0)
+    qh: int | None = None  # byte offset of the fifth bits
+    m: int | None = None  # byte offset of the min
+    zero: int = 0  # the offset subtracted from q (formats without a min)
+    levels: int = 16  # distinct q
+
+    def constants(self, fastmath):
+        return vnni_constants(fastmath)
+
+    def kernel_description(self, fastmath="full"):
+        if self.constants(fastmath)["VNNI512"]:
+            return f"{self.name} blocks read as they lie, AVX-512 VNNI against int8 inputs (with fastmath)"
+        return f"{self.name} blocks read as they lie, portable integer loops against int8 inputs"
+
+    def scratch_key(self):
+        return ACTIVATIONS
+
+    def scratch(self, block, width):
+        values, blocks = block * width, block * width // QK
+        return (np.zeros(values, np.int8), np.zeros(blocks, np.float32), np.zeros(blocks, np.int32),
+                np.zeros(values, np.uint8), np.zeros(values // 4, np.float32), np.zeros(values // 4, np.float32),
+                np.full(1, -1, np.int64))
+
+    def values(self, blocks: np.ndarray) -> np.ndarray:
+        """(N, block_bytes) uint8 -> (N, 32) int32: the stored q of every value."""
+        if self.levels == 256:
+            return blocks[:, self.qs:].view(np.int8).astype(np.int32)
+        nibbles = blocks[:, self.qs:self.qs + 16].astype(np.int32)
+        q = np.concatenate([nibbles & 15, nibbles >> 4], axis=1)
+        if self.qh is not None:
+            high = np.ascontiguousarray(blocks[:, self.qh:self.qh + 4]).view(np.uint32).astype(np.int64)
+            q |= (((high >> np.arange(32)) & 1) << 4).astype(np.int32)
+        return q
+
+    def _dequantize_blocks(self, blocks):
+        d, q = fp16_field(blocks, 0), self.values(blocks)
+        if self.m is not None:
+            return d * q.astype(np.float32) + fp16_field(blocks, self.m)
+        return d * (q - self.zero).astype(np.float32)
+
+    def _quantize_blocks(self, blocks):
+        """llama.cpp's reference quantizers (quantize_row_*_ref), operation for operation."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if self.levels == 256:  # Q8_0: d = max|x| / 127, q = roundf(x / d)
+                d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)
+                inverse = np.where(d == 0, np.float32(0), np.float32(1) / d)
+                q = round_half_away(blocks * inverse).astype(np.int8).view(np.uint8)
+                return np.concatenate([fp16_bytes(d), q], axis=1)
+            top = self.levels - 1
+            if self.m is not None:  # d = (max - min) / top, q = (x - min) / d
+                low = blocks.min(axis=1, keepdims=True)
+                d = (blocks.max(axis=1, keepdims=True) - low) / np.float32(top)
+                inverse = np.where(d == 0, np.float32(0), np.float32(1) / d)
+                q = np.trunc((blocks - low) * inverse + np.float32(0.5))
+            else:  # d = -(the value of largest magnitude) / zero, q = x / d + zero
+                peak = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None], axis=1)
+                d = peak / np.float32(-self.zero)
+                inverse = np.where(d == 0, np.float32(0), np.float32(1) / d)
+                q = np.trunc(blocks * inverse + np.float32(self.zero + 0.5))
+        q = np.clip(q, 0, top).astype(np.uint8)
+        fields = [fp16_bytes(d)]
+        if self.m is not None:
+            fields.append(fp16_bytes(low))
+        if self.qh is not None:
+            fields.append(np.packbits(q >> 4, axis=1, bitorder="little"))
+        fields.append((q[:, :16] & 15) | (q[:, 16:] << 4))
+        return np.concatenate(fields, axis=1)
+
+
+class LegacyOperand(NamedTuple):
+    """What compiled code receives (one class per format, below, for dispatch): the matrix and
+    the shared scratch: the quantized input and the stamp it belongs to."""
+
+    w: np.ndarray  # (rows, cols / 32 * block_bytes) uint8
+    xq: np.ndarray  # (block * width,) int8
+    xd: np.ndarray  # (block * width / 32,) float32 scales
+    xsum: np.ndarray  # (block * width / 32,) int32 sums of xq
+    xu: np.ndarray  # (block * width,) uint8: xq + 128 in the VNNI order (quantize_q8_32)
+    xdx: np.ndarray  # (block * width / 4,) float32: xd per VNNI lane
+    xsx: np.ndarray  # (block * width / 4,) float32: xd * xsum on a block's first VNNI lane
+    stamp: np.ndarray  # (1,) int64
+
+
+class Q8_0BlockOperand(LegacyOperand):
+    pass
+
+
+class Q4_0Operand(LegacyOperand):
+    pass
+
+
+class Q4_1Operand(LegacyOperand):
+    pass
+
+
+class Q5_0Operand(LegacyOperand):
+    pass
+
+
+class Q5_1Operand(LegacyOperand):
+    pass
+
+
+@register
+class Q8_0Block(_Legacy):
+    name = "q8_0_block"
+    ggml_type = 8
+    block_bytes = 34
+    qs = 2
+    levels = 256
+    operand_class = Q8_0BlockOperand
+    linear_kernel = "linear_q8_0_block"
+    rows_kernel = "rows_q8_0_block"
+    block_kernel = "block_q8_0"
+    embed_kernel = "embed_q8_0_block"
+
+
+@register
+class Q4_0(_Legacy):
+    name = "q4_0"
+    ggml_type = 2
+    block_bytes = 18
+    qs = 2
+    zero = 8
+    operand_class = Q4_0Operand
+    linear_kernel = "linear_q4_0"
+    rows_kernel = "rows_q4_0"
+    block_kernel = "block_q4_0"
+    embed_kernel = "embed_q4_0"
+
+
+@register
+class Q4_1(_Legacy):
+    name = "q4_1"
+    ggml_type = 3
+    block_bytes = 20
+    m = 2
+    qs = 4
+    operand_class = Q4_1Operand
+    linear_kernel = "linear_q4_1"
+    rows_kernel = "rows_q4_1"
+    block_kernel = "block_q4_1"
+    embed_kernel = "embed_q4_1"
+
+
+@register
+class Q5_0(_Legacy):
+    name = "q5_0"
+    ggml_type = 6
+    block_bytes = 22
+    qh = 2
+    qs = 6
+    zero = 16
+    levels = 32
+    operand_class = Q5_0Operand
+    linear_kernel = "linear_q5_0"
+    rows_kernel = "rows_q5_0"
+    block_kernel = "block_q5_0"
+    embed_kernel = "embed_q5_0"
+
+
+@register
+class Q5_1(_Legacy):
+    name = "q5_1"
+    ggml_type = 7
+    block_bytes = 24
+    m = 2
+    qh = 4
+    qs = 8
+    levels = 32
+    operand_class = Q5_1Operand
+    linear_kernel = "linear_q5_1"
+    rows_kernel = "rows_q5_1"
+    block_kernel = "block_q5_1"
+    embed_kernel = "embed_q5_1"
+
+
+# ----------------------------------------------------------------------------------------------
+# The input: int8 per 32 values, once per stamp
+
+
+@kernel
+def q8_32_input(x, w, stamp):
+    """x quantized into w's scratch (unless it holds this stamp's input already), as the tuple
+    of views the row kernels read: (xq (B, n), xd (B, n/32), xsum (B, n/32), xu (B, n),
+    xdx (B, n/4), xsx (B, n/4)).  x (B, n) float32, w a LegacyOperand (shapes checked)"""
+    B, n = x.shape
+    blocks = n // QK
+    xq = w.xq[:B * n].reshape((B, n))
+    xd = w.xd[:B * blocks].reshape((B, blocks))
+    xsum = w.xsum[:B * blocks].reshape((B, blocks))
+    xu = w.xu[:B * n].reshape((B, n))
+    xdx = w.xdx[:B * (n // 4)].reshape((B, n // 4))
+    xsx = w.xsx[:B * (n // 4)].reshape((B, n // 4))
+    if w.stamp[0] != stamp:
+        quantize_q8_32(x, xq, xd, xsum, xu, xdx, xsx)
+        w.stamp[0] = stamp
+    return xq, xd, xsum, xu, xdx, xsx
+
+
+@kernel
+def quantize_q8_32(x, xq, xd, xsum, xu, xdx, xsx):
+    """Per block of 32: xd = max|x| / 127, xq = round(x * (1 / xd)) (llama.cpp's
+    quantize_row_q8_0: C's roundf, half away from zero; an all-zero block gets 0s), xsum = the
+    sum of xq. With VNNI512, also the intrinsics' layout: per pair of blocks a, b (64 values),
+    xu holds xq + 128 in the order a[0:16] b[0:16] a[16:32] b[16:32] (the order of the nibbles
+    of a and b loaded side by side), and per 4 values (a VNNI lane) xdx the block's xd and xsx
+    xd * xsum on the block's first lane, 0 elsewhere; an odd last block keeps its own order.
+    x, xq, xu (B, n); xd, xsum (B, n / 32); xdx, xsx (B, n / 4)"""
+    B, n = x.shape
+    blocks = n // QK
+    for b in range(B):
+        for k in range(blocks):
+            group = x[b, k * QK:(k + 1) * QK]
+            amax = ZERO
+            for j in range(QK):
+                amax = max(amax, abs(group[j]))
+            d = amax / np.float32(127)
+            inverse = ONE / d if d != ZERO else ZERO
+            total = 0
+            for j in range(QK):
+                v = group[j] * inverse
+                r = math.floor(abs(v) + 0.5)  # in float64: exact for a float32 v
+                q = r if v >= 0 else -r
+                xq[b, k * QK + j] = np.int8(q)
+                total += int(q)
+            xd[b, k] = d
+            xsum[b, k] = total
+        if VNNI512:
+            vnni_layout_q8_32(xq[b], xd[b], xsum[b], xu[b], xdx[b], xsx[b])
+
+
+@kernel
+def vnni_layout_q8_32(xq, xd, xsum, xu, xdx, xsx):
+    """One input's VNNI layout (see quantize_q8_32).  xq, xu (n,); xd, xsum (n / 32,); xdx, xsx (n / 4,)"""
+    blocks = xd.shape[0]
+    for k in range(blocks):
+        pair = k // 2
+        alone = k + 1 == blocks and k % 2 == 0  # an odd last block: its own order, lanes 0-7
+        for j in range(QK):
+            at = j if alone else (k % 2) * 16 + (j // 16) * 32 + j % 16
+            xu[pair * 64 + at] = np.uint8(I32(xq[k * QK + j]) + I32(128))
+        for lane in range(8):  # the block's lanes, 4 values each
+            at = lane if alone else (k % 2) * 4 + (lane // 4) * 8 + lane % 4
+            xdx[pair * 16 + at] = xd[k]
+            xsx[pair * 16 + at] = xd[k] * np.float32(xsum[k]) if lane == 0 else ZERO
+
+
+# ----------------------------------------------------------------------------------------------
+# The matmuls: one kernel per format, the shared row loops, a block function per format
+
+
+@kernel
+def linear_q8_0_block(out, x, w, stamp):
+    """out = x @ W.T for GGUF Q8_0 W.  out (B, d), x (B, n) float32, w: (d, n) Q8_0 blocks"""
+    matmul_legacy(out, x, w, stamp, 34)
+
+
+@kernel
+def linear_q4_0(out, x, w, stamp):
+    """out = x @ W.T for Q4_0 W.  out (B, d), x (B, n) float32, w: (d, n) Q4_0"""
+    matmul_legacy(out, x, w, stamp, 18)
+
+
+@kernel
+def linear_q4_1(out, x, w, stamp):
+    """out = x @ W.T for Q4_1 W.  out (B, d), x (B, n) float32, w: (d, n) Q4_1"""
+    matmul_legacy(out, x, w, stamp, 20)
+
+
+@kernel
+def linear_q5_0(out, x, w, stamp):
+    """out = x @ W.T for Q5_0 W.  out (B, d), x (B, n) float32, w: (d, n) Q5_0"""
+    matmul_legacy(out, x, w, stamp, 22)
+
+
+@kernel
+def linear_q5_1(out, x, w, stamp):
+    """out = x @ W.T for Q5_1 W.  out (B, d), x (B, n) float32, w: (d, n) Q5_1"""
+    matmul_legacy(out, x, w, stamp, 24)
+
+
+@kernel
+def matmul_legacy(out, x, w, stamp, size):
+    """out = x @ W.T for a 32-value block format of `size` bytes a block: x quantized into w's
+    scratch (once per stamp), then every row by its format's row kernel (block_rows).
+    out (B, d), x (B, n) float32, w a LegacyOperand of a (d, n) matrix"""
+    check_linear(out, x, w.w, QK, size, w.xq.size)
+    matmul_rows(out, w, q8_32_input(x, w, stamp))
+
+
+@kernel
+def rows_legacy(out, i, row, acts, b0, count, w):
+    """out[b, i] = row . x_b for b in b0..b0+count, block by block, in portable loops (each
+    block by its format's block_dot: (the exact int32 sum(q * x), d, m)).
+    out (B, d), row (n / 32 * block bytes,) uint8, acts (q8_32_input), w the operand"""
+    xq, xd, xsum = acts[0], acts[1], acts[2]
+    blocks = xd.shape[1]
+    size = row.shape[0] // blocks
+    for b in range(b0, b0 + count):
+        x = xq[b]
+        acc = ZERO
+        for k in range(blocks):
+            dot, d, m = block_dot(row[k * size:(k + 1) * size], x[k * QK:(k + 1) * QK], w)
+            acc += xd[b, k] * (d * np.float32(dot) + m * np.float32(xsum[b, k]))
+        out[b, i] = acc
+
+
+@kernel
+def rows_q8_0_block(out, i, row, acts, b0, count, w):
+    """A Q8_0 row against count inputs (see blocks.block_rows)"""
+    if VNNI512:
+        vnni_gguf.q8_0(out, i, row, acts[3], acts[4], acts[5], b0, count)
+    else:
+        rows_legacy(out, i, row, acts, b0, count, w)
+
+
+@kernel
+def rows_q4_0(out, i, row, acts, b0, count, w):
+    """A Q4_0 row against count inputs (see blocks.block_rows)"""
+    if VNNI512:
+        vnni_gguf.q4_0(out, i, row, acts[3], acts[4], acts[5], b0, count)
+    else:
+        rows_legacy(out, i, row, acts, b0, count, w)
+
+
+@kernel
+def rows_q4_1(out, i, row, acts, b0, count, w):
+    """A Q4_1 row against count inputs (see blocks.block_rows)"""
+    if VNNI512:
+        vnni_gguf.q4_1(out, i, row, acts[3], acts[4], acts[5], b0, count)
+    else:
+        rows_legacy(out, i, row, acts, b0, count, w)
+
+
+@kernel
+def rows_q5_0(out, i, row, acts, b0, count, w):
+    """A Q5_0 row against count inputs (see blocks.block_rows)"""
+    if VNNI512:
+        vnni_gguf.q5_0(out, i, row, acts[3], acts[4], acts[5], b0, count)
+    else:
+        rows_legacy(out, i, row, acts, b0, count, w)
+
+
+@kernel
+def rows_q5_1(out, i, row, acts, b0, count, w):
+    """A Q5_1 row against count inputs (see blocks.block_rows)"""
+    if VNNI512:
+        vnni_gguf.q5_1(out, i, row, acts[3], acts[4], acts[5], b0, count)
+    else:
+        rows_legacy(out, i, row, acts, b0, count, w)
+
+
+@kernel
+def nibble_dot(qs, x):
+    """sum(q * x) over a block's 32 values from its 16 nibble bytes (byte j: value j low, value
+    j + 16 high), exact.  qs (16,) uint8, x (32,) int8"""
+    dot = I32(0)
+    for j in range(16):
+        byte = I32(qs[j])
+        dot = I32(dot + (byte & I32(15)) * I32(x[j]) + (byte >> I32(4)) * I32(x[j + 16]))
+    return dot
+
+
+@kernel
+def high_dot(blk, at, x):
+    """sum(16 * bit_j * x[j]) for the fifth bits, the uint32 at byte `at` of blk, exact.
+    blk (n,) uint8, x (32,) int8"""
+    qh = read_u32(blk, at)
+    dot = I32(0)
+    for j in range(QK):
+        dot = I32(dot + I32((qh >> j) & 1) * I32(x[j]))
+    return I32(dot << I32(4))
+
+
+@kernel
+def read_u32(blk, at):
+    """The little-endian uint32 at byte `at` of blk, as int64.  blk (n,) uint8"""
+    return (np.int64(blk[at]) | np.int64(blk[at + 1]) << 8 | np.int64(blk[at + 2]) << 16
+            | np.int64(blk[at + 3]) << 24)
+
+
+@kernel
+def block_q8_0(blk, x, w):
+    """(sum(q * x), d, 0) for one Q8_0 block.  blk (34,) uint8, x (32,) int8, w the operand (unused: it chose this)"""
+    q = blk[2:34]
+    dot = I32(0)
+    for j in range(QK):
+        v = I32(q[j])
+        dot = I32(dot + (v - ((v & I32(128)) << I32(1))) * I32(x[j]))  # (v as int8) * x
+    return dot, read_f16(blk, 0), ZERO
+
+
+@kernel
+def block_q4_0(blk, x, w):
+    """(sum(q * x), d, -8 d) for one Q4_0 block.  blk (18,) uint8, x (32,) int8, w the operand (unused: it chose this)"""
+    d = read_f16(blk, 0)
+    return nibble_dot(blk[2:18], x), d, np.float32(-8) * d
+
+
+@kernel
+def block_q4_1(blk, x, w):
+    """(sum(q * x), d, m) for one Q4_1 block.  blk (20,) uint8, x (32,) int8, w the operand (unused: it chose this)"""
+    return nibble_dot(blk[4:20], x), read_f16(blk, 0), read_f16(blk, 2)
+
+
+@kernel
+def block_q5_0(blk, x, w):
+    """(sum(q * x), d, -16 d) for one Q5_0 block.  blk (22,) uint8, x (32,) int8, w the operand (unused: it chose this)"""
+    d = read_f16(blk, 0)
+    return I32(nibble_dot(blk[6:22], x) + high_dot(blk, 2, x)), d, np.float32(-16) * d
+
+
+@kernel
+def block_q5_1(blk, x, w):
+    """(sum(q * x), d, m) for one Q5_1 block.  blk (24,) uint8, x (32,) int8, w the operand (unused: it chose this)"""
+    return I32(nibble_dot(blk[8:24], x) + high_dot(blk, 4, x)), read_f16(blk, 0), read_f16(blk, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding: rows of the table decoded to float32, as dequantize does
+
+
+@kernel
+def embed_q8_0_block(out, table, tokens):
+    """out[b] = row tokens[b] of a Q8_0 table.  out (B, n), table: (rows, n) Q8_0 blocks"""
+    embed_legacy(out, table.w, tokens, 34, 2, -1, -1, 0, 256)
+
+
+@kernel
+def embed_q4_0(out, table, tokens):
+    """out[b] = row tokens[b] of a Q4_0 table.  out (B, n), table: (rows, n) Q4_0"""
+    embed_legacy(out, table.w, tokens, 18, 2, -1, -1, 8, 16)
+
+
+@kernel
+def embed_q4_1(out, table, tokens):
+    """out[b] = row tokens[b] of a Q4_1 table.  out (B, n), table: (rows, n) Q4_1"""
+    embed_legacy(out, table.w, tokens, 20, 4, -1, 2, 0, 16)
+
+
+@kernel
+def embed_q5_0(out, table, tokens):
+    """out[b] = row tokens[b] of a Q5_0 table.  out (B, n), table: (rows, n) Q5_0"""
+    embed_legacy(out, table.w, tokens, 22, 6, 2, -1, 16, 32)
+
+
+@kernel
+def embed_q5_1(out, table, tokens):
+    """out[b] = row tokens[b] of a Q5_1 table.  out (B, n), table: (rows, n) Q5_1"""
+    embed_legacy(out, table.w, tokens, 24, 8, 4, 2, 0, 32)
+
+
+@kernel
+def embed_legacy(out, w, tokens, size, qs, qh, m, zero, levels):
+    """out[b] = the values of row tokens[b], block by block: d * (q - zero), or d * q + m where
+    the block has a min (at byte m; -1: none). q: int8 at byte qs (levels 256), or nibbles at qs
+    with fifth bits at byte qh (-1: none).  out (B, n), w (rows, n / 32 * size) uint8"""
+    check_embed(out, w.shape[0], w.shape[1] // size * QK, tokens)
+    for b in range(tokens.shape[0]):
+        row = w[tokens[b]]
+        for k in range(row.shape[0] // size):
+            blk = row[k * size:(k + 1) * size]
+            y = out[b, k * QK:(k + 1) * QK]
+            d = read_f16(blk, 0)
+            high = read_u32(blk, qh) if qh >= 0 else np.int64(0)
+            for j in range(QK):
+                if levels == 256:
+                    v = I32(blk[qs + j])
+                    q = v - ((v & I32(128)) << I32(1))
+                else:
+                    q = I32(blk[qs + j % 16]) >> I32(4 * (j // 16)) & I32(15) | I32((high >> j) & 1) << I32(4)
+                if m >= 0:
+                    y[j] = d * np.float32(q) + read_f16(blk, m)
+                else:
+                    y[j] = d * np.float32(q - zero)

@@ -1,0 +1,309 @@
+"""GGUF's block formats' matmul rows in AVX-512 VNNI, written in LLVM IR (Numba intrinsics).
+
+Why IR: a 4-bit weight must be multiplied as the 4 bits it is stored in (expanding a matrix to
+int8 in memory would double the bytes every token streams), and the instructions that make that
+cheap are vector ones LLVM does not find in scalar loops and Numba cannot name: a nibble split
+(vpand, vpsrlw) of 32 bytes into 64 values, vpdpbusd (64 byte products summed in fours into 16
+int32 lanes), vpdpwssd (the K-quants' sub-block scales applied to those lanes in int16 pairs),
+and per-block float scales kept in vector lanes, so a row ends in one horizontal sum per token.
+
+Each intrinsic computes out[b, i] = row . x_b for `count` tokens b = b0, b0 + 1, ... of a block
+of quantized inputs (formats/gguf_legacy.py, formats/gguf_kquants.py quantize them). With
+count == TOKENS it decodes each piece of the row once for TOKENS tokens; otherwise it passes
+over the row once per token. All sums of products are exact in int32 and the float sums run
+lane-wise in another order than the portable loops': only kernels compiled with fastmath use
+these.
+
+The 32-value formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) go two blocks a, b at a time: their values
+side by side are a[0:16] b[0:16] a[16:32] b[16:32] (the nibbles of both blocks, loaded as 32
+bytes, low halves then high), the order in which the input quantizer lays out xu. The weights
+become signed bytes (q - 8, q - 16, q, or Q8_0's q) and the input unsigned (xu = x + 128), so
+vpdpbusd(init, xu, w) with init = -128 * sum(w) per lane (computed once per decoded piece, for
+every token) leaves exactly sum(x * w) in each lane. Per lane, float: acc += float(lanes) * d *
+xd (+ m * xd * sum(x) on a block's first lane for the formats with a min).
+
+The K-quants (Q4_K, Q5_K, Q6_K) go 64 values at a time, 4 per 256-value super-block, in natural
+order. Q4_K/Q5_K: vpdpbusd(0, q, x) (q 0..31 unsigned, x signed), then vpdpwssd adds each
+lane times its sub-block's 6-bit scale into the super-block's int32 lanes, and the mins' term
+is the input's per-16 sums times the mins in one vpmaddwd. Q6_K: q - 32 signed against xu with
+the same -128 * sum(w) start, then its int8 scales by vpdpwssd. Every lane sum entering vpdpwssd
+fits in int16 (at most 4 * 127 * 32), which vpdpwssd requires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .simd import VNNI512
+
+TOKENS = 4  # tokens per decoded piece of a row (formats/blocks.TOKENS)
+
+_I1, _I8, _I16, _I32, _I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_F32, _F16 = ir.FloatType(), ir.HalfType()
+_CONTRACT = ("contract",)
+
+
+def _vec(element: ir.Type, n: int) -> ir.VectorType:
+    return ir.VectorType(element, n)
+
+
+class _IR:
+    """Vector helpers around one IRBuilder."""
+
+    def __init__(self, builder: ir.IRBuilder):
+        self.b = builder
+
+    def call(self, name: str, result: ir.Type, *args):
+        fn = cgutils.get_or_insert_function(self.b.module, ir.FunctionType(result, [a.type for a in args]), name)
+        return self.b.call(fn, args)
+
+    def at(self, base, offset):
+        """The byte pointer base + offset (an IR integer or a Python int)."""
+        return self.b.gep(base, [offset if isinstance(offset, ir.Value) else _I64(offset)])
+
+    def load(self, base, offset, ty: ir.Type):
+        return self.b.load(self.b.bitcast(self.at(base, offset), ty.as_pointer()), align=1)
+
+    def const(self, element: ir.Type, values) -> ir.Constant:
+        return ir.Constant(_vec(element, len(values)), list(values))
+
+    def splat_const(self, element: ir.Type, value, n: int) -> ir.Constant:
+        return ir.Constant(_vec(element, n), [value] * n)
+
+    def splat(self, value, n: int):
+        undef = ir.Constant(_vec(value.type, 1), ir.Undefined)
+        one = self.b.insert_element(undef, value, _I32(0))
+        return self.b.shuffle_vector(one, one, ir.Constant(_vec(_I32, n), [0] * n))
+
+    def pick(self, vector, lanes):
+        """vector's lanes in the order `lanes` (a shuffle)."""
+        return self.b.shuffle_vector(vector, vector, ir.Constant(_vec(_I32, len(lanes)), list(lanes)))
+
+    def join(self, low, high):
+        """The lanes of low, then those of high (same type)."""
+        n = low.type.count
+        return self.b.shuffle_vector(low, high, ir.Constant(_vec(_I32, 2 * n), list(range(2 * n))))
+
+    def widen(self, vector, n: int):
+        """vector's lanes, then zeros, n lanes in all."""
+        zero = ir.Constant(vector.type, None)
+        return self.b.shuffle_vector(vector, zero, ir.Constant(_vec(_I32, n), list(range(n))))
+
+    def half(self, base, offset):
+        """The fp16 at byte offset of base, as float."""
+        return self.b.fpext(self.b.bitcast(self.load(base, offset, _I16), _F16), _F32)
+
+    def dpbusd(self, acc, unsigned, signed):
+        """acc + the sums of 4 products unsigned byte x signed byte, per int32 lane."""
+        lanes = acc.type
+        name = f"llvm.x86.avx512.vpdpbusd.{lanes.count * 32}"
+        return self.call(name, lanes, acc, self.b.bitcast(unsigned, lanes), self.b.bitcast(signed, lanes))
+
+    def dpwssd(self, acc, a, b):
+        """acc + the sums of 2 products of int16 pairs, per int32 lane."""
+        return self.call(f"llvm.x86.avx512.vpdpwssd.{acc.type.count * 32}", acc.type, acc,
+                         self.b.bitcast(a, acc.type), self.b.bitcast(b, acc.type))
+
+    def minus_128_sums(self, w):
+        """-128 * (the sum of each lane's 4 signed bytes of w): vpdpbusd's start value that
+        turns its unsigned xu = x + 128 back into x."""
+        lanes = _vec(_I32, w.type.count // 4)
+        zero = ir.Constant(lanes, None)
+        return self.b.sub(zero, self.dpbusd(zero, self.splat_const(_I8, 128, w.type.count), w))
+
+    def scaled(self, acc, lanes, scale):
+        """acc + float(lanes) * scale, lane-wise (scale a float vector)."""
+        return self.b.fadd(acc, self.b.fmul(self.b.sitofp(lanes, scale.type), scale, flags=_CONTRACT), flags=_CONTRACT)
+
+    def hsum(self, vector):
+        """The sum of a float vector's lanes, as a tree."""
+        width = vector.type.count
+        while width > 1:
+            width //= 2
+            vector = self.b.fadd(self.pick(vector, range(width)), self.pick(vector, range(width, 2 * width)))
+        return self.b.extract_element(vector, _I32(0))
+
+
+@dataclass(frozen=True)
+class Legacy:
+    """A 32-value block type's layout (formats/gguf_legacy.py): block bytes, byte offsets of
+    the values, fifth bits, min (None: absent) and the offset subtracted from q."""
+
+    size: int
+    qs: int
+    qh: int | None = None
+    m: int | None = None
+    zero: int = 0
+    int8: bool = False
+
+
+Q8_0 = Legacy(34, 2, int8=True)
+Q4_0 = Legacy(18, 2, zero=8)
+Q4_1 = Legacy(20, 4, m=2)
+Q5_0 = Legacy(22, 6, qh=2, zero=16)
+Q5_1 = Legacy(24, 8, qh=4, m=2)
+
+
+def _legacy_weights(v: _IR, fmt: Legacy, row, a, pair: bool):
+    """The signed bytes of block a (at byte offset a), and of the next block when `pair`, in
+    the xu order: (64 bytes for a pair, 32 for one block)."""
+    b = v.b
+    n = 64 if pair else 32
+    if fmt.int8:
+        qa = v.load(row, b.add(a, _I64(fmt.qs)), _vec(_I8, 32))
+        if not pair:
+            return qa
+        qb = v.load(row, b.add(a, _I64(fmt.size + fmt.qs)), _vec(_I8, 32))
+        return b.shuffle_vector(qa, qb, v.const(_I32, [*range(16), *range(32, 48), *range(16, 32), *range(48, 64)]))
+    q = v.load(row, b.add(a, _I64(fmt.qs)), _vec(_I8, 16))
+    if pair:
+        q = v.join(q, v.load(row, b.add(a, _I64(fmt.size + fmt.qs)), _vec(_I8, 16)))
+    half = n // 2
+    w = v.join(b.and_(q, v.splat_const(_I8, 15, half)), b.lshr(q, v.splat_const(_I8, 4, half)))
+    if fmt.qh is not None:
+        high = v.load(row, b.add(a, _I64(fmt.qh)), _I32)
+        if pair:  # the bits of a[0:16] b[0:16] a[16:32] b[16:32]
+            other = v.load(row, b.add(a, _I64(fmt.size + fmt.qh)), _I32)
+            mask16 = _I32(0xFFFF)
+            bits = b.or_(b.zext(b.and_(high, mask16), _I64), b.shl(b.zext(b.and_(other, mask16), _I64), _I64(16)))
+            bits = b.or_(bits, b.shl(b.zext(b.lshr(high, _I32(16)), _I64), _I64(32)))
+            high = b.or_(bits, b.shl(b.zext(b.lshr(other, _I32(16)), _I64), _I64(48)))
+        mask = b.bitcast(high, _vec(_I1, n))
+        w = b.or_(w, b.select(mask, v.splat_const(_I8, 16, n), ir.Constant(_vec(_I8, n), None)))
+    if fmt.zero:
+        w = b.sub(w, v.splat_const(_I8, fmt.zero, n))
+    return w
+
+
+class _Arrays:
+    """The data pointers and leading strides of an intrinsic's array arguments."""
+
+    def __init__(self, context, builder, tys, values):
+        self.arrays = [context.make_array(t)(context, builder, a) for t, a in zip(tys, values)]
+        self.builder = builder
+
+    def row_pointer(self, index, row):
+        """A byte pointer to row `row` of array argument `index`."""
+        a = self.arrays[index]
+        b = self.builder
+        stride = cgutils.unpack_tuple(b, a.strides)[0]
+        return b.gep(b.bitcast(a.data, _I8.as_pointer()), [b.mul(row, stride)])
+
+    def data(self, index):
+        return self.builder.bitcast(self.arrays[index].data, _I8.as_pointer())
+
+    def shape(self, index, axis=0):
+        return cgutils.unpack_tuple(self.builder, self.arrays[index].shape)[axis]
+
+    def store_out(self, value, b_index, column):
+        """out[b_index, column] = value (argument 0, any strides)."""
+        a = self.arrays[0]
+        b = self.builder
+        strides = cgutils.unpack_tuple(b, a.strides)
+        offset = b.add(b.mul(b_index, strides[0]), b.mul(column, strides[1]))
+        b.store(value, b.bitcast(b.gep(b.bitcast(a.data, _I8.as_pointer()), [offset]), _F32.as_pointer()))
+
+
+def _each_token_pass(builder, b0, count, emit):
+    """emit(T, first) for one pass over the row: with TOKENS tokens when count == TOKENS, else
+    once per token."""
+    with builder.if_else(builder.icmp_signed("==", count, count.type(TOKENS))) as (block, single):
+        with block:
+            emit(TOKENS, b0)
+        with single:
+            with cgutils.for_range(builder, count) as loop:
+                emit(1, builder.add(b0, loop.index))
+
+
+def _is_array(ty, dtype, ndim, contiguous=True) -> bool:
+    return (isinstance(ty, types.Array) and ty.dtype == dtype and ty.ndim == ndim
+            and (ty.layout == "C" or not contiguous))
+
+
+def _named(typer, name: str):
+    typer.__name__ = typer.__qualname__ = name
+    return intrinsic(typer)
+
+
+def _legacy_intrinsic(fmt: Legacy):
+    """rows(out, i, row, xu, xdx, xsx, b0, count): out[b, i] = row . x_b for the count tokens
+    from b0.  out (B, d) float32, row (n / 32 * size,) uint8, xu (B, n) uint8, xdx, xsx (B, n / 4)
+    float32 (formats/gguf_legacy.quantize_q8_32's layout)"""
+
+    def typer(typingctx, out, i, row, xu, xdx, xsx, b0, count):
+        if not VNNI512:
+            raise numba.core.errors.TypingError("the GGUF VNNI rows need a target CPU with AVX-512 VNNI")
+        if not (_is_array(out, types.float32, 2, contiguous=False) and _is_array(row, types.uint8, 1)
+                and _is_array(xu, types.uint8, 2) and _is_array(xdx, types.float32, 2)
+                and _is_array(xsx, types.float32, 2)
+                and all(isinstance(t, types.Integer) for t in (i, b0, count))):
+            return None
+        return types.void(out, i, row, xu, xdx, xsx, b0, count), codegen
+
+    def codegen(context, builder, signature, args):
+        v = _IR(builder)
+        arrays = _Arrays(context, builder, [signature.args[k] for k in (0, 2, 3, 4, 5)], [args[k] for k in (0, 2, 3, 4, 5)])
+        i, b0, count = (context.cast(builder, args[k], signature.args[k], types.int64) for k in (1, 6, 7))
+        row = arrays.data(1)
+        blocks = builder.sdiv(arrays.shape(1), _I64(fmt.size))
+        pairs = builder.sdiv(blocks, _I64(2))
+        f16 = _vec(_F32, 16)
+
+        def scales(a, pair, field):
+            """The fp16 field of block a (and of the next one) on each of its lanes."""
+            first = v.half(row, builder.add(a, _I64(field)))
+            if not pair:
+                return v.splat(first, 8)
+            second = v.half(row, builder.add(a, _I64(fmt.size + field)))
+            two = builder.insert_element(builder.insert_element(ir.Constant(_vec(_F32, 2), None), first, _I32(0)),
+                                         second, _I32(1))
+            return v.pick(two, [0] * 4 + [1] * 4 + [0] * 4 + [1] * 4)
+
+        def emit(T, first):
+            rows = [(arrays.row_pointer(2, builder.add(first, _I64(t))), arrays.row_pointer(3, builder.add(first, _I64(t))),
+                     arrays.row_pointer(4, builder.add(first, _I64(t)))) for t in range(T)]
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(f16, None)) for _ in range(T)]
+
+            def piece(index, pair):
+                a = builder.mul(index, _I64(2 * fmt.size))
+                w = _legacy_weights(v, fmt, row, a, pair)
+                init = v.minus_128_sums(w)
+                d = scales(a, pair, 0)
+                m = scales(a, pair, fmt.m) if fmt.m is not None else None
+                width = 64 if pair else 32
+                for t, (xu, xdx, xsx) in enumerate(rows):
+                    lanes = v.dpbusd(init, v.load(xu, builder.mul(index, _I64(64)), _vec(_I8, width)), w)
+                    xd = v.load(xdx, builder.mul(index, _I64(64)), d.type)
+                    acc = v.scaled(ir.Constant(d.type, None) if not pair else builder.load(accs[t]), lanes,
+                                   builder.fmul(d, xd, flags=_CONTRACT))
+                    if m is not None:
+                        xs = v.load(xsx, builder.mul(index, _I64(64)), m.type)
+                        acc = builder.fadd(acc, builder.fmul(m, xs, flags=_CONTRACT), flags=_CONTRACT)
+                    if not pair:
+                        acc = builder.fadd(builder.load(accs[t]), v.widen(acc, 16), flags=_CONTRACT)
+                    builder.store(acc, accs[t])
+
+            with cgutils.for_range(builder, pairs) as loop:
+                piece(loop.index, True)
+            with builder.if_then(builder.icmp_signed("!=", builder.mul(pairs, _I64(2)), blocks)):
+                piece(pairs, False)
+            for t in range(T):
+                arrays.store_out(v.hsum(builder.load(accs[t])), builder.add(first, _I64(t)), i)
+
+        _each_token_pass(builder, b0, count, emit)
+        return context.get_dummy_value()
+
+    return typer
+
+
+q8_0 = _named(_legacy_intrinsic(Q8_0), "q8_0")
+q4_0 = _named(_legacy_intrinsic(Q4_0), "q4_0")
+q4_1 = _named(_legacy_intrinsic(Q4_1), "q4_1")
+q5_0 = _named(_legacy_intrinsic(Q5_0), "q5_0")
+q5_1 = _named(_legacy_intrinsic(Q5_1), "q5_1")
