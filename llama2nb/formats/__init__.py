@@ -9,5 +9,6 @@ from .f32 import F32
 from .q8_0 import Q8_0
 from .gguf_float import BF16, F16
 from .gguf_legacy import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0Block
+from .gguf_kquants import Q4_K, Q5_K, Q6_K
 
 __all__ = ["F32", "Format", "Q8_0", "REGISTRY", "embed", "format_of", "linear", "new_input", "register"]

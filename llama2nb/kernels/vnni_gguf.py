@@ -307,3 +307,130 @@ q4_0 = _named(_legacy_intrinsic(Q4_0), "q4_0")
 q4_1 = _named(_legacy_intrinsic(Q4_1), "q4_1")
 q5_0 = _named(_legacy_intrinsic(Q5_0), "q5_0")
 q5_1 = _named(_legacy_intrinsic(Q5_1), "q5_1")
+
+
+@dataclass(frozen=True)
+class KQuant:
+    """A 256-value super-block type's layout (formats/gguf_kquants.py): bytes, and the byte
+    offset of its fifth bits (Q5_K; None: none). Q6_K has its own decoder."""
+
+    size: int
+    qs: int = 0
+    qh: int | None = None
+    six: bool = False
+
+
+Q4_K = KQuant(144, qs=16)
+Q5_K = KQuant(176, qs=48, qh=16)
+Q6_K = KQuant(210, six=True)
+
+
+def _kquant_pieces(v: _IR, fmt: KQuant, sb):
+    """The decoded super-block at byte pointer sb: (weights: 4 x 64 bytes in natural order,
+    scales: 4 x (16,) int32 for vpdpwssd (each lane's sub-block scale in its low int16), starts:
+    4 vpdpbusd start values or None, mins (16,) int16 (m_j twice each, against the per-16 sums)
+    or None, d, dmin or None)."""
+    b = v.b
+    if fmt.six:
+        weights, starts = [], []
+        for h in range(2):  # 128 values: ql[64h:64h+64] (low nibbles, then high), qh[32h:32h+32]
+            ql = v.load(sb, 64 * h, _vec(_I8, 64))
+            qh = v.load(sb, 128 + 32 * h, _vec(_I8, 32))
+            three = v.splat_const(_I8, 3, 64)
+            for part, nibbles in ((0, b.and_(ql, v.splat_const(_I8, 15, 64))), (1, b.lshr(ql, v.splat_const(_I8, 4, 64)))):
+                shifted = [b.lshr(qh, v.splat_const(_I8, s, 32)) if s else qh for s in (4 * part, 4 * part + 2)]
+                high = b.shl(b.and_(v.join(*shifted), three), v.splat_const(_I8, 4, 64))
+                w = b.sub(b.or_(nibbles, high), v.splat_const(_I8, 32, 64))
+                weights.append(w)
+                starts.append(v.minus_128_sums(w))
+        sixteen = b.and_(b.sext(v.load(sb, 192, _vec(_I8, 16)), _vec(_I32, 16)), v.splat_const(_I32, 0xFFFF, 16))
+        scales = [v.pick(sixteen, [4 * c + k // 4 for k in range(16)]) for c in range(4)]
+        return weights, scales, starts, None, v.half(sb, 208), None
+    # Q4_K / Q5_K: 6-bit scales and mins of 8 sub-blocks of 32, packed in 12 bytes
+    four = _vec(_I8, 4)
+    low, mid, top = (v.load(sb, 4 + 4 * k, four) for k in range(3))
+    six_bits, fifteen = v.splat_const(_I8, 63, 4), v.splat_const(_I8, 15, 4)
+
+    def upper_two(x):  # bits 6-7 of x, moved to bits 4-5
+        return b.shl(b.lshr(x, v.splat_const(_I8, 6, 4)), v.splat_const(_I8, 4, 4))
+
+    sc = v.join(b.and_(low, six_bits), b.or_(b.and_(top, fifteen), upper_two(low)))
+    mn = v.join(b.and_(mid, six_bits), b.or_(b.lshr(top, v.splat_const(_I8, 4, 4)), upper_two(mid)))
+    sc32 = b.zext(sc, _vec(_I32, 8))
+    scales = [v.pick(sc32, [2 * c + k // 8 for k in range(16)]) for c in range(4)]
+    mins = v.pick(b.zext(mn, _vec(_I16, 8)), [k // 2 for k in range(16)])
+    qh = v.load(sb, fmt.qh, _vec(_I8, 32)) if fmt.qh is not None else None
+    weights = []
+    for c in range(4):
+        q = v.load(sb, fmt.qs + 32 * c, _vec(_I8, 32))
+        w = v.join(b.and_(q, v.splat_const(_I8, 15, 32)), b.lshr(q, v.splat_const(_I8, 4, 32)))
+        if qh is not None:  # bit 2c of qh[l]: value l's fifth bit; bit 2c + 1: value 32 + l's
+            zero = ir.Constant(_vec(_I8, 32), None)
+            bits = [b.icmp_unsigned("!=", b.and_(qh, v.splat_const(_I8, 1 << k, 32)), zero) for k in (2 * c, 2 * c + 1)]
+            w = b.or_(w, b.select(v.join(*bits), v.splat_const(_I8, 16, 64), ir.Constant(_vec(_I8, 64), None)))
+        weights.append(w)
+    return weights, scales, [None] * 4, mins, v.half(sb, 0), v.half(sb, 2)
+
+
+def _kquant_intrinsic(fmt: KQuant):
+    """rows(out, i, row, x, xd, sums, b0, count): out[b, i] = row . x_b for the count tokens
+    from b0.  out (B, d) float32, row (n / 256 * size,) uint8, x (B, n) int8 (Q6_K: uint8, xu =
+    x + 128), xd (B, n / 256) float32, sums (B, n / 16) int16 (formats/gguf_kquants.py)"""
+    x_dtype = types.uint8 if fmt.six else types.int8
+
+    def typer(typingctx, out, i, row, x, xd, sums, b0, count):
+        if not VNNI512:
+            raise numba.core.errors.TypingError("the GGUF VNNI rows need a target CPU with AVX-512 VNNI")
+        if not (_is_array(out, types.float32, 2, contiguous=False) and _is_array(row, types.uint8, 1)
+                and _is_array(x, x_dtype, 2) and _is_array(xd, types.float32, 2) and _is_array(sums, types.int16, 2)
+                and all(isinstance(t, types.Integer) for t in (i, b0, count))):
+            return None
+        return types.void(out, i, row, x, xd, sums, b0, count), codegen
+
+    def codegen(context, builder, signature, args):
+        v = _IR(builder)
+        arrays = _Arrays(context, builder, [signature.args[k] for k in (0, 2, 3, 4, 5)], [args[k] for k in (0, 2, 3, 4, 5)])
+        i, b0, count = (context.cast(builder, args[k], signature.args[k], types.int64) for k in (1, 6, 7))
+        row = arrays.data(1)
+        supers = builder.sdiv(arrays.shape(1), _I64(fmt.size))
+        f16, f8, int_lanes = _vec(_F32, 16), _vec(_F32, 8), _vec(_I32, 16)
+
+        def emit(T, first):
+            tokens = [[arrays.row_pointer(k, builder.add(first, _I64(t))) for k in (2, 3, 4)] for t in range(T)]
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(f16, None)) for _ in range(T)]
+            min_accs = [cgutils.alloca_once_value(builder, ir.Constant(f8, None)) for _ in range(T)]
+            with cgutils.for_range(builder, supers) as loop:
+                s = loop.index
+                sb = v.at(row, builder.mul(s, _I64(fmt.size)))
+                weights, scales, starts, mins, d, dmin = _kquant_pieces(v, fmt, sb)
+                for t, (x, xd, sums) in enumerate(tokens):
+                    lanes = ir.Constant(int_lanes, None)
+                    for c in range(4):
+                        xv = v.load(x, builder.add(builder.mul(s, _I64(256)), _I64(64 * c)), _vec(_I8, 64))
+                        if fmt.six:  # xu unsigned, w signed
+                            part = v.dpbusd(starts[c], xv, weights[c])
+                        else:  # w unsigned, x signed
+                            part = v.dpbusd(ir.Constant(int_lanes, None), weights[c], xv)
+                        lanes = v.dpwssd(lanes, part, scales[c])
+                    scale = v.load(xd, builder.mul(s, _I64(4)), _F32)
+                    builder.store(v.scaled(builder.load(accs[t]), lanes, v.splat(builder.fmul(d, scale), 16)), accs[t])
+                    if mins is not None:
+                        sixteen = v.load(sums, builder.mul(s, _I64(32)), _vec(_I16, 16))
+                        products = v.call("llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), sixteen, mins)
+                        builder.store(v.scaled(builder.load(min_accs[t]), products, v.splat(builder.fmul(dmin, scale), 8)),
+                                      min_accs[t])
+            for t in range(T):
+                total = v.hsum(builder.load(accs[t]))
+                if not fmt.six:
+                    total = builder.fsub(total, v.hsum(builder.load(min_accs[t])))
+                arrays.store_out(total, builder.add(first, _I64(t)), i)
+
+        _each_token_pass(builder, b0, count, emit)
+        return context.get_dummy_value()
+
+    return typer
+
+
+q4_k = _named(_kquant_intrinsic(Q4_K), "q4_k")
+q5_k = _named(_kquant_intrinsic(Q5_K), "q5_k")
+q6_k = _named(_kquant_intrinsic(Q6_K), "q6_k")

@@ -1,0 +1,414 @@
+"""GGUF's K-quants: Q4_K, Q5_K and Q6_K (ggml types 12, 13, 14), super-blocks of 256 values.
+
+    Q4_K 144 bytes: fp16 d, fp16 dmin, scales[12], nibbles[128]
+    Q5_K 176 bytes: fp16 d, fp16 dmin, scales[12], qh[32], nibbles[128]
+    Q6_K 210 bytes: ql[128], qh[64], int8 scales[16], fp16 d
+
+Q4_K/Q5_K: 8 sub-blocks of 32 values with 6-bit scales sc_j and mins m_j packed in 12 bytes;
+w = d * sc_j * q - dmin * m_j. Nibble byte l of the j-th 32 bytes holds value 64j + l (low) and
+64j + 32 + l (high); bit 2j of qh[l] is the fifth bit of value 64j + l, bit 2j + 1 of value
+64j + 32 + l. Q6_K: 16 sub-blocks of 16 with int8 scales; w = d * sc * (q - 32), q of 6 bits,
+its low four in ql, its upper two in qh (llama.cpp's dequantize_row_q6_K gives the order).
+
+The matmul follows llama.cpp: its input is quantized per 256 values to int8 (Q8_K: one float32
+scale d_x = max|x| / 127 per super-block, q = round(x / d_x) half away from zero, llama.cpp's
+sign quirk left out) with the sums of every 16 q, once per input for all three formats (one
+scratch_key). A super-block's contribution is d_x * (d * sum_j sc_j * (q_j . x_j) - dmin *
+sum_j m_j * sum(x_j)) (Q6_K: d * sum_j sc_j * ((q_j - 32) . x_j)), every sum exact in int32.
+The portable loops compute them per super-block; on a CPU with AVX-512 VNNI, with fastmath,
+kernels/vnni_gguf.py's intrinsics do, reading the blocks as they lie.
+
+llama2nb reads these types; it does not write them (quantize raises NotImplementedError).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from ..kernels import vnni_gguf
+from ..kernels.common import ONE, ZERO
+from ..kernels.jit import generic, kernel
+from .base import _format_class_of_operand, _kernel_of_type, register
+from .blocks import BlockFormat, check_embed, check_linear, matmul_rows, read_f16, vnni_constants
+from .gguf_legacy import fp16_field
+
+I32 = np.int32
+QK_K = 256  # values per super-block
+VNNI512 = False  # compile-time constant: the AVX-512 VNNI paths (blocks.vnni_constants)
+ACTIVATIONS = "int8 per 256 values with sums per 16 (llama.cpp's Q8_K activations)"  # the shared scratch_key
+
+
+def scales_and_mins(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 12) uint8 packed 6-bit values -> (N, 8) scales, (N, 8) mins, as int32."""
+    s = scales.astype(np.int32)
+    low, mid, top = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = np.concatenate([low & 63, (top & 15) | ((low >> 6) << 4)], axis=1)
+    mn = np.concatenate([mid & 63, (top >> 4) | ((mid >> 6) << 4)], axis=1)
+    return sc, mn
+
+
+class _KQuant(BlockFormat):
+    block_size = QK_K
+
+    def constants(self, fastmath):
+        return vnni_constants(fastmath)
+
+    def kernel_description(self, fastmath="full"):
+        if self.constants(fastmath)["VNNI512"]:
+            return f"{self.name} super-blocks read as they lie, AVX-512 VNNI against int8 inputs (with fastmath)"
+        return f"{self.name} super-blocks read as they lie, portable integer loops against int8 inputs"
+
+    def scratch_key(self):
+        return ACTIVATIONS
+
+    def scratch(self, block, width):
+        values = block * width
+        return (np.zeros(values, np.int8), np.zeros(values // QK_K, np.float32), np.zeros(values // 16, np.int16),
+                np.zeros(values, np.uint8), np.full(1, -1, np.int64))
+
+
+class _Q45K(_KQuant):
+    qs: int  # byte offset of the nibbles
+    qh: int | None = None  # byte offset of the fifth bits
+
+    def values(self, blocks: np.ndarray) -> np.ndarray:
+        """(N, block_bytes) uint8 -> (N, 256) int32: the stored q."""
+        nibbles = blocks[:, self.qs:self.qs + 128].reshape(-1, 4, 1, 32).astype(np.int32)
+        q = (nibbles >> np.array([0, 4]).reshape(1, 1, 2, 1)) & 15  # (N, 4 pieces, low/high, 32)
+        if self.qh is not None:
+            bits = blocks[:, self.qh:self.qh + 32].astype(np.int32).reshape(-1, 1, 1, 32)
+            q |= ((bits >> np.arange(8).reshape(1, 4, 2, 1)) & 1) << 4
+        return q.reshape(-1, QK_K)
+
+    def _dequantize_blocks(self, blocks):
+        sc, mn = scales_and_mins(blocks[:, 4:16])
+        scale = (fp16_field(blocks, 0) * sc.astype(np.float32))[:, :, None]  # d * sc_j, as llama.cpp
+        offset = (fp16_field(blocks, 2) * mn.astype(np.float32))[:, :, None]
+        q = self.values(blocks).reshape(-1, 8, 32).astype(np.float32)
+        return (scale * q - offset).reshape(-1, QK_K)
+
+
+class KQuantOperand(NamedTuple):
+    """What compiled code receives (one class per format, below, for dispatch): the matrix and
+    the shared scratch: the quantized input and the stamp it belongs to."""
+
+    w: np.ndarray  # (rows, cols / 256 * block_bytes) uint8
+    xq: np.ndarray  # (block * width,) int8
+    xd: np.ndarray  # (block * width / 256,) float32 scales
+    xsum: np.ndarray  # (block * width / 16,) int16 sums of every 16 xq
+    xu: np.ndarray  # (block * width,) uint8: xq + 128 (the VNNI Q6_K rows read it)
+    stamp: np.ndarray  # (1,) int64
+
+
+class Q4_KOperand(KQuantOperand):
+    pass
+
+
+class Q5_KOperand(KQuantOperand):
+    pass
+
+
+class Q6_KOperand(KQuantOperand):
+    pass
+
+
+@register
+class Q4_K(_Q45K):
+    name = "q4_k"
+    ggml_type = 12
+    block_bytes = 144
+    qs = 16
+    operand_class = Q4_KOperand
+    linear_kernel = "linear_q4_k"
+    embed_kernel = "embed_q4_k"
+    rows_kernel = "rows_q4_k"
+    block_kernel = "block_q4_k"
+
+
+@register
+class Q5_K(_Q45K):
+    name = "q5_k"
+    ggml_type = 13
+    block_bytes = 176
+    qs = 48
+    qh = 16
+    operand_class = Q5_KOperand
+    linear_kernel = "linear_q5_k"
+    embed_kernel = "embed_q5_k"
+    rows_kernel = "rows_q5_k"
+    block_kernel = "block_q5_k"
+
+
+@register
+class Q6_K(_KQuant):
+    name = "q6_k"
+    ggml_type = 14
+    block_bytes = 210
+    operand_class = Q6_KOperand
+    linear_kernel = "linear_q6_k"
+    embed_kernel = "embed_q6_k"
+    rows_kernel = "rows_q6_k"
+    block_kernel = "block_q6_k"
+
+    def values(self, blocks: np.ndarray) -> np.ndarray:
+        """(N, 210) uint8 -> (N, 256) int32: the stored q (0..63)."""
+        ql = blocks[:, :128].reshape(-1, 2, 1, 64).astype(np.int32)
+        low = ((ql >> np.array([0, 4]).reshape(1, 1, 2, 1)) & 15).reshape(-1, 2, 4, 32)
+        qh = blocks[:, 128:192].reshape(-1, 2, 1, 32).astype(np.int32)
+        high = (qh >> np.array([0, 2, 4, 6]).reshape(1, 1, 4, 1)) & 3
+        return (low | (high << 4)).reshape(-1, QK_K)
+
+    def _dequantize_blocks(self, blocks):
+        scale = fp16_field(blocks, 208) * blocks[:, 192:208].view(np.int8).astype(np.float32)  # d * sc, as llama.cpp
+        q = (self.values(blocks) - 32).reshape(-1, 16, 16).astype(np.float32)
+        return (scale[:, :, None] * q).reshape(-1, QK_K)
+
+
+# ----------------------------------------------------------------------------------------------
+# The input: int8 per 256 values with sums per 16, once per stamp
+
+
+@kernel
+def q8_k_input(x, w, stamp):
+    """x quantized into w's scratch (unless it holds this stamp's input already), as the views
+    the row kernels read: (xq (B, n), xd (B, n/256), xsum (B, n/16), xu (B, n)).
+    x (B, n) float32, w a KQuantOperand (shapes checked)"""
+    B, n = x.shape
+    xq = w.xq[:B * n].reshape((B, n))
+    xd = w.xd[:B * (n // QK_K)].reshape((B, n // QK_K))
+    xsum = w.xsum[:B * (n // 16)].reshape((B, n // 16))
+    xu = w.xu[:B * n].reshape((B, n))
+    if w.stamp[0] != stamp:
+        quantize_q8_k(x, xq, xd, xsum, xu)
+        w.stamp[0] = stamp
+    return xq, xd, xsum, xu
+
+
+@kernel
+def quantize_q8_k(x, xq, xd, xsum, xu):
+    """Per 256 values: xd = max|x| / 127, xq = round(x * (1 / xd)) (C's roundf, half away from
+    zero; an all-zero super-block gets 0s); xsum the sum of every 16 xq; with VNNI512 also
+    xu = xq + 128.  x, xq, xu (B, n); xd (B, n / 256); xsum (B, n / 16)"""
+    B, n = x.shape
+    for b in range(B):
+        for k in range(n // QK_K):
+            group = x[b, k * QK_K:(k + 1) * QK_K]
+            amax = ZERO
+            for j in range(QK_K):
+                amax = max(amax, abs(group[j]))
+            d = amax / np.float32(127)
+            inverse = ONE / d if d != ZERO else ZERO
+            xd[b, k] = d
+            for g in range(16):
+                total = 0
+                for j in range(16 * g, 16 * g + 16):
+                    v = group[j] * inverse
+                    r = min(math.floor(abs(v) + 0.5), 127.0)  # in float64: exact for a float32 v
+                    q = r if v >= 0 else -r
+                    xq[b, k * QK_K + j] = np.int8(q)
+                    total += int(q)
+                xsum[b, k * 16 + g] = total
+        if VNNI512:
+            for j in range(n):
+                xu[b, j] = np.uint8(I32(xq[b, j]) + I32(128))
+
+
+# ----------------------------------------------------------------------------------------------
+# The matmuls
+
+
+@kernel
+def linear_q4_k(out, x, w, stamp):
+    """out = x @ W.T for Q4_K W.  out (B, d), x (B, n) float32, w: (d, n) Q4_K"""
+    matmul_kquant(out, x, w, stamp, 144)
+
+
+@kernel
+def linear_q5_k(out, x, w, stamp):
+    """out = x @ W.T for Q5_K W.  out (B, d), x (B, n) float32, w: (d, n) Q5_K"""
+    matmul_kquant(out, x, w, stamp, 176)
+
+
+@kernel
+def linear_q6_k(out, x, w, stamp):
+    """out = x @ W.T for Q6_K W.  out (B, d), x (B, n) float32, w: (d, n) Q6_K"""
+    matmul_kquant(out, x, w, stamp, 210)
+
+
+@kernel
+def matmul_kquant(out, x, w, stamp, size):
+    """out = x @ W.T for a K-quant of `size` bytes a super-block: x quantized into w's scratch
+    (once per stamp), then every row by its format's row kernel (blocks.block_rows).
+    out (B, d), x (B, n) float32, w a KQuantOperand of a (d, n) matrix"""
+    check_linear(out, x, w.w, QK_K, size, w.xq.size)
+    matmul_rows(out, w, q8_k_input(x, w, stamp))
+
+
+@kernel
+def rows_kquant(out, i, row, acts, b0, count, w):
+    """out[b, i] = row . x_b for b in b0..b0+count, super-block by super-block, in portable
+    loops (each by its format's superblock_dot: (the exact int32 scaled sum, the exact int32
+    mins' sum, d, dmin)).  out (B, d), row (n / 256 * block bytes,) uint8, acts (q8_k_input)"""
+    xq, xd, xsum = acts[0], acts[1], acts[2]
+    supers = xd.shape[1]
+    size = row.shape[0] // supers
+    for b in range(b0, b0 + count):
+        acc = ZERO
+        for s in range(supers):
+            main, mins, d, dmin = superblock_dot(row[s * size:(s + 1) * size], xq[b, s * QK_K:(s + 1) * QK_K],
+                                                 xsum[b, s * 16:(s + 1) * 16], w)
+            acc += xd[b, s] * (d * np.float32(main) - dmin * np.float32(mins))
+        out[b, i] = acc
+
+
+@generic(3, choose=lambda w: _format_class_of_operand(w).block_kernel, choose_type=_kernel_of_type("block_kernel"))
+def superblock_dot(blk, x, sums, w):
+    """(sum_j sc_j * (q_j . x_j), sum_j m_j * sum(x_j), d, dmin) of one super-block in the
+    format of the operand w (its block_kernel), the sums exact in int32.  blk (block bytes,)
+    uint8, x (256,) int8, sums (16,) int16: the sums of every 16 x"""
+
+
+@kernel
+def rows_q4_k(out, i, row, acts, b0, count, w):
+    """A Q4_K row against count inputs (see blocks.block_rows)"""
+    if VNNI512:
+        vnni_gguf.q4_k(out, i, row, acts[0], acts[1], acts[2], b0, count)
+    else:
+        rows_kquant(out, i, row, acts, b0, count, w)
+
+
+@kernel
+def rows_q5_k(out, i, row, acts, b0, count, w):
+    """A Q5_K row against count inputs (see blocks.block_rows)"""
+    if VNNI512:
+        vnni_gguf.q5_k(out, i, row, acts[0], acts[1], acts[2], b0, count)
+    else:
+        rows_kquant(out, i, row, acts, b0, count, w)
+
+
+@kernel
+def rows_q6_k(out, i, row, acts, b0, count, w):
+    """A Q6_K row against count inputs (see blocks.block_rows)"""
+    if VNNI512:
+        vnni_gguf.q6_k(out, i, row, acts[3], acts[1], acts[2], b0, count)
+    else:
+        rows_kquant(out, i, row, acts, b0, count, w)
+
+
+@kernel
+def scale_min(blk, j):
+    """(sc_j, m_j) of a Q4_K/Q5_K super-block: llama.cpp's get_scale_min_k4.  blk (size,) uint8"""
+    s = blk[4:16]
+    if j < 4:
+        return I32(s[j]) & I32(63), I32(s[j + 4]) & I32(63)
+    return ((I32(s[j + 4]) & I32(15)) | ((I32(s[j - 4]) >> I32(6)) << I32(4)),
+            (I32(s[j + 4]) >> I32(4)) | ((I32(s[j]) >> I32(6)) << I32(4)))
+
+
+@kernel
+def dot_q45_k(blk, x, sums, qs, qh):
+    """superblock_dot of a Q4_K (qh < 0) or Q5_K super-block whose nibbles are at byte qs and
+    fifth bits at byte qh.  blk (size,) uint8, x (256,) int8, sums (16,) int16"""
+    main = I32(0)
+    mins = I32(0)
+    for c in range(4):  # 64 values: sub-block 2c in the low nibbles, 2c + 1 in the high ones
+        q = blk[qs + 32 * c:qs + 32 * c + 32]
+        xs = x[64 * c:64 * c + 64]
+        low = I32(0)
+        high = I32(0)
+        for j in range(32):
+            byte = I32(q[j])
+            fifth = I32(blk[qh + j]) >> I32(2 * c) if qh >= 0 else I32(0)
+            low = I32(low + ((byte & I32(15)) | (fifth & I32(1)) << I32(4)) * I32(xs[j]))
+            high = I32(high + ((byte >> I32(4)) | (fifth & I32(2)) << I32(3)) * I32(xs[32 + j]))
+        sc, m = scale_min(blk, 2 * c)
+        sc2, m2 = scale_min(blk, 2 * c + 1)
+        main += sc * low + sc2 * high
+        mins += (m * (I32(sums[4 * c]) + I32(sums[4 * c + 1]))
+                 + m2 * (I32(sums[4 * c + 2]) + I32(sums[4 * c + 3])))
+    return main, mins, read_f16(blk, 0), read_f16(blk, 2)
+
+
+@kernel
+def block_q4_k(blk, x, sums, w):
+    """superblock_dot for Q4_K"""
+    return dot_q45_k(blk, x, sums, 16, -1)
+
+
+@kernel
+def block_q5_k(blk, x, sums, w):
+    """superblock_dot for Q5_K"""
+    return dot_q45_k(blk, x, sums, 48, 16)
+
+
+@kernel
+def q6_k_value(blk, v):
+    """q - 32 of value v (0..255) of a Q6_K super-block.  blk (210,) uint8"""
+    h, part, lane = v // 128, (v % 128) // 32, v % 32
+    low = I32(blk[64 * h + lane + 32 * (part % 2)]) >> I32(4 * (part // 2)) & I32(15)
+    high = I32(blk[128 + 32 * h + lane]) >> I32(2 * part) & I32(3)
+    return (low | high << I32(4)) - I32(32)
+
+
+@kernel
+def block_q6_k(blk, x, sums, w):
+    """superblock_dot for Q6_K (no mins: 0, 0)"""
+    main = I32(0)
+    for sub in range(16):  # 16 values each, int8 scale blk[192 + sub]
+        dot = I32(0)
+        for j in range(16 * sub, 16 * sub + 16):
+            dot = I32(dot + q6_k_value(blk, j) * I32(x[j]))
+        sc = I32(blk[192 + sub])
+        main += (sc - ((sc & I32(128)) << I32(1))) * dot
+    return main, I32(0), read_f16(blk, 208), ZERO
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding: rows of the table decoded to float32, as dequantize does
+
+
+@kernel
+def embed_q4_k(out, table, tokens):
+    """out[b] = row tokens[b] of a Q4_K table.  out (B, n), table: (rows, n) Q4_K"""
+    embed_kquant(out, table.w, tokens, 144, 16, -1)
+
+
+@kernel
+def embed_q5_k(out, table, tokens):
+    """out[b] = row tokens[b] of a Q5_K table.  out (B, n), table: (rows, n) Q5_K"""
+    embed_kquant(out, table.w, tokens, 176, 48, 16)
+
+
+@kernel
+def embed_q6_k(out, table, tokens):
+    """out[b] = row tokens[b] of a Q6_K table.  out (B, n), table: (rows, n) Q6_K"""
+    embed_kquant(out, table.w, tokens, 210, -1, -1)
+
+
+@kernel
+def embed_kquant(out, w, tokens, size, qs, qh):
+    """out[b] = the values of row tokens[b], super-block by super-block: Q6_K when qs < 0, else
+    Q4_K/Q5_K with nibbles at byte qs and fifth bits at byte qh (-1: none), computed as
+    llama.cpp's dequantize_row does.  out (B, n), w (rows, n / 256 * size) uint8"""
+    check_embed(out, w.shape[0], w.shape[1] // size * QK_K, tokens)
+    for b in range(tokens.shape[0]):
+        row = w[tokens[b]]
+        for s in range(row.shape[0] // size):
+            blk = row[s * size:(s + 1) * size]
+            y = out[b, s * QK_K:(s + 1) * QK_K]
+            if qs < 0:
+                d = read_f16(blk, 208)
+                for j in range(QK_K):
+                    sc = I32(blk[192 + j // 16])
+                    y[j] = d * np.float32(sc - ((sc & I32(128)) << I32(1))) * np.float32(q6_k_value(blk, j))
+                continue
+            d, dmin = read_f16(blk, 0), read_f16(blk, 2)
+            for j in range(QK_K):
+                sc, m = scale_min(blk, j // 32)
+                q = I32(blk[qs + 32 * (j // 64) + j % 32]) >> I32(4 * ((j // 32) % 2)) & I32(15)
+                if qh >= 0:
+                    q |= (I32(blk[qh + j % 32]) >> I32(j // 32) & I32(1)) << I32(4)
+                y[j] = d * np.float32(sc) * np.float32(q) - dmin * np.float32(m)
