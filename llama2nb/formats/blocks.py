@@ -22,11 +22,10 @@ from typing import Any, ClassVar
 
 import numba
 import numpy as np
-from numba import prange
 
 from ..kernels import simd
-from ..kernels.jit import generic, kernel
-from .base import Format, _format_class_of_operand, _kernel_of_type
+from ..kernels.jit import kernel
+from .base import Format
 
 if numba.config.DISABLE_JIT:  # the intrinsic exists only compiled: the same bitcast in NumPy
 
@@ -36,7 +35,7 @@ else:
     from ..kernels.simd import float32_from_bits
 
 I32 = np.int32
-TWO_112 = np.float32(2.0 ** 112)  # float32's exponent bias (127) minus float16's (15)
+TWO_M24 = np.float32(2.0 ** -24)  # the value of float16's smallest subnormal
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,61 +141,49 @@ def check_embed(out, table_rows, table_cols, tokens):
             raise ValueError("embed: a token is outside the table")
 
 
-TOKENS = 4  # tokens per pass over a weight row in a block matmul
+ROWS = 16  # rows (or pairs of rows) per call of a row kernel: one task of a parallel matmul
 
 
 @kernel
-def matmul_rows(out, w, acts):
-    """out[:, i] = x @ row i of the matrix, for every row, by block_rows (the row kernel of w's
-    format: its portable loops or its VNNI intrinsic).  out (B, d), w a block format's operand
-    of a (d, n) matrix, acts its quantized input (shapes checked by the caller)
+def row_chunks(B, d):
+    """How many row ranges (chunk_rows) a matmul of B inputs by d rows splits into."""
+    if B == 1:
+        return (d // 2 + ROWS - 1) // ROWS + d % 2
+    return (d + ROWS - 1) // ROWS
 
-    One token takes its rows from the two halves of the matrix in turn: two streams from DRAM
-    keep more reads in flight than one. A block of tokens passes over each row TOKENS tokens at
-    a time, so each decoded piece of the row serves several tokens."""
-    B = out.shape[0]
-    rows = w.w
-    d = rows.shape[0]
+
+@kernel
+def chunk_rows(c, B, d):
+    """Range number c of a matmul of B inputs by d rows: (k0, k1, pair), the rows k0..k1-1 and,
+    when pair > 0, each row k + pair after row k. One input (generation) takes its rows from
+    the two halves of the matrix in turn: two streams from DRAM keep more reads in flight than
+    one; the odd last row is a range of its own. A block of inputs takes ROWS rows at a time."""
     if B == 1:
         half = d // 2
-        for k in prange(half):
-            block_rows(out, k, rows[k], acts, 0, 1, w)
-            block_rows(out, half + k, rows[half + k], acts, 0, 1, w)
-        if d % 2:
-            block_rows(out, d - 1, rows[d - 1], acts, 0, 1, w)
-        return
-    full = B - B % TOKENS
-    for i in prange(d):
-        row = rows[i]
-        for b in range(0, full, TOKENS):
-            block_rows(out, i, row, acts, b, TOKENS, w)
-        if full < B:
-            block_rows(out, i, row, acts, full, B - full, w)
-
-
-@generic(6, choose=lambda w: _format_class_of_operand(w).rows_kernel, choose_type=_kernel_of_type("rows_kernel"))
-def block_rows(out, i, row, acts, b0, count, w):
-    """out[b, i] = row . x_b for the count inputs from b0, in the format of the operand w (its
-    rows_kernel).  out (B, d), row (row bytes,) uint8, acts w's quantized input"""
-
-
-@generic(2, choose=lambda w: _format_class_of_operand(w).block_kernel, choose_type=_kernel_of_type("block_kernel"))
-def block_dot(blk, x, w):
-    """One block's exact integer sums against its quantized input and its scales, in the
-    format of the operand w (its block_kernel; what they are is the format's to say)."""
+        if c * ROWS < half:
+            return c * ROWS, min(half, (c + 1) * ROWS), half
+        return d - 1, d, 0
+    return c * ROWS, min(d, (c + 1) * ROWS), 0
 
 
 @kernel
-def read_f16(blk, at):
-    """The fp16 at byte `at` of blk, as float32.  blk (n,) uint8"""
-    return f16_to_f32(I32(blk[at]) | I32(blk[at + 1]) << I32(8))
+def half_float(low, high):
+    """The fp16 of bytes low, high (little-endian), as float32."""
+    return f16_to_f32(I32(low) | I32(high) << I32(8))
 
 
 @kernel
 def f16_to_f32(h):
-    """The float32 equal to the IEEE half with bits h (an integer below 2^16), exactly."""
+    """The float32 equal to the IEEE half with bits h (an integer below 2^16), exactly.
+    Normals move their exponent and mantissa into float32's fields, the exponent rebiased in
+    the integer bits: a scale factor (2^112) would be a float product that fastmath's
+    reassociation may merge with the caller's, and overflow there. Subnormals are their
+    mantissa times 2^-24 (exact); infinities and NaNs keep their class."""
+    sign = I32(I32(h) & I32(0x8000)) << I32(16)
     magnitude = I32(h) & I32(0x7FFF)
-    bits = I32(I32(I32(h) & I32(0x8000)) << I32(16)) | I32(magnitude << I32(13))
+    if magnitude < I32(0x400):  # zero or subnormal
+        value = np.float32(magnitude) * TWO_M24
+        return -value if sign else value
     if magnitude >= I32(0x7C00):  # infinity or NaN: float32's largest exponent too
-        bits |= I32(0x7F800000)
-    return float32_from_bits(bits) * TWO_112
+        return float32_from_bits(sign | I32(0x7F800000) | I32(I32(magnitude & I32(0x3FF)) << I32(13)))
+    return float32_from_bits(sign | I32(I32(magnitude << I32(13)) + I32(112 << 23)))

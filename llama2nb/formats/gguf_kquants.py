@@ -27,12 +27,13 @@ import math
 from typing import NamedTuple
 
 import numpy as np
+from numba import prange
 
 from ..kernels import vnni_gguf
 from ..kernels.common import ONE, ZERO
-from ..kernels.jit import generic, kernel
-from .base import _format_class_of_operand, _kernel_of_type, register
-from .blocks import BlockFormat, check_embed, check_linear, matmul_rows, read_f16, vnni_constants
+from ..kernels.jit import kernel
+from .base import register
+from .blocks import BlockFormat, check_embed, check_linear, chunk_rows, half_float, row_chunks, vnni_constants
 from .gguf_legacy import fp16_field
 
 I32 = np.int32
@@ -124,8 +125,6 @@ class Q4_K(_Q45K):
     operand_class = Q4_KOperand
     linear_kernel = "linear_q4_k"
     embed_kernel = "embed_q4_k"
-    rows_kernel = "rows_q4_k"
-    block_kernel = "block_q4_k"
 
 
 @register
@@ -138,8 +137,6 @@ class Q5_K(_Q45K):
     operand_class = Q5_KOperand
     linear_kernel = "linear_q5_k"
     embed_kernel = "embed_q5_k"
-    rows_kernel = "rows_q5_k"
-    block_kernel = "block_q5_k"
 
 
 @register
@@ -150,8 +147,6 @@ class Q6_K(_KQuant):
     operand_class = Q6_KOperand
     linear_kernel = "linear_q6_k"
     embed_kernel = "embed_q6_k"
-    rows_kernel = "rows_q6_k"
-    block_kernel = "block_q6_k"
 
     def values(self, blocks: np.ndarray) -> np.ndarray:
         """(N, 210) uint8 -> (N, 256) int32: the stored q (0..63)."""
@@ -172,10 +167,12 @@ class Q6_K(_KQuant):
 
 
 @kernel
-def q8_k_input(x, w, stamp):
-    """x quantized into w's scratch (unless it holds this stamp's input already), as the views
-    the row kernels read: (xq (B, n), xd (B, n/256), xsum (B, n/16), xu (B, n)).
-    x (B, n) float32, w a KQuantOperand (shapes checked)"""
+def q8_k_input(out, x, w, stamp, size):
+    """Check the shapes (blocks.check_linear), quantize x into w's scratch unless it holds this
+    stamp's input already, and return the views the row kernels read: (xq (B, n), xd (B, n/256),
+    xsum (B, n/16), xu (B, n)).  out (B, d), x (B, n) float32, w a KQuantOperand of a (d, n)
+    matrix of `size`-byte super-blocks"""
+    check_linear(out, x, w.w, QK_K, size, w.xq.size)
     B, n = x.shape
     xq = w.xq[:B * n].reshape((B, n))
     xd = w.xd[:B * (n // QK_K)].reshape((B, n // QK_K))
@@ -217,153 +214,133 @@ def quantize_q8_k(x, xq, xd, xsum, xu):
 
 
 # ----------------------------------------------------------------------------------------------
-# The matmuls
+# The matmuls: x quantized once per stamp, then the rows in ranges (blocks.chunk_rows), each by
+# the format's VNNI intrinsic or the portable loops
 
 
 @kernel
 def linear_q4_k(out, x, w, stamp):
     """out = x @ W.T for Q4_K W.  out (B, d), x (B, n) float32, w: (d, n) Q4_K"""
-    matmul_kquant(out, x, w, stamp, 144)
+    xq, xd, xsum, xu = q8_k_input(out, x, w, stamp, 144)
+    B, d = out.shape
+    for c in prange(row_chunks(B, d)):
+        k0, k1, pair = chunk_rows(c, B, d)
+        if VNNI512:
+            vnni_gguf.q4_k(out, w.w, xq, xd, xsum, k0, k1, pair)
+        else:
+            rows_kquant(out, w.w, xq, xd, xsum, k0, k1, pair, 144)
 
 
 @kernel
 def linear_q5_k(out, x, w, stamp):
     """out = x @ W.T for Q5_K W.  out (B, d), x (B, n) float32, w: (d, n) Q5_K"""
-    matmul_kquant(out, x, w, stamp, 176)
+    xq, xd, xsum, xu = q8_k_input(out, x, w, stamp, 176)
+    B, d = out.shape
+    for c in prange(row_chunks(B, d)):
+        k0, k1, pair = chunk_rows(c, B, d)
+        if VNNI512:
+            vnni_gguf.q5_k(out, w.w, xq, xd, xsum, k0, k1, pair)
+        else:
+            rows_kquant(out, w.w, xq, xd, xsum, k0, k1, pair, 176)
 
 
 @kernel
 def linear_q6_k(out, x, w, stamp):
     """out = x @ W.T for Q6_K W.  out (B, d), x (B, n) float32, w: (d, n) Q6_K"""
-    matmul_kquant(out, x, w, stamp, 210)
+    xq, xd, xsum, xu = q8_k_input(out, x, w, stamp, 210)
+    B, d = out.shape
+    for c in prange(row_chunks(B, d)):
+        k0, k1, pair = chunk_rows(c, B, d)
+        if VNNI512:
+            vnni_gguf.q6_k(out, w.w, xu, xd, xsum, k0, k1, pair)
+        else:
+            rows_kquant(out, w.w, xq, xd, xsum, k0, k1, pair, 210)
 
 
 @kernel
-def matmul_kquant(out, x, w, stamp, size):
-    """out = x @ W.T for a K-quant of `size` bytes a super-block: x quantized into w's scratch
-    (once per stamp), then every row by its format's row kernel (blocks.block_rows).
-    out (B, d), x (B, n) float32, w a KQuantOperand of a (d, n) matrix"""
-    check_linear(out, x, w.w, QK_K, size, w.xq.size)
-    matmul_rows(out, w, q8_k_input(x, w, stamp))
+def rows_kquant(out, w, xq, xd, xsum, k0, k1, pair, size):
+    """out[b, i] = row i of w . x_b for every input b, rows i = k0..k1-1 (and i + pair when
+    pair > 0), in portable loops: per super-block the exact int32 sums (q_j . x_j scaled by sc_j,
+    and the mins' m_j * sum(x_j)), then x's scale times d and dmin in float. `size` (bytes a
+    super-block: 144, 176, 210) names the format.  out (B, d), w (d, n / 256 * size) uint8,
+    xq (B, n) int8, xd (B, n / 256), xsum (B, n / 16) int16
 
-
-@kernel
-def rows_kquant(out, i, row, acts, b0, count, w):
-    """out[b, i] = row . x_b for b in b0..b0+count, super-block by super-block, in portable
-    loops (each by its format's superblock_dot: (the exact int32 scaled sum, the exact int32
-    mins' sum, d, dmin)).  out (B, d), row (n / 256 * block bytes,) uint8, acts (q8_k_input)"""
-    xq, xd, xsum = acts[0], acts[1], acts[2]
+    The loops over values have trip counts LLVM cannot see (computed from the shapes), so it
+    vectorises them rather than unrolling them into scalar code."""
     supers = xd.shape[1]
-    size = row.shape[0] // supers
-    for b in range(b0, b0 + count):
-        acc = ZERO
-        for s in range(supers):
-            main, mins, d, dmin = superblock_dot(row[s * size:(s + 1) * size], xq[b, s * QK_K:(s + 1) * QK_K],
-                                                 xsum[b, s * 16:(s + 1) * 16], w)
-            acc += xd[b, s] * (d * np.float32(main) - dmin * np.float32(mins))
-        out[b, i] = acc
-
-
-@generic(3, choose=lambda w: _format_class_of_operand(w).block_kernel, choose_type=_kernel_of_type("block_kernel"))
-def superblock_dot(blk, x, sums, w):
-    """(sum_j sc_j * (q_j . x_j), sum_j m_j * sum(x_j), d, dmin) of one super-block in the
-    format of the operand w (its block_kernel), the sums exact in int32.  blk (block bytes,)
-    uint8, x (256,) int8, sums (16,) int16: the sums of every 16 x"""
-
-
-@kernel
-def rows_q4_k(out, i, row, acts, b0, count, w):
-    """A Q4_K row against count inputs (see blocks.block_rows)"""
-    if VNNI512:
-        vnni_gguf.q4_k(out, i, row, acts[0], acts[1], acts[2], b0, count)
-    else:
-        rows_kquant(out, i, row, acts, b0, count, w)
-
-
-@kernel
-def rows_q5_k(out, i, row, acts, b0, count, w):
-    """A Q5_K row against count inputs (see blocks.block_rows)"""
-    if VNNI512:
-        vnni_gguf.q5_k(out, i, row, acts[0], acts[1], acts[2], b0, count)
-    else:
-        rows_kquant(out, i, row, acts, b0, count, w)
-
-
-@kernel
-def rows_q6_k(out, i, row, acts, b0, count, w):
-    """A Q6_K row against count inputs (see blocks.block_rows)"""
-    if VNNI512:
-        vnni_gguf.q6_k(out, i, row, acts[3], acts[1], acts[2], b0, count)
-    else:
-        rows_kquant(out, i, row, acts, b0, count, w)
-
-
-@kernel
-def scale_min(blk, j):
-    """(sc_j, m_j) of a Q4_K/Q5_K super-block: llama.cpp's get_scale_min_k4.  blk (size,) uint8"""
-    s = blk[4:16]
-    if j < 4:
-        return I32(s[j]) & I32(63), I32(s[j + 4]) & I32(63)
-    return ((I32(s[j + 4]) & I32(15)) | ((I32(s[j - 4]) >> I32(6)) << I32(4)),
-            (I32(s[j + 4]) >> I32(4)) | ((I32(s[j]) >> I32(6)) << I32(4)))
-
-
-@kernel
-def dot_q45_k(blk, x, sums, qs, qh):
-    """superblock_dot of a Q4_K (qh < 0) or Q5_K super-block whose nibbles are at byte qs and
-    fifth bits at byte qh.  blk (size,) uint8, x (256,) int8, sums (16,) int16"""
-    main = I32(0)
-    mins = I32(0)
-    for c in range(4):  # 64 values: sub-block 2c in the low nibbles, 2c + 1 in the high ones
-        q = blk[qs + 32 * c:qs + 32 * c + 32]
-        xs = x[64 * c:64 * c + 64]
-        low = I32(0)
-        high = I32(0)
-        for j in range(32):
-            byte = I32(q[j])
-            fifth = I32(blk[qh + j]) >> I32(2 * c) if qh >= 0 else I32(0)
-            low = I32(low + ((byte & I32(15)) | (fifth & I32(1)) << I32(4)) * I32(xs[j]))
-            high = I32(high + ((byte >> I32(4)) | (fifth & I32(2)) << I32(3)) * I32(xs[32 + j]))
-        sc, m = scale_min(blk, 2 * c)
-        sc2, m2 = scale_min(blk, 2 * c + 1)
-        main += sc * low + sc2 * high
-        mins += (m * (I32(sums[4 * c]) + I32(sums[4 * c + 1]))
-                 + m2 * (I32(sums[4 * c + 2]) + I32(sums[4 * c + 3])))
-    return main, mins, read_f16(blk, 0), read_f16(blk, 2)
+    sixteen = xq.shape[1] // supers // 16
+    for k in range(k0, k1):
+        for r in range(1 + (pair > 0)):
+            row = w[k + r * pair]
+            for b in range(out.shape[0]):
+                acc = ZERO
+                for s in range(supers):
+                    blk = row[s * size:(s + 1) * size]
+                    x = xq[b, s * QK_K:(s + 1) * QK_K]
+                    sums = xsum[b, s * 16:(s + 1) * 16]
+                    main = I32(0)
+                    mins = I32(0)
+                    if size == 210:  # Q6_K: 16 sub-blocks of 16, int8 scales
+                        for sub in range(16):
+                            part = sub % 8 // 2  # which 32 of the 128: low/high nibbles, qh bit pair
+                            ql = blk[64 * (sub // 8) + 32 * (part % 2) + 16 * (sub % 2):]
+                            qh = blk[128 + 32 * (sub // 8) + 16 * (sub % 2):]
+                            xs = x[16 * sub:16 * sub + 16]
+                            dot = I32(0)
+                            for j in range(sixteen):
+                                q = ((I32(ql[j]) >> I32(4 * (part // 2))) & I32(15)
+                                     | ((I32(qh[j]) >> I32(2 * part)) & I32(3)) << I32(4))
+                                dot = I32(dot + (q - I32(32)) * I32(xs[j]))
+                            sc = I32(blk[192 + sub])
+                            main += (sc - ((sc & I32(128)) << I32(1))) * dot
+                        d = half_float(blk[208], blk[209])
+                        dmin = ZERO
+                    else:  # Q4_K, Q5_K: 8 sub-blocks of 32, 6-bit scales and mins
+                        at = size - 128  # the nibbles are the last 128 bytes
+                        for c in range(4):  # sub-block 2c in the low nibbles, 2c + 1 in the high
+                            q = blk[at + 32 * c:at + 32 * c + 32]
+                            qh = blk[16:48]  # (Q5_K's fifth bits)
+                            low = x[64 * c:64 * c + 32]
+                            high = x[64 * c + 32:64 * c + 64]
+                            dot_low = I32(0)
+                            dot_high = I32(0)
+                            for j in range(2 * sixteen):
+                                byte = I32(q[j])
+                                dot_low = I32(dot_low + (byte & I32(15)) * I32(low[j]))
+                                dot_high = I32(dot_high + (byte >> I32(4)) * I32(high[j]))
+                            if size == 176:
+                                for j in range(2 * sixteen):
+                                    bits = I32(qh[j]) >> I32(2 * c)
+                                    dot_low = I32(dot_low + ((bits & I32(1)) << I32(4)) * I32(low[j]))
+                                    dot_high = I32(dot_high + ((bits & I32(2)) << I32(3)) * I32(high[j]))
+                            sc, m = scale_min(blk[4 + c % 2 * 2], blk[8 + c % 2 * 2], blk[12 + c % 2 * 2], c >= 2)
+                            sc2, m2 = scale_min(blk[5 + c % 2 * 2], blk[9 + c % 2 * 2], blk[13 + c % 2 * 2], c >= 2)
+                            main += sc * dot_low + sc2 * dot_high
+                            mins += (m * (I32(sums[4 * c]) + I32(sums[4 * c + 1]))
+                                     + m2 * (I32(sums[4 * c + 2]) + I32(sums[4 * c + 3])))
+                        d = half_float(blk[0], blk[1])
+                        dmin = half_float(blk[2], blk[3])
+                    acc += xd[b, s] * (d * np.float32(main) - dmin * np.float32(mins))
+                out[b, k + r * pair] = acc
 
 
 @kernel
-def block_q4_k(blk, x, sums, w):
-    """superblock_dot for Q4_K"""
-    return dot_q45_k(blk, x, sums, 16, -1)
-
-
-@kernel
-def block_q5_k(blk, x, sums, w):
-    """superblock_dot for Q5_K"""
-    return dot_q45_k(blk, x, sums, 48, 16)
+def scale_min(low, mid, top, upper):
+    """(sc_j, m_j) of a Q4_K/Q5_K super-block (llama.cpp's get_scale_min_k4), from the bytes
+    low = scales[j % 4], mid = scales[j % 4 + 4], top = scales[j % 4 + 8]; upper: j >= 4"""
+    if not upper:
+        return I32(low) & I32(63), I32(mid) & I32(63)
+    return ((I32(top) & I32(15)) | ((I32(low) >> I32(6)) << I32(4)),
+            (I32(top) >> I32(4)) | ((I32(mid) >> I32(6)) << I32(4)))
 
 
 @kernel
 def q6_k_value(blk, v):
-    """q - 32 of value v (0..255) of a Q6_K super-block.  blk (210,) uint8"""
+    """q of value v (0..255) of a Q6_K super-block (0..63).  blk (210,) uint8"""
     h, part, lane = v // 128, (v % 128) // 32, v % 32
     low = I32(blk[64 * h + lane + 32 * (part % 2)]) >> I32(4 * (part // 2)) & I32(15)
     high = I32(blk[128 + 32 * h + lane]) >> I32(2 * part) & I32(3)
-    return (low | high << I32(4)) - I32(32)
-
-
-@kernel
-def block_q6_k(blk, x, sums, w):
-    """superblock_dot for Q6_K (no mins: 0, 0)"""
-    main = I32(0)
-    for sub in range(16):  # 16 values each, int8 scale blk[192 + sub]
-        dot = I32(0)
-        for j in range(16 * sub, 16 * sub + 16):
-            dot = I32(dot + q6_k_value(blk, j) * I32(x[j]))
-        sc = I32(blk[192 + sub])
-        main += (sc - ((sc & I32(128)) << I32(1))) * dot
-    return main, I32(0), read_f16(blk, 208), ZERO
+    return low | high << I32(4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,15 +377,16 @@ def embed_kquant(out, w, tokens, size, qs, qh):
             blk = row[s * size:(s + 1) * size]
             y = out[b, s * QK_K:(s + 1) * QK_K]
             if qs < 0:
-                d = read_f16(blk, 208)
+                d = half_float(blk[208], blk[209])
                 for j in range(QK_K):
                     sc = I32(blk[192 + j // 16])
-                    y[j] = d * np.float32(sc - ((sc & I32(128)) << I32(1))) * np.float32(q6_k_value(blk, j))
+                    y[j] = d * np.float32(sc - ((sc & I32(128)) << I32(1))) * np.float32(q6_k_value(blk, j) - 32)
                 continue
-            d, dmin = read_f16(blk, 0), read_f16(blk, 2)
+            d, dmin = half_float(blk[0], blk[1]), half_float(blk[2], blk[3])
             for j in range(QK_K):
-                sc, m = scale_min(blk, j // 32)
-                q = I32(blk[qs + 32 * (j // 64) + j % 32]) >> I32(4 * ((j // 32) % 2)) & I32(15)
+                sub = j // 32
+                sc, m = scale_min(blk[4 + sub % 4], blk[8 + sub % 4], blk[12 + sub % 4], sub >= 4)
+                q = I32(blk[qs + 32 * (j // 64) + j % 32]) >> I32(4 * (sub % 2)) & I32(15)
                 if qh >= 0:
-                    q |= (I32(blk[qh + j % 32]) >> I32(j // 32) & I32(1)) << I32(4)
+                    q |= (I32(blk[qh + j % 32]) >> I32(sub) & I32(1)) << I32(4)
                 y[j] = d * np.float32(sc) * np.float32(q) - dmin * np.float32(m)

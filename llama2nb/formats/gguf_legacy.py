@@ -34,7 +34,7 @@ from ..kernels import vnni_gguf
 from ..kernels.common import ONE, ZERO
 from ..kernels.jit import kernel
 from .base import register
-from .blocks import BlockFormat, block_dot, check_embed, check_linear, matmul_rows, read_f16, vnni_constants
+from .blocks import BlockFormat, check_embed, check_linear, chunk_rows, half_float, row_chunks, vnni_constants
 
 I32 = np.int32
 QK = 32  # values per block
@@ -173,8 +173,6 @@ class Q8_0Block(_Legacy):
     levels = 256
     operand_class = Q8_0BlockOperand
     linear_kernel = "linear_q8_0_block"
-    rows_kernel = "rows_q8_0_block"
-    block_kernel = "block_q8_0"
     embed_kernel = "embed_q8_0_block"
 
 
@@ -187,8 +185,6 @@ class Q4_0(_Legacy):
     zero = 8
     operand_class = Q4_0Operand
     linear_kernel = "linear_q4_0"
-    rows_kernel = "rows_q4_0"
-    block_kernel = "block_q4_0"
     embed_kernel = "embed_q4_0"
 
 
@@ -201,8 +197,6 @@ class Q4_1(_Legacy):
     qs = 4
     operand_class = Q4_1Operand
     linear_kernel = "linear_q4_1"
-    rows_kernel = "rows_q4_1"
-    block_kernel = "block_q4_1"
     embed_kernel = "embed_q4_1"
 
 
@@ -217,8 +211,6 @@ class Q5_0(_Legacy):
     levels = 32
     operand_class = Q5_0Operand
     linear_kernel = "linear_q5_0"
-    rows_kernel = "rows_q5_0"
-    block_kernel = "block_q5_0"
     embed_kernel = "embed_q5_0"
 
 
@@ -233,8 +225,6 @@ class Q5_1(_Legacy):
     levels = 32
     operand_class = Q5_1Operand
     linear_kernel = "linear_q5_1"
-    rows_kernel = "rows_q5_1"
-    block_kernel = "block_q5_1"
     embed_kernel = "embed_q5_1"
 
 
@@ -243,10 +233,12 @@ class Q5_1(_Legacy):
 
 
 @kernel
-def q8_32_input(x, w, stamp):
-    """x quantized into w's scratch (unless it holds this stamp's input already), as the tuple
-    of views the row kernels read: (xq (B, n), xd (B, n/32), xsum (B, n/32), xu (B, n),
-    xdx (B, n/4), xsx (B, n/4)).  x (B, n) float32, w a LegacyOperand (shapes checked)"""
+def q8_32_input(out, x, w, stamp, size):
+    """Check the shapes (blocks.check_linear), quantize x into w's scratch unless it holds this
+    stamp's input already, and return the views the row kernels read: (xq (B, n), xd (B, n/32),
+    xsum (B, n/32), xu (B, n), xdx (B, n/4), xsx (B, n/4)).  out (B, d), x (B, n) float32,
+    w a LegacyOperand of a (d, n) matrix of `size`-byte blocks"""
+    check_linear(out, x, w.w, QK, size, w.xq.size)
     B, n = x.shape
     blocks = n // QK
     xq = w.xq[:B * n].reshape((B, n))
@@ -310,174 +302,123 @@ def vnni_layout_q8_32(xq, xd, xsum, xu, xdx, xsx):
 
 
 # ----------------------------------------------------------------------------------------------
-# The matmuls: one kernel per format, the shared row loops, a block function per format
+# The matmuls: x quantized once per stamp, then the rows in ranges (blocks.chunk_rows), each by
+# the format's VNNI intrinsic or the portable loops
 
 
 @kernel
 def linear_q8_0_block(out, x, w, stamp):
     """out = x @ W.T for GGUF Q8_0 W.  out (B, d), x (B, n) float32, w: (d, n) Q8_0 blocks"""
-    matmul_legacy(out, x, w, stamp, 34)
+    xq, xd, xsum, xu, xdx, xsx = q8_32_input(out, x, w, stamp, 34)
+    B, d = out.shape
+    for c in prange(row_chunks(B, d)):
+        k0, k1, pair = chunk_rows(c, B, d)
+        if VNNI512:
+            vnni_gguf.q8_0(out, w.w, xu, xdx, xsx, k0, k1, pair)
+        else:
+            rows_legacy(out, w.w, xq, xd, xsum, k0, k1, pair, 34)
 
 
 @kernel
 def linear_q4_0(out, x, w, stamp):
     """out = x @ W.T for Q4_0 W.  out (B, d), x (B, n) float32, w: (d, n) Q4_0"""
-    matmul_legacy(out, x, w, stamp, 18)
+    xq, xd, xsum, xu, xdx, xsx = q8_32_input(out, x, w, stamp, 18)
+    B, d = out.shape
+    for c in prange(row_chunks(B, d)):
+        k0, k1, pair = chunk_rows(c, B, d)
+        if VNNI512:
+            vnni_gguf.q4_0(out, w.w, xu, xdx, xsx, k0, k1, pair)
+        else:
+            rows_legacy(out, w.w, xq, xd, xsum, k0, k1, pair, 18)
 
 
 @kernel
 def linear_q4_1(out, x, w, stamp):
     """out = x @ W.T for Q4_1 W.  out (B, d), x (B, n) float32, w: (d, n) Q4_1"""
-    matmul_legacy(out, x, w, stamp, 20)
+    xq, xd, xsum, xu, xdx, xsx = q8_32_input(out, x, w, stamp, 20)
+    B, d = out.shape
+    for c in prange(row_chunks(B, d)):
+        k0, k1, pair = chunk_rows(c, B, d)
+        if VNNI512:
+            vnni_gguf.q4_1(out, w.w, xu, xdx, xsx, k0, k1, pair)
+        else:
+            rows_legacy(out, w.w, xq, xd, xsum, k0, k1, pair, 20)
 
 
 @kernel
 def linear_q5_0(out, x, w, stamp):
     """out = x @ W.T for Q5_0 W.  out (B, d), x (B, n) float32, w: (d, n) Q5_0"""
-    matmul_legacy(out, x, w, stamp, 22)
+    xq, xd, xsum, xu, xdx, xsx = q8_32_input(out, x, w, stamp, 22)
+    B, d = out.shape
+    for c in prange(row_chunks(B, d)):
+        k0, k1, pair = chunk_rows(c, B, d)
+        if VNNI512:
+            vnni_gguf.q5_0(out, w.w, xu, xdx, xsx, k0, k1, pair)
+        else:
+            rows_legacy(out, w.w, xq, xd, xsum, k0, k1, pair, 22)
 
 
 @kernel
 def linear_q5_1(out, x, w, stamp):
     """out = x @ W.T for Q5_1 W.  out (B, d), x (B, n) float32, w: (d, n) Q5_1"""
-    matmul_legacy(out, x, w, stamp, 24)
+    xq, xd, xsum, xu, xdx, xsx = q8_32_input(out, x, w, stamp, 24)
+    B, d = out.shape
+    for c in prange(row_chunks(B, d)):
+        k0, k1, pair = chunk_rows(c, B, d)
+        if VNNI512:
+            vnni_gguf.q5_1(out, w.w, xu, xdx, xsx, k0, k1, pair)
+        else:
+            rows_legacy(out, w.w, xq, xd, xsum, k0, k1, pair, 24)
 
 
 @kernel
-def matmul_legacy(out, x, w, stamp, size):
-    """out = x @ W.T for a 32-value block format of `size` bytes a block: x quantized into w's
-    scratch (once per stamp), then every row by its format's row kernel (block_rows).
-    out (B, d), x (B, n) float32, w a LegacyOperand of a (d, n) matrix"""
-    check_linear(out, x, w.w, QK, size, w.xq.size)
-    matmul_rows(out, w, q8_32_input(x, w, stamp))
+def rows_legacy(out, w, xq, xd, xsum, k0, k1, pair, size):
+    """out[b, i] = row i of w . x_b for every input b, rows i = k0..k1-1 (and i + pair when
+    pair > 0), in portable loops: each block's exact int32 sum(q * x), then x's scale times d
+    (and m times the sum of x) in float. `size` (bytes a block) names the format.
+    out (B, d), w (d, n / 32 * size) uint8, xq (B, n) int8, xd, xsum (B, n / 32)
 
-
-@kernel
-def rows_legacy(out, i, row, acts, b0, count, w):
-    """out[b, i] = row . x_b for b in b0..b0+count, block by block, in portable loops (each
-    block by its format's block_dot: (the exact int32 sum(q * x), d, m)).
-    out (B, d), row (n / 32 * block bytes,) uint8, acts (q8_32_input), w the operand"""
-    xq, xd, xsum = acts[0], acts[1], acts[2]
+    The loops over a block's values have a trip count LLVM cannot see (16 or 32 computed from
+    the shapes): it vectorises them then, where it unrolls a constant 16 into scalar code."""
     blocks = xd.shape[1]
-    size = row.shape[0] // blocks
-    for b in range(b0, b0 + count):
-        x = xq[b]
-        acc = ZERO
-        for k in range(blocks):
-            dot, d, m = block_dot(row[k * size:(k + 1) * size], x[k * QK:(k + 1) * QK], w)
-            acc += xd[b, k] * (d * np.float32(dot) + m * np.float32(xsum[b, k]))
-        out[b, i] = acc
-
-
-@kernel
-def rows_q8_0_block(out, i, row, acts, b0, count, w):
-    """A Q8_0 row against count inputs (see blocks.block_rows)"""
-    if VNNI512:
-        vnni_gguf.q8_0(out, i, row, acts[3], acts[4], acts[5], b0, count)
-    else:
-        rows_legacy(out, i, row, acts, b0, count, w)
-
-
-@kernel
-def rows_q4_0(out, i, row, acts, b0, count, w):
-    """A Q4_0 row against count inputs (see blocks.block_rows)"""
-    if VNNI512:
-        vnni_gguf.q4_0(out, i, row, acts[3], acts[4], acts[5], b0, count)
-    else:
-        rows_legacy(out, i, row, acts, b0, count, w)
-
-
-@kernel
-def rows_q4_1(out, i, row, acts, b0, count, w):
-    """A Q4_1 row against count inputs (see blocks.block_rows)"""
-    if VNNI512:
-        vnni_gguf.q4_1(out, i, row, acts[3], acts[4], acts[5], b0, count)
-    else:
-        rows_legacy(out, i, row, acts, b0, count, w)
-
-
-@kernel
-def rows_q5_0(out, i, row, acts, b0, count, w):
-    """A Q5_0 row against count inputs (see blocks.block_rows)"""
-    if VNNI512:
-        vnni_gguf.q5_0(out, i, row, acts[3], acts[4], acts[5], b0, count)
-    else:
-        rows_legacy(out, i, row, acts, b0, count, w)
-
-
-@kernel
-def rows_q5_1(out, i, row, acts, b0, count, w):
-    """A Q5_1 row against count inputs (see blocks.block_rows)"""
-    if VNNI512:
-        vnni_gguf.q5_1(out, i, row, acts[3], acts[4], acts[5], b0, count)
-    else:
-        rows_legacy(out, i, row, acts, b0, count, w)
-
-
-@kernel
-def nibble_dot(qs, x):
-    """sum(q * x) over a block's 32 values from its 16 nibble bytes (byte j: value j low, value
-    j + 16 high), exact.  qs (16,) uint8, x (32,) int8"""
-    dot = I32(0)
-    for j in range(16):
-        byte = I32(qs[j])
-        dot = I32(dot + (byte & I32(15)) * I32(x[j]) + (byte >> I32(4)) * I32(x[j + 16]))
-    return dot
-
-
-@kernel
-def high_dot(blk, at, x):
-    """sum(16 * bit_j * x[j]) for the fifth bits, the uint32 at byte `at` of blk, exact.
-    blk (n,) uint8, x (32,) int8"""
-    qh = read_u32(blk, at)
-    dot = I32(0)
-    for j in range(QK):
-        dot = I32(dot + I32((qh >> j) & 1) * I32(x[j]))
-    return I32(dot << I32(4))
-
-
-@kernel
-def read_u32(blk, at):
-    """The little-endian uint32 at byte `at` of blk, as int64.  blk (n,) uint8"""
-    return (np.int64(blk[at]) | np.int64(blk[at + 1]) << 8 | np.int64(blk[at + 2]) << 16
-            | np.int64(blk[at + 3]) << 24)
-
-
-@kernel
-def block_q8_0(blk, x, w):
-    """(sum(q * x), d, 0) for one Q8_0 block.  blk (34,) uint8, x (32,) int8, w the operand (unused: it chose this)"""
-    q = blk[2:34]
-    dot = I32(0)
-    for j in range(QK):
-        v = I32(q[j])
-        dot = I32(dot + (v - ((v & I32(128)) << I32(1))) * I32(x[j]))  # (v as int8) * x
-    return dot, read_f16(blk, 0), ZERO
-
-
-@kernel
-def block_q4_0(blk, x, w):
-    """(sum(q * x), d, -8 d) for one Q4_0 block.  blk (18,) uint8, x (32,) int8, w the operand (unused: it chose this)"""
-    d = read_f16(blk, 0)
-    return nibble_dot(blk[2:18], x), d, np.float32(-8) * d
-
-
-@kernel
-def block_q4_1(blk, x, w):
-    """(sum(q * x), d, m) for one Q4_1 block.  blk (20,) uint8, x (32,) int8, w the operand (unused: it chose this)"""
-    return nibble_dot(blk[4:20], x), read_f16(blk, 0), read_f16(blk, 2)
-
-
-@kernel
-def block_q5_0(blk, x, w):
-    """(sum(q * x), d, -16 d) for one Q5_0 block.  blk (22,) uint8, x (32,) int8, w the operand (unused: it chose this)"""
-    d = read_f16(blk, 0)
-    return I32(nibble_dot(blk[6:22], x) + high_dot(blk, 2, x)), d, np.float32(-16) * d
-
-
-@kernel
-def block_q5_1(blk, x, w):
-    """(sum(q * x), d, m) for one Q5_1 block.  blk (24,) uint8, x (32,) int8, w the operand (unused: it chose this)"""
-    return I32(nibble_dot(blk[8:24], x) + high_dot(blk, 4, x)), read_f16(blk, 0), read_f16(blk, 2)
+    sixteen = xq.shape[1] // blocks // 2
+    for k in range(k0, k1):
+        for r in range(1 + (pair > 0)):
+            row = w[k + r * pair]
+            for b in range(out.shape[0]):
+                acc = ZERO
+                for g in range(blocks):
+                    blk = row[g * size:(g + 1) * size]
+                    x = xq[b, g * QK:(g + 1) * QK]
+                    d = half_float(blk[0], blk[1])
+                    dot = I32(0)
+                    if size == 34:  # Q8_0: int8 values
+                        q = blk[2:34]
+                        for j in range(2 * sixteen):
+                            v = I32(q[j])
+                            dot = I32(dot + (v - ((v & I32(128)) << I32(1))) * I32(x[j]))
+                        m = ZERO
+                    else:
+                        at = size - 16  # the nibbles are the last 16 bytes
+                        q = blk[at:size]
+                        low = x[0:16]
+                        high = x[16:32]
+                        for j in range(sixteen):
+                            byte = I32(q[j])
+                            dot = I32(dot + (byte & I32(15)) * I32(low[j]) + (byte >> I32(4)) * I32(high[j]))
+                        if size == 22 or size == 24:  # Q5_0, Q5_1: fifth bits before the nibbles
+                            bits = (I32(blk[at - 4]) | I32(blk[at - 3]) << I32(8)
+                                    | I32(blk[at - 2]) << I32(16) | I32(blk[at - 1]) << I32(24))
+                            fifth = I32(0)
+                            for j in range(2 * sixteen):
+                                fifth = I32(fifth + ((bits >> I32(j)) & I32(1)) * I32(x[j]))
+                            dot = I32(dot + (fifth << I32(4)))
+                        if size == 20 or size == 24:  # Q4_1, Q5_1: a min
+                            m = half_float(blk[2], blk[3])
+                        else:  # Q4_0, Q5_0: q - 8, q - 16
+                            m = np.float32(-8 if size == 18 else -16) * d
+                    acc += xd[b, g] * (d * np.float32(dot) + m * np.float32(xsum[b, g]))
+                out[b, k + r * pair] = acc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,8 +466,11 @@ def embed_legacy(out, w, tokens, size, qs, qh, m, zero, levels):
         for k in range(row.shape[0] // size):
             blk = row[k * size:(k + 1) * size]
             y = out[b, k * QK:(k + 1) * QK]
-            d = read_f16(blk, 0)
-            high = read_u32(blk, qh) if qh >= 0 else np.int64(0)
+            d = half_float(blk[0], blk[1])
+            high = 0
+            if qh >= 0:
+                for at in range(4):
+                    high |= int(blk[qh + at]) << (8 * at)
             for j in range(QK):
                 if levels == 256:
                     v = I32(blk[qs + j])
@@ -534,6 +478,6 @@ def embed_legacy(out, w, tokens, size, qs, qh, m, zero, levels):
                 else:
                     q = I32(blk[qs + j % 16]) >> I32(4 * (j // 16)) & I32(15) | I32((high >> j) & 1) << I32(4)
                 if m >= 0:
-                    y[j] = d * np.float32(q) + read_f16(blk, m)
+                    y[j] = d * np.float32(q) + half_float(blk[m], blk[m + 1])
                 else:
                     y[j] = d * np.float32(q - zero)

@@ -7,10 +7,11 @@ cheap are vector ones LLVM does not find in scalar loops and Numba cannot name: 
 int32 lanes), vpdpwssd (the K-quants' sub-block scales applied to those lanes in int16 pairs),
 and per-block float scales kept in vector lanes, so a row ends in one horizontal sum per token.
 
-Each intrinsic computes out[b, i] = row . x_b for `count` tokens b = b0, b0 + 1, ... of a block
-of quantized inputs (formats/gguf_legacy.py, formats/gguf_kquants.py quantize them). With
-count == TOKENS it decodes each piece of the row once for TOKENS tokens; otherwise it passes
-over the row once per token. All sums of products are exact in int32 and the float sums run
+Each intrinsic computes out[b, i] = row i . x_b for a range of rows i (formats/blocks.chunk_rows)
+and every input b of a block of quantized inputs (formats/gguf_legacy.py and gguf_kquants.py
+quantize them), the loops over rows and inputs included: the Numba code around it calls it
+once per range, because a call that passes arrays costs more than a row. It decodes each piece
+of a row once for TOKENS inputs at a time (the last few, one at a time). All sums of products are exact in int32 and the float sums run
 lane-wise in another order than the portable loops': only kernels compiled with fastmath use
 these.
 
@@ -42,7 +43,7 @@ from numba.extending import intrinsic
 
 from .simd import VNNI512
 
-TOKENS = 4  # tokens per decoded piece of a row (formats/blocks.TOKENS)
+TOKENS = 8  # tokens per decoded piece of a row (formats/blocks.TOKENS)
 
 _I1, _I8, _I16, _I32, _I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _F32, _F16 = ir.FloatType(), ir.HalfType()
@@ -189,7 +190,7 @@ class _Arrays:
         self.builder = builder
 
     def row_pointer(self, index, row):
-        """A byte pointer to row `row` of array argument `index`."""
+        """A byte pointer to row `row` (an i64) of array argument `index`."""
         a = self.arrays[index]
         b = self.builder
         stride = cgutils.unpack_tuple(b, a.strides)[0]
@@ -210,15 +211,26 @@ class _Arrays:
         b.store(value, b.bitcast(b.gep(b.bitcast(a.data, _I8.as_pointer()), [offset]), _F32.as_pointer()))
 
 
-def _each_token_pass(builder, b0, count, emit):
-    """emit(T, first) for one pass over the row: with TOKENS tokens when count == TOKENS, else
-    once per token."""
-    with builder.if_else(builder.icmp_signed("==", count, count.type(TOKENS))) as (block, single):
-        with block:
-            emit(TOKENS, b0)
-        with single:
-            with cgutils.for_range(builder, count) as loop:
-                emit(1, builder.add(b0, loop.index))
+def _each_pass(builder, arrays, k0, k1, pair, emit):
+    """emit(row pointer, i, T, first) for every row i of the range (rows k0..k1-1, each followed
+    by row i + pair when pair > 0: formats/blocks.chunk_rows) and every input: TOKENS inputs at
+    a time, then one at a time. Inputs outside, rows inside: a group's inputs stay in L1 while
+    the range's rows (a few KB) pass over them."""
+    tokens = arrays.shape(0)
+    per_k = builder.add(_I64(1), builder.zext(builder.icmp_signed(">", pair, _I64(0)), _I64))
+
+    def rows(T, first):
+        with cgutils.for_range(builder, builder.sub(k1, k0)) as loop:
+            with cgutils.for_range(builder, per_k) as second:
+                i = builder.add(builder.add(k0, loop.index), builder.mul(second.index, pair))
+                emit(arrays.row_pointer(1, i), i, T, first)
+
+    groups = builder.sdiv(tokens, _I64(TOKENS))
+    with cgutils.for_range(builder, groups) as loop:
+        rows(TOKENS, builder.mul(loop.index, _I64(TOKENS)))
+    done = builder.mul(groups, _I64(TOKENS))
+    with cgutils.for_range(builder, builder.sub(tokens, done)) as loop:
+        rows(1, builder.add(done, loop.index))
 
 
 def _is_array(ty, dtype, ndim, contiguous=True) -> bool:
@@ -232,30 +244,30 @@ def _named(typer, name: str):
 
 
 def _legacy_intrinsic(fmt: Legacy):
-    """rows(out, i, row, xu, xdx, xsx, b0, count): out[b, i] = row . x_b for the count tokens
-    from b0.  out (B, d) float32, row (n / 32 * size,) uint8, xu (B, n) uint8, xdx, xsx (B, n / 4)
-    float32 (formats/gguf_legacy.quantize_q8_32's layout)"""
+    """rows(out, w, xu, xdx, xsx, k0, k1, pair): out[b, i] = row i of w . x_b for every input
+    b and the rows i of a range (formats/blocks.chunk_rows).  out (B, d) float32, w (d, n / 32 *
+    size) uint8, xu (B, n) uint8, xdx, xsx (B, n / 4) float32 (formats/gguf_legacy.quantize_q8_32's
+    layout), shapes checked by the caller"""
 
-    def typer(typingctx, out, i, row, xu, xdx, xsx, b0, count):
+    def typer(typingctx, out, w, xu, xdx, xsx, k0, k1, pair):
         if not VNNI512:
             raise numba.core.errors.TypingError("the GGUF VNNI rows need a target CPU with AVX-512 VNNI")
-        if not (_is_array(out, types.float32, 2, contiguous=False) and _is_array(row, types.uint8, 1)
+        if not (_is_array(out, types.float32, 2, contiguous=False) and _is_array(w, types.uint8, 2)
                 and _is_array(xu, types.uint8, 2) and _is_array(xdx, types.float32, 2)
                 and _is_array(xsx, types.float32, 2)
-                and all(isinstance(t, types.Integer) for t in (i, b0, count))):
+                and all(isinstance(t, types.Integer) for t in (k0, k1, pair))):
             return None
-        return types.void(out, i, row, xu, xdx, xsx, b0, count), codegen
+        return types.void(out, w, xu, xdx, xsx, k0, k1, pair), codegen
 
     def codegen(context, builder, signature, args):
         v = _IR(builder)
-        arrays = _Arrays(context, builder, [signature.args[k] for k in (0, 2, 3, 4, 5)], [args[k] for k in (0, 2, 3, 4, 5)])
-        i, b0, count = (context.cast(builder, args[k], signature.args[k], types.int64) for k in (1, 6, 7))
-        row = arrays.data(1)
-        blocks = builder.sdiv(arrays.shape(1), _I64(fmt.size))
+        arrays = _Arrays(context, builder, signature.args[:5], args[:5])
+        k0, k1, pair = (context.cast(builder, args[k], signature.args[k], types.int64) for k in (5, 6, 7))
+        blocks = builder.sdiv(arrays.shape(1, 1), _I64(fmt.size))
         pairs = builder.sdiv(blocks, _I64(2))
         f16 = _vec(_F32, 16)
 
-        def scales(a, pair, field):
+        def scales(row, a, pair, field):
             """The fp16 field of block a (and of the next one) on each of its lanes."""
             first = v.half(row, builder.add(a, _I64(field)))
             if not pair:
@@ -265,7 +277,7 @@ def _legacy_intrinsic(fmt: Legacy):
                                          second, _I32(1))
             return v.pick(two, [0] * 4 + [1] * 4 + [0] * 4 + [1] * 4)
 
-        def emit(T, first):
+        def emit(row, i, T, first):
             rows = [(arrays.row_pointer(2, builder.add(first, _I64(t))), arrays.row_pointer(3, builder.add(first, _I64(t))),
                      arrays.row_pointer(4, builder.add(first, _I64(t)))) for t in range(T)]
             accs = [cgutils.alloca_once_value(builder, ir.Constant(f16, None)) for _ in range(T)]
@@ -274,8 +286,8 @@ def _legacy_intrinsic(fmt: Legacy):
                 a = builder.mul(index, _I64(2 * fmt.size))
                 w = _legacy_weights(v, fmt, row, a, pair)
                 init = v.minus_128_sums(w)
-                d = scales(a, pair, 0)
-                m = scales(a, pair, fmt.m) if fmt.m is not None else None
+                d = scales(row, a, pair, 0)
+                m = scales(row, a, pair, fmt.m) if fmt.m is not None else None
                 width = 64 if pair else 32
                 for t, (xu, xdx, xsx) in enumerate(rows):
                     lanes = v.dpbusd(init, v.load(xu, builder.mul(index, _I64(64)), _vec(_I8, width)), w)
@@ -296,7 +308,7 @@ def _legacy_intrinsic(fmt: Legacy):
             for t in range(T):
                 arrays.store_out(v.hsum(builder.load(accs[t])), builder.add(first, _I64(t)), i)
 
-        _each_token_pass(builder, b0, count, emit)
+        _each_pass(builder, arrays, k0, k1, pair, emit)
         return context.get_dummy_value()
 
     return typer
@@ -373,29 +385,29 @@ def _kquant_pieces(v: _IR, fmt: KQuant, sb):
 
 
 def _kquant_intrinsic(fmt: KQuant):
-    """rows(out, i, row, x, xd, sums, b0, count): out[b, i] = row . x_b for the count tokens
-    from b0.  out (B, d) float32, row (n / 256 * size,) uint8, x (B, n) int8 (Q6_K: uint8, xu =
-    x + 128), xd (B, n / 256) float32, sums (B, n / 16) int16 (formats/gguf_kquants.py)"""
+    """rows(out, w, x, xd, sums, k0, k1, pair): out[b, i] = row i of w . x_b for every input b
+    and the rows i of a range (formats/blocks.chunk_rows).  out (B, d) float32, w (d, n / 256 *
+    size) uint8, x (B, n) int8 (Q6_K: uint8, xu = x + 128), xd (B, n / 256) float32, sums (B,
+    n / 16) int16 (formats/gguf_kquants.py), shapes checked by the caller"""
     x_dtype = types.uint8 if fmt.six else types.int8
 
-    def typer(typingctx, out, i, row, x, xd, sums, b0, count):
+    def typer(typingctx, out, w, x, xd, sums, k0, k1, pair):
         if not VNNI512:
             raise numba.core.errors.TypingError("the GGUF VNNI rows need a target CPU with AVX-512 VNNI")
-        if not (_is_array(out, types.float32, 2, contiguous=False) and _is_array(row, types.uint8, 1)
+        if not (_is_array(out, types.float32, 2, contiguous=False) and _is_array(w, types.uint8, 2)
                 and _is_array(x, x_dtype, 2) and _is_array(xd, types.float32, 2) and _is_array(sums, types.int16, 2)
-                and all(isinstance(t, types.Integer) for t in (i, b0, count))):
+                and all(isinstance(t, types.Integer) for t in (k0, k1, pair))):
             return None
-        return types.void(out, i, row, x, xd, sums, b0, count), codegen
+        return types.void(out, w, x, xd, sums, k0, k1, pair), codegen
 
     def codegen(context, builder, signature, args):
         v = _IR(builder)
-        arrays = _Arrays(context, builder, [signature.args[k] for k in (0, 2, 3, 4, 5)], [args[k] for k in (0, 2, 3, 4, 5)])
-        i, b0, count = (context.cast(builder, args[k], signature.args[k], types.int64) for k in (1, 6, 7))
-        row = arrays.data(1)
-        supers = builder.sdiv(arrays.shape(1), _I64(fmt.size))
+        arrays = _Arrays(context, builder, signature.args[:5], args[:5])
+        k0, k1, pair = (context.cast(builder, args[k], signature.args[k], types.int64) for k in (5, 6, 7))
+        supers = builder.sdiv(arrays.shape(1, 1), _I64(fmt.size))
         f16, f8, int_lanes = _vec(_F32, 16), _vec(_F32, 8), _vec(_I32, 16)
 
-        def emit(T, first):
+        def emit(row, i, T, first):
             tokens = [[arrays.row_pointer(k, builder.add(first, _I64(t))) for k in (2, 3, 4)] for t in range(T)]
             accs = [cgutils.alloca_once_value(builder, ir.Constant(f16, None)) for _ in range(T)]
             min_accs = [cgutils.alloca_once_value(builder, ir.Constant(f8, None)) for _ in range(T)]
@@ -425,7 +437,7 @@ def _kquant_intrinsic(fmt: KQuant):
                     total = builder.fsub(total, v.hsum(builder.load(min_accs[t])))
                 arrays.store_out(total, builder.add(first, _I64(t)), i)
 
-        _each_token_pass(builder, b0, count, emit)
+        _each_pass(builder, arrays, k0, k1, pair, emit)
         return context.get_dummy_value()
 
     return typer
