@@ -81,7 +81,7 @@ class _Legacy(BlockFormat):
     def scratch(self, block, width):
         values, blocks = block * width, block * width // QK
         return (np.zeros(values, np.int8), np.zeros(blocks, np.float32), np.zeros(blocks, np.int32),
-                np.zeros(values, np.uint8), np.zeros(values // 4, np.float32), np.zeros(values // 4, np.float32),
+                np.zeros(values, np.uint8), np.zeros(values, np.int8), np.zeros(blocks, np.float32),
                 np.full(1, -1, np.int64))
 
     def values(self, blocks: np.ndarray) -> np.ndarray:
@@ -139,8 +139,8 @@ class LegacyOperand(NamedTuple):
     xd: np.ndarray  # (block * width / 32,) float32 scales
     xsum: np.ndarray  # (block * width / 32,) int32 sums of xq
     xu: np.ndarray  # (block * width,) uint8: xq + 128 in the VNNI order (quantize_q8_32)
-    xdx: np.ndarray  # (block * width / 4,) float32: xd per VNNI lane
-    xsx: np.ndarray  # (block * width / 4,) float32: xd * xsum on a block's first VNNI lane
+    xs: np.ndarray  # (block * width,) int8: xq in the VNNI order
+    xds: np.ndarray  # (block * width / 32,) float32: xd * xsum
     stamp: np.ndarray  # (1,) int64
 
 
@@ -236,8 +236,8 @@ class Q5_1(_Legacy):
 def q8_32_input(out, x, w, stamp, size):
     """Check the shapes (blocks.check_linear), quantize x into w's scratch unless it holds this
     stamp's input already, and return the views the row kernels read: (xq (B, n), xd (B, n/32),
-    xsum (B, n/32), xu (B, n), xdx (B, n/4), xsx (B, n/4)).  out (B, d), x (B, n) float32,
-    w a LegacyOperand of a (d, n) matrix of `size`-byte blocks"""
+    xsum (B, n/32), xu (B, n), xs (B, n), xds (B, n/32)).  out (B, d), x (B, n) float32, w a LegacyOperand
+    of a (d, n) matrix of `size`-byte blocks"""
     check_linear(out, x, w.w, QK, size, w.xq.size)
     B, n = x.shape
     blocks = n // QK
@@ -245,23 +245,23 @@ def q8_32_input(out, x, w, stamp, size):
     xd = w.xd[:B * blocks].reshape((B, blocks))
     xsum = w.xsum[:B * blocks].reshape((B, blocks))
     xu = w.xu[:B * n].reshape((B, n))
-    xdx = w.xdx[:B * (n // 4)].reshape((B, n // 4))
-    xsx = w.xsx[:B * (n // 4)].reshape((B, n // 4))
+    xs = w.xs[:B * n].reshape((B, n))
+    xds = w.xds[:B * blocks].reshape((B, blocks))
     if w.stamp[0] != stamp:
-        quantize_q8_32(x, xq, xd, xsum, xu, xdx, xsx)
+        quantize_q8_32(x, xq, xd, xsum, xu, xs, xds)
         w.stamp[0] = stamp
-    return xq, xd, xsum, xu, xdx, xsx
+    return xq, xd, xsum, xu, xs, xds
 
 
 @kernel
-def quantize_q8_32(x, xq, xd, xsum, xu, xdx, xsx):
+def quantize_q8_32(x, xq, xd, xsum, xu, xs, xds):
     """Per block of 32: xd = max|x| / 127, xq = round(x * (1 / xd)) (llama.cpp's
     quantize_row_q8_0: C's roundf, half away from zero; an all-zero block gets 0s), xsum = the
-    sum of xq. With VNNI512, also the intrinsics' layout: per pair of blocks a, b (64 values),
-    xu holds xq + 128 in the order a[0:16] b[0:16] a[16:32] b[16:32] (the order of the nibbles
-    of a and b loaded side by side), and per 4 values (a VNNI lane) xdx the block's xd and xsx
-    xd * xsum on the block's first lane, 0 elsewhere; an odd last block keeps its own order.
-    x, xq, xu (B, n); xd, xsum (B, n / 32); xdx, xsx (B, n / 4)"""
+    sum of xq. With VNNI512, also what the intrinsics read: xds = xd * xsum, and xs = xq and
+    xu = xq + 128 with each pair of blocks a, b (64 values) in their order (kernels/vnni_gguf.py):
+    4-byte lanes alternating a, b, lane 2m holding a's values 4m..4m+3 for m < 4 and
+    16 + 4(m - 4).. for m >= 4; an odd last block keeps its own order.
+    x, xq, xu, xs (B, n); xd, xsum, xds (B, n / 32)"""
     B, n = x.shape
     blocks = n // QK
     for b in range(B):
@@ -282,23 +282,13 @@ def quantize_q8_32(x, xq, xd, xsum, xu, xdx, xsx):
             xd[b, k] = d
             xsum[b, k] = total
         if VNNI512:
-            vnni_layout_q8_32(xq[b], xd[b], xsum[b], xu[b], xdx[b], xsx[b])
-
-
-@kernel
-def vnni_layout_q8_32(xq, xd, xsum, xu, xdx, xsx):
-    """One input's VNNI layout (see quantize_q8_32).  xq, xu (n,); xd, xsum (n / 32,); xdx, xsx (n / 4,)"""
-    blocks = xd.shape[0]
-    for k in range(blocks):
-        pair = k // 2
-        alone = k + 1 == blocks and k % 2 == 0  # an odd last block: its own order, lanes 0-7
-        for j in range(QK):
-            at = j if alone else (k % 2) * 16 + (j // 16) * 32 + j % 16
-            xu[pair * 64 + at] = np.uint8(I32(xq[k * QK + j]) + I32(128))
-        for lane in range(8):  # the block's lanes, 4 values each
-            at = lane if alone else (k % 2) * 4 + (lane // 4) * 8 + lane % 4
-            xdx[pair * 16 + at] = xd[k]
-            xsx[pair * 16 + at] = xd[k] * np.float32(xsum[k]) if lane == 0 else ZERO
+            for k in range(blocks):
+                xds[b, k] = xd[b, k] * np.float32(xsum[b, k])
+                alone = k + 1 == blocks and k % 2 == 0  # an odd last block: its own order
+                for j in range(QK):
+                    at = j if alone else 4 * (8 * (j // 16) + 2 * (j % 16 // 4) + k % 2) + j % 4
+                    xs[b, k // 2 * 64 + at] = xq[b, k * QK + j]
+                    xu[b, k // 2 * 64 + at] = np.uint8(I32(xq[b, k * QK + j]) + I32(128))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,12 +299,12 @@ def vnni_layout_q8_32(xq, xd, xsum, xu, xdx, xsx):
 @kernel
 def linear_q8_0_block(out, x, w, stamp):
     """out = x @ W.T for GGUF Q8_0 W.  out (B, d), x (B, n) float32, w: (d, n) Q8_0 blocks"""
-    xq, xd, xsum, xu, xdx, xsx = q8_32_input(out, x, w, stamp, 34)
+    xq, xd, xsum, xu, xs, xds = q8_32_input(out, x, w, stamp, 34)
     B, d = out.shape
     for c in prange(row_chunks(B, d)):
         k0, k1, pair = chunk_rows(c, B, d)
         if VNNI512:
-            vnni_gguf.q8_0(out, w.w, xu, xdx, xsx, k0, k1, pair)
+            vnni_gguf.q8_0(out, w.w, xu, xs, xd, xsum, xds, k0, k1, pair)
         else:
             rows_legacy(out, w.w, xq, xd, xsum, k0, k1, pair, 34)
 
@@ -322,12 +312,12 @@ def linear_q8_0_block(out, x, w, stamp):
 @kernel
 def linear_q4_0(out, x, w, stamp):
     """out = x @ W.T for Q4_0 W.  out (B, d), x (B, n) float32, w: (d, n) Q4_0"""
-    xq, xd, xsum, xu, xdx, xsx = q8_32_input(out, x, w, stamp, 18)
+    xq, xd, xsum, xu, xs, xds = q8_32_input(out, x, w, stamp, 18)
     B, d = out.shape
     for c in prange(row_chunks(B, d)):
         k0, k1, pair = chunk_rows(c, B, d)
         if VNNI512:
-            vnni_gguf.q4_0(out, w.w, xu, xdx, xsx, k0, k1, pair)
+            vnni_gguf.q4_0(out, w.w, xu, xs, xd, xsum, xds, k0, k1, pair)
         else:
             rows_legacy(out, w.w, xq, xd, xsum, k0, k1, pair, 18)
 
@@ -335,12 +325,12 @@ def linear_q4_0(out, x, w, stamp):
 @kernel
 def linear_q4_1(out, x, w, stamp):
     """out = x @ W.T for Q4_1 W.  out (B, d), x (B, n) float32, w: (d, n) Q4_1"""
-    xq, xd, xsum, xu, xdx, xsx = q8_32_input(out, x, w, stamp, 20)
+    xq, xd, xsum, xu, xs, xds = q8_32_input(out, x, w, stamp, 20)
     B, d = out.shape
     for c in prange(row_chunks(B, d)):
         k0, k1, pair = chunk_rows(c, B, d)
         if VNNI512:
-            vnni_gguf.q4_1(out, w.w, xu, xdx, xsx, k0, k1, pair)
+            vnni_gguf.q4_1(out, w.w, xu, xs, xd, xsum, xds, k0, k1, pair)
         else:
             rows_legacy(out, w.w, xq, xd, xsum, k0, k1, pair, 20)
 
@@ -348,12 +338,12 @@ def linear_q4_1(out, x, w, stamp):
 @kernel
 def linear_q5_0(out, x, w, stamp):
     """out = x @ W.T for Q5_0 W.  out (B, d), x (B, n) float32, w: (d, n) Q5_0"""
-    xq, xd, xsum, xu, xdx, xsx = q8_32_input(out, x, w, stamp, 22)
+    xq, xd, xsum, xu, xs, xds = q8_32_input(out, x, w, stamp, 22)
     B, d = out.shape
     for c in prange(row_chunks(B, d)):
         k0, k1, pair = chunk_rows(c, B, d)
         if VNNI512:
-            vnni_gguf.q5_0(out, w.w, xu, xdx, xsx, k0, k1, pair)
+            vnni_gguf.q5_0(out, w.w, xu, xs, xd, xsum, xds, k0, k1, pair)
         else:
             rows_legacy(out, w.w, xq, xd, xsum, k0, k1, pair, 22)
 
@@ -361,12 +351,12 @@ def linear_q5_0(out, x, w, stamp):
 @kernel
 def linear_q5_1(out, x, w, stamp):
     """out = x @ W.T for Q5_1 W.  out (B, d), x (B, n) float32, w: (d, n) Q5_1"""
-    xq, xd, xsum, xu, xdx, xsx = q8_32_input(out, x, w, stamp, 24)
+    xq, xd, xsum, xu, xs, xds = q8_32_input(out, x, w, stamp, 24)
     B, d = out.shape
     for c in prange(row_chunks(B, d)):
         k0, k1, pair = chunk_rows(c, B, d)
         if VNNI512:
-            vnni_gguf.q5_1(out, w.w, xu, xdx, xsx, k0, k1, pair)
+            vnni_gguf.q5_1(out, w.w, xu, xs, xd, xsum, xds, k0, k1, pair)
         else:
             rows_legacy(out, w.w, xq, xd, xsum, k0, k1, pair, 24)
 

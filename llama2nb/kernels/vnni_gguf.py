@@ -93,8 +93,9 @@ class _IR:
 
     def widen(self, vector, n: int):
         """vector's lanes, then zeros, n lanes in all."""
+        count = vector.type.count
         zero = ir.Constant(vector.type, None)
-        return self.b.shuffle_vector(vector, zero, ir.Constant(_vec(_I32, n), list(range(n))))
+        return self.b.shuffle_vector(vector, zero, ir.Constant(_vec(_I32, n), [min(k, count) for k in range(n)]))
 
     def half(self, base, offset):
         """The fp16 at byte offset of base, as float."""
@@ -151,33 +152,65 @@ Q5_0 = Legacy(22, 6, qh=2, zero=16)
 Q5_1 = Legacy(24, 8, qh=4, m=2)
 
 
-def _legacy_weights(v: _IR, fmt: Legacy, row, a, pair: bool):
-    """The signed bytes of block a (at byte offset a), and of the next block when `pair`, in
-    the xu order: (64 bytes for a pair, 32 for one block)."""
+# A pair of blocks a, b side by side: 4-byte lanes alternate between the blocks, lane 2m
+# holding a's values 4m..4m+3 (m < 4; a[16 + 4(m - 4)...] for m >= 4) and lane 2m + 1 b's.
+# So a pair's scales are one broadcast [s_a, s_b] pattern, which a load of two adjacent floats
+# (vbroadcastsd) or of two fp16 (vpbroadcastd + vcvtph2ps) makes; quantize_q8_32 lays out xu
+# (the input) alike.
+_ALTERNATE = [k // 2 + 8 * (k % 2) for k in range(16)]  # the dwords of a's then b's 32 bytes, alternating
+
+
+def _pair_words(v: _IR, row, a):
+    """The 64 bytes from byte offset a, as (32,) int16: a pair of nibble blocks (36 to 48
+    bytes) and what follows, so only where 64 bytes remain in the row (a masked load would not
+    read past the pair, but costs several times as much on AMD's cores). Every field of these
+    blocks is at an even offset: word permutes (vpermw) pick them out."""
+    return v.b.bitcast(v.load(row, a, _vec(_I8, 64)), _vec(_I16, 32))
+
+
+def _legacy_weights(v: _IR, fmt: Legacy, row, a, pair: bool, offset: bool = True, words=None):
+    """The bytes of block a (at byte offset a), and of the next block when `pair`, in the xu
+    order: 64 bytes for a pair (lanes alternating, above), 32 for one block (in order). Signed
+    (q - zero, or Q8_0's q), or with offset=False the unsigned q of a nibble format. `words`:
+    the pair's _pair_words (nibble formats)."""
     b = v.b
     n = 64 if pair else 32
+    if words is not None:  # a's and b's nibble dwords alternating, twice: low nibbles, then high
+        qa, qb = fmt.qs // 2, (fmt.size + fmt.qs) // 2
+        order = [base + 2 * k + h for k in range(4) for base in (qa, qb) for h in (0, 1)]
+        both = v.pick(words, order + order)
+        shifted = b.lshr(both, v.const(_I16, [0] * 16 + [4] * 16))
+        w = b.bitcast(b.and_(shifted, v.splat_const(_I16, 0x0F0F, 32)), _vec(_I8, 64))
+        return _fifth_and_offset(v, fmt, row, a, pair, offset, w)
     if fmt.int8:
-        qa = v.load(row, b.add(a, _I64(fmt.qs)), _vec(_I8, 32))
+        qa = v.load(row, b.add(a, _I64(fmt.qs)), _vec(_I32, 8))
         if not pair:
-            return qa
-        qb = v.load(row, b.add(a, _I64(fmt.size + fmt.qs)), _vec(_I8, 32))
-        return b.shuffle_vector(qa, qb, v.const(_I32, [*range(16), *range(32, 48), *range(16, 32), *range(48, 64)]))
+            return b.bitcast(qa, _vec(_I8, 32))
+        qb = v.load(row, b.add(a, _I64(fmt.size + fmt.qs)), _vec(_I32, 8))
+        return b.bitcast(b.shuffle_vector(qa, qb, v.const(_I32, _ALTERNATE)), _vec(_I8, 64))
     q = v.load(row, b.add(a, _I64(fmt.qs)), _vec(_I8, 16))
-    if pair:
-        q = v.join(q, v.load(row, b.add(a, _I64(fmt.size + fmt.qs)), _vec(_I8, 16)))
+    if pair:  # a's 16 nibble bytes and b's, their dwords alternating
+        both = v.join(b.bitcast(q, _vec(_I32, 4)), v.load(row, b.add(a, _I64(fmt.size + fmt.qs)), _vec(_I32, 4)))
+        q = b.bitcast(v.pick(both, [0, 4, 1, 5, 2, 6, 3, 7]), _vec(_I8, 32))
     half = n // 2
     w = v.join(b.and_(q, v.splat_const(_I8, 15, half)), b.lshr(q, v.splat_const(_I8, 4, half)))
+    return _fifth_and_offset(v, fmt, row, a, pair, offset, w)
+
+
+def _fifth_and_offset(v: _IR, fmt: Legacy, row, a, pair: bool, offset: bool, w):
+    """The nibbles w with their fifth bits (Q5_0, Q5_1) and, if `offset`, minus zero."""
+    b = v.b
+    n = 64 if pair else 32
     if fmt.qh is not None:
         high = v.load(row, b.add(a, _I64(fmt.qh)), _I32)
-        if pair:  # the bits of a[0:16] b[0:16] a[16:32] b[16:32]
+        if pair:  # a's bits 4k..4k+3 to bits 8k..8k+3, b's to 8k+4..8k+7
             other = v.load(row, b.add(a, _I64(fmt.size + fmt.qh)), _I32)
-            mask16 = _I32(0xFFFF)
-            bits = b.or_(b.zext(b.and_(high, mask16), _I64), b.shl(b.zext(b.and_(other, mask16), _I64), _I64(16)))
-            bits = b.or_(bits, b.shl(b.zext(b.lshr(high, _I32(16)), _I64), _I64(32)))
-            high = b.or_(bits, b.shl(b.zext(b.lshr(other, _I32(16)), _I64), _I64(48)))
+            deposit = [v.call("llvm.x86.bmi.pdep.64", _I64, b.zext(bits, _I64), _I64(mask))
+                       for bits, mask in ((high, 0x0F0F0F0F0F0F0F0F), (other, 0xF0F0F0F0F0F0F0F0))]
+            high = b.or_(*deposit)
         mask = b.bitcast(high, _vec(_I1, n))
         w = b.or_(w, b.select(mask, v.splat_const(_I8, 16, n), ir.Constant(_vec(_I8, n), None)))
-    if fmt.zero:
+    if fmt.zero and offset:
         w = b.sub(w, v.splat_const(_I8, fmt.zero, n))
     return w
 
@@ -244,69 +277,113 @@ def _named(typer, name: str):
 
 
 def _legacy_intrinsic(fmt: Legacy):
-    """rows(out, w, xu, xdx, xsx, k0, k1, pair): out[b, i] = row i of w . x_b for every input
-    b and the rows i of a range (formats/blocks.chunk_rows).  out (B, d) float32, w (d, n / 32 *
-    size) uint8, xu (B, n) uint8, xdx, xsx (B, n / 4) float32 (formats/gguf_legacy.quantize_q8_32's
-    layout), shapes checked by the caller"""
+    """rows(out, w, xu, xs, xd, xsum, xds, k0, k1, pair): out[b, i] = row i of w . x_b for every
+    input b and the rows i of a range (formats/blocks.chunk_rows).  out (B, d) float32, w (d, n /
+    32 * size) uint8, xu (B, n) uint8 and xs (B, n) int8: x + 128 and x in formats/gguf_legacy.
+    quantize_q8_32's layout, xd, xds (B, n / 32) float32: the scales and the scales times the
+    sums of x, xsum (B, n / 32) int32 the sums; shapes checked by the caller
 
-    def typer(typingctx, out, w, xu, xdx, xsx, k0, k1, pair):
+    A pass over a row for several inputs decodes each piece of it once into signed bytes and
+    starts every input's vpdpbusd at -128 * sum(w) (against xu, above). A pass for one input
+    (generation) spends less: the nibble formats' unsigned q against the signed input xs,
+    started at -8 (or -16) * sum(x) for Q4_0 (Q5_0), at 0 for the formats with a min."""
+    direct = not fmt.int8  # whether one input takes the unsigned q against xs
+
+    def typer(typingctx, out, w, xu, xs, xd, xsum, xds, k0, k1, pair):
         if not VNNI512:
             raise numba.core.errors.TypingError("the GGUF VNNI rows need a target CPU with AVX-512 VNNI")
         if not (_is_array(out, types.float32, 2, contiguous=False) and _is_array(w, types.uint8, 2)
-                and _is_array(xu, types.uint8, 2) and _is_array(xdx, types.float32, 2)
-                and _is_array(xsx, types.float32, 2)
+                and _is_array(xu, types.uint8, 2) and _is_array(xs, types.int8, 2)
+                and _is_array(xd, types.float32, 2) and _is_array(xsum, types.int32, 2)
+                and _is_array(xds, types.float32, 2)
                 and all(isinstance(t, types.Integer) for t in (k0, k1, pair))):
             return None
-        return types.void(out, w, xu, xdx, xsx, k0, k1, pair), codegen
+        return types.void(out, w, xu, xs, xd, xsum, xds, k0, k1, pair), codegen
 
     def codegen(context, builder, signature, args):
         v = _IR(builder)
-        arrays = _Arrays(context, builder, signature.args[:5], args[:5])
-        k0, k1, pair = (context.cast(builder, args[k], signature.args[k], types.int64) for k in (5, 6, 7))
+        arrays = _Arrays(context, builder, signature.args[:7], args[:7])
+        k0, k1, pair = (context.cast(builder, args[k], signature.args[k], types.int64) for k in (7, 8, 9))
         blocks = builder.sdiv(arrays.shape(1, 1), _I64(fmt.size))
         pairs = builder.sdiv(blocks, _I64(2))
         f16 = _vec(_F32, 16)
 
-        def scales(row, a, pair, field):
-            """The fp16 field of block a (and of the next one) on each of its lanes."""
-            first = v.half(row, builder.add(a, _I64(field)))
+        def scales(row, a, pair, field, words=None):
+            """The fp16 field of block a (and of the next one, alternating) on each lane."""
+            if words is not None:
+                both = v.pick(words, [field // 2, (fmt.size + field) // 2] * 8)
+                return builder.fpext(builder.bitcast(both, _vec(_F16, 16)), f16)
             if not pair:
-                return v.splat(first, 8)
-            second = v.half(row, builder.add(a, _I64(fmt.size + field)))
-            two = builder.insert_element(builder.insert_element(ir.Constant(_vec(_F32, 2), None), first, _I32(0)),
-                                         second, _I32(1))
-            return v.pick(two, [0] * 4 + [1] * 4 + [0] * 4 + [1] * 4)
+                return v.splat(v.half(row, builder.add(a, _I64(field))), 8)
+            first = builder.zext(v.load(row, builder.add(a, _I64(field)), _I16), _I32)
+            second = builder.zext(v.load(row, builder.add(a, _I64(fmt.size + field)), _I16), _I32)
+            both = v.splat(builder.or_(first, builder.shl(second, _I32(16))), 8)
+            return builder.fpext(builder.bitcast(both, _vec(_F16, 16)), f16)
+
+        def per_block(base, block, pair, spread):
+            """The input floats of blocks `block` (and block + 1 when pair): spread over their
+            lanes (alternating for a pair), or only on each block's first lane, 0 elsewhere."""
+            count, n = (2, 16) if pair else (1, 8)
+            values = v.load(base, builder.mul(block, _I64(4)), _vec(_F32, count))
+            return v.pick(values, [k % count for k in range(n)]) if spread else v.widen(values, n)
 
         def emit(row, i, T, first):
-            rows = [(arrays.row_pointer(2, builder.add(first, _I64(t))), arrays.row_pointer(3, builder.add(first, _I64(t))),
-                     arrays.row_pointer(4, builder.add(first, _I64(t)))) for t in range(T)]
-            accs = [cgutils.alloca_once_value(builder, ir.Constant(f16, None)) for _ in range(T)]
+            rows = [[arrays.row_pointer(k, builder.add(first, _I64(t))) for k in range(2, 7)] for t in range(T)]
+            # accumulators per input: one pass over the row makes a chain of float adds, so one
+            # input alone alternates between two (latency), several inputs have one each
+            sets = 2 if T == 1 else 1
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(f16, None)) for _ in range(T)] for _ in range(sets)]
+            signed = direct and T == 1
 
-            def piece(index, pair):
+            def piece(index, pair, accs, wide=False):
                 a = builder.mul(index, _I64(2 * fmt.size))
-                w = _legacy_weights(v, fmt, row, a, pair)
-                init = v.minus_128_sums(w)
-                d = scales(row, a, pair, 0)
-                m = scales(row, a, pair, fmt.m) if fmt.m is not None else None
+                words = _pair_words(v, row, a) if wide else None
+                w = _legacy_weights(v, fmt, row, a, pair, offset=not signed, words=words)
+                init = None if signed else v.minus_128_sums(w)
+                d = scales(row, a, pair, 0, words)
+                m = scales(row, a, pair, fmt.m, words) if fmt.m is not None else None
+                block = builder.mul(index, _I64(2))
                 width = 64 if pair else 32
-                for t, (xu, xdx, xsx) in enumerate(rows):
-                    lanes = v.dpbusd(init, v.load(xu, builder.mul(index, _I64(64)), _vec(_I8, width)), w)
-                    xd = v.load(xdx, builder.mul(index, _I64(64)), d.type)
-                    acc = v.scaled(ir.Constant(d.type, None) if not pair else builder.load(accs[t]), lanes,
-                                   builder.fmul(d, xd, flags=_CONTRACT))
+                lanes_t = _vec(_I32, width // 4)
+                for t, (xu, xs, xd, xsum, xds) in enumerate(rows):
+                    if signed:  # q . x - zero * sum(x): the offset starts the lanes
+                        start = ir.Constant(lanes_t, None)
+                        if fmt.zero:
+                            sums = v.widen(v.load(xsum, builder.mul(block, _I64(4)), _vec(_I32, 2 if pair else 1)), width // 4)
+                            start = builder.sub(start, builder.mul(sums, v.splat_const(_I32, fmt.zero, width // 4)))
+                        lanes = v.dpbusd(start, w, v.load(xs, builder.mul(index, _I64(64)), _vec(_I8, width)))
+                    else:
+                        lanes = v.dpbusd(init, v.load(xu, builder.mul(index, _I64(64)), _vec(_I8, width)), w)
+                    scale = builder.fmul(d, per_block(xd, block, pair, True), flags=_CONTRACT)
+                    acc = v.scaled(ir.Constant(d.type, None) if not pair else builder.load(accs[t]), lanes, scale)
                     if m is not None:
-                        xs = v.load(xsx, builder.mul(index, _I64(64)), m.type)
-                        acc = builder.fadd(acc, builder.fmul(m, xs, flags=_CONTRACT), flags=_CONTRACT)
+                        sums = per_block(xds, block, pair, False)
+                        acc = builder.fadd(acc, builder.fmul(m, sums, flags=_CONTRACT), flags=_CONTRACT)
                     if not pair:
                         acc = builder.fadd(builder.load(accs[t]), v.widen(acc, 16), flags=_CONTRACT)
                     builder.store(acc, accs[t])
 
-            with cgutils.for_range(builder, pairs) as loop:
-                piece(loop.index, True)
+            # pairs that 64 bytes of the row cover take one load and word permutes (nibble
+            # formats), the last one or two the loads of their fields
+            wide = ir.Constant(_I64, 0)
+            if not fmt.int8:
+                row_bytes = arrays.shape(1, 1)
+                fits = builder.add(builder.sdiv(builder.sub(row_bytes, _I64(64)), _I64(2 * fmt.size)), _I64(1))
+                fits = builder.select(builder.icmp_signed("<", row_bytes, _I64(64)), _I64(0), fits)
+                wide = builder.select(builder.icmp_signed("<", fits, pairs), fits, pairs)
+            steps = builder.sdiv(wide, _I64(sets))
+            with cgutils.for_range(builder, steps) as loop:
+                for k, slot in enumerate(accs):
+                    piece(builder.add(builder.mul(loop.index, _I64(sets)), _I64(k)), True, slot, wide=True)
+            with cgutils.for_range(builder, builder.sub(pairs, builder.mul(steps, _I64(sets)))) as loop:
+                piece(builder.add(builder.mul(steps, _I64(sets)), loop.index), True, accs[0])
             with builder.if_then(builder.icmp_signed("!=", builder.mul(pairs, _I64(2)), blocks)):
-                piece(pairs, False)
+                piece(pairs, False, accs[0])
             for t in range(T):
-                arrays.store_out(v.hsum(builder.load(accs[t])), builder.add(first, _I64(t)), i)
+                total = builder.load(accs[0][t])
+                for slot in accs[1:]:
+                    total = builder.fadd(total, builder.load(slot[t]))
+                arrays.store_out(v.hsum(total), builder.add(first, _I64(t)), i)
 
         _each_pass(builder, arrays, k0, k1, pair, emit)
         return context.get_dummy_value()
@@ -416,14 +493,15 @@ def _kquant_intrinsic(fmt: KQuant):
                 sb = v.at(row, builder.mul(s, _I64(fmt.size)))
                 weights, scales, starts, mins, d, dmin = _kquant_pieces(v, fmt, sb)
                 for t, (x, xd, sums) in enumerate(tokens):
-                    lanes = ir.Constant(int_lanes, None)
+                    chains = [ir.Constant(int_lanes, None)] * 2  # two chains of vpdpwssd: latency
                     for c in range(4):
                         xv = v.load(x, builder.add(builder.mul(s, _I64(256)), _I64(64 * c)), _vec(_I8, 64))
                         if fmt.six:  # xu unsigned, w signed
                             part = v.dpbusd(starts[c], xv, weights[c])
                         else:  # w unsigned, x signed
                             part = v.dpbusd(ir.Constant(int_lanes, None), weights[c], xv)
-                        lanes = v.dpwssd(lanes, part, scales[c])
+                        chains[c % 2] = v.dpwssd(chains[c % 2], part, scales[c])
+                    lanes = builder.add(*chains)
                     scale = v.load(xd, builder.mul(s, _I64(4)), _F32)
                     builder.store(v.scaled(builder.load(accs[t]), lanes, v.splat(builder.fmul(d, scale), 16)), accs[t])
                     if mins is not None:
