@@ -87,54 +87,63 @@ def bf16_to_f32(h):
 
 
 @kernel
+def to_f32(h, bf16):
+    """bf16_to_f32(h) if bf16 else f16_to_f32(h). The kernels below take `bf16` as an argument
+    (a function could not be: a compiled kernel that receives one cannot be cached); it is
+    constant in every loop, which LLVM takes out of the loop (two loops, each vectorised)."""
+    return bf16_to_f32(h) if bf16 else f16_to_f32(h)
+
+
+@kernel
 def linear_f16(out, x, w, stamp):
     """out = x @ W.T for F16 W.  out (B, d), x (B, n) float32, w: (d, n) F16; stamp unused"""
     check_linear(out, x, w.w, 1, 1, ALL)
-    matmul_16bit(out, x, w.w, f16_to_f32)
+    matmul_16bit(out, x, w.w, False)
 
 
 @kernel
 def linear_bf16(out, x, w, stamp):
     """out = x @ W.T for BF16 W.  out (B, d), x (B, n) float32, w: (d, n) BF16; stamp unused"""
     check_linear(out, x, w.w, 1, 1, ALL)
-    matmul_16bit(out, x, w.w, bf16_to_f32)
+    matmul_16bit(out, x, w.w, True)
 
 
 @kernel
 def embed_f16(out, table, tokens):
     """out[b] = row tokens[b] of an F16 table, in float32.  out (B, n), table: (rows, n) F16"""
-    embed_16bit(out, table.w, tokens, f16_to_f32)
+    embed_16bit(out, table.w, tokens, False)
 
 
 @kernel
 def embed_bf16(out, table, tokens):
     """out[b] = row tokens[b] of a BF16 table, in float32.  out (B, n), table: (rows, n) BF16"""
-    embed_16bit(out, table.w, tokens, bf16_to_f32)
+    embed_16bit(out, table.w, tokens, True)
 
 
 @kernel
-def embed_16bit(out, w, tokens, convert):
-    """out[b] = convert(w[tokens[b]]).  out (B, n), w (rows, n) uint16, tokens (B,)"""
+def embed_16bit(out, w, tokens, bf16):
+    """out[b] = row tokens[b] of w as float32.  out (B, n), w (rows, n) uint16 (BF16 if bf16,
+    else F16), tokens (B,)"""
     check_embed(out, w.shape[0], w.shape[1], tokens)
     for b in range(tokens.shape[0]):
         row = w[tokens[b]]
         for j in range(out.shape[1]):
-            out[b, j] = convert(row[j])
+            out[b, j] = to_f32(row[j], bf16)
 
 
 @kernel
-def dot_16bit(x, w, convert):
-    """x · convert(w) in float32.  x (n,) float32, w (n,) uint16"""
+def dot_16bit(x, w, bf16):
+    """x · w in float32.  x (n,) float32, w (n,) uint16 (BF16 if bf16, else F16)"""
     acc = ZERO
     for j in range(x.shape[0]):
-        acc += x[j] * convert(w[j])
+        acc += x[j] * to_f32(w[j], bf16)
     return acc
 
 
 @kernel
-def matmul_16bit(out, x, w, convert):
-    """out = x @ convert(w).T, each weight converted as it is read.  out (B, d), x (B, n),
-    w (d, n) uint16, convert f16_to_f32 or bf16_to_f32
+def matmul_16bit(out, x, w, bf16):
+    """out = x @ w.T, each weight converted to float32 as it is read.  out (B, d), x (B, n),
+    w (d, n) uint16 (BF16 if bf16, else F16)
 
     The loops of F32's matmul: one token takes its rows from the two halves of w in turn (two
     streams from DRAM); a block of tokens runs 2 rows x 4 tokens at a time, so each converted
@@ -146,10 +155,10 @@ def matmul_16bit(out, x, w, convert):
         o = out[0]
         half = d // 2
         for i in prange(half):
-            o[i] = dot_16bit(x0, w[i], convert)
-            o[half + i] = dot_16bit(x0, w[half + i], convert)
+            o[i] = dot_16bit(x0, w[i], bf16)
+            o[half + i] = dot_16bit(x0, w[half + i], bf16)
         if d % 2:
-            o[d - 1] = dot_16bit(x0, w[d - 1], convert)
+            o[d - 1] = dot_16bit(x0, w[d - 1], bf16)
         return
     full_b = B - B % 4
     for pair in prange(d // 2):
@@ -170,8 +179,8 @@ def matmul_16bit(out, x, w, convert):
             c2 = ZERO
             c3 = ZERO
             for j in range(n):
-                u = convert(w0[j])
-                v = convert(w1[j])
+                u = to_f32(w0[j], bf16)
+                v = to_f32(w1[j], bf16)
                 a0 += u * x0[j]
                 a1 += u * x1[j]
                 a2 += u * x2[j]
@@ -189,8 +198,8 @@ def matmul_16bit(out, x, w, convert):
             out[b + 2, i + 1] = c2
             out[b + 3, i + 1] = c3
         for b in range(full_b, B):
-            out[b, i] = dot_16bit(x[b], w0, convert)
-            out[b, i + 1] = dot_16bit(x[b], w1, convert)
+            out[b, i] = dot_16bit(x[b], w0, bf16)
+            out[b, i + 1] = dot_16bit(x[b], w1, bf16)
     if d % 2:
         for b in range(B):
-            out[b, d - 1] = dot_16bit(x[b], w[d - 1], convert)
+            out[b, d - 1] = dot_16bit(x[b], w[d - 1], bf16)

@@ -167,21 +167,20 @@ class Q6_K(_KQuant):
 
 
 @kernel
-def q8_k_input(out, x, w, stamp, size):
-    """Check the shapes (blocks.check_linear), quantize x into w's scratch unless it holds this
-    stamp's input already, and return the views the row kernels read: (xq (B, n), xd (B, n/256),
-    xsum (B, n/16), xu (B, n)).  out (B, d), x (B, n) float32, w a KQuantOperand of a (d, n)
-    matrix of `size`-byte super-blocks"""
-    check_linear(out, x, w.w, QK_K, size, w.xq.size)
+def q8_k_input(out, x, w, xq, xd, xsum, xu, last, stamp, size):
+    """Check the shapes (blocks.check_linear), quantize x into the scratch unless it holds this
+    stamp's input already (`last`: the stamp it holds), and return the views the row kernels
+    read: (xq (B, n), xd (B, n/256), xsum (B, n/16), xu (B, n)).  out (B, d), x (B, n)
+    float32, w (d, n / 256 * size) uint8, the scratch's arrays flat (KQuantOperand's fields:
+    passing the operand would compile this once per format)"""
+    check_linear(out, x, w, QK_K, size, xq.size)
     B, n = x.shape
-    xq = w.xq[:B * n].reshape((B, n))
-    xd = w.xd[:B * (n // QK_K)].reshape((B, n // QK_K))
-    xsum = w.xsum[:B * (n // 16)].reshape((B, n // 16))
-    xu = w.xu[:B * n].reshape((B, n))
-    if w.stamp[0] != stamp:
-        quantize_q8_k(x, xq, xd, xsum, xu)
-        w.stamp[0] = stamp
-    return xq, xd, xsum, xu
+    views = (xq[:B * n].reshape((B, n)), xd[:B * (n // QK_K)].reshape((B, n // QK_K)),
+             xsum[:B * (n // 16)].reshape((B, n // 16)), xu[:B * n].reshape((B, n)))
+    if last[0] != stamp:
+        quantize_q8_k(x, *views)
+        last[0] = stamp
+    return views
 
 
 @kernel
@@ -221,7 +220,7 @@ def quantize_q8_k(x, xq, xd, xsum, xu):
 @kernel
 def linear_q4_k(out, x, w, stamp):
     """out = x @ W.T for Q4_K W.  out (B, d), x (B, n) float32, w: (d, n) Q4_K"""
-    xq, xd, xsum, xu = q8_k_input(out, x, w, stamp, 144)
+    xq, xd, xsum, xu = q8_k_input(out, x, w.w, w.xq, w.xd, w.xsum, w.xu, w.stamp, stamp, 144)
     B, d = out.shape
     for c in prange(row_chunks(B, d)):
         k0, k1, pair = chunk_rows(c, B, d)
@@ -234,7 +233,7 @@ def linear_q4_k(out, x, w, stamp):
 @kernel
 def linear_q5_k(out, x, w, stamp):
     """out = x @ W.T for Q5_K W.  out (B, d), x (B, n) float32, w: (d, n) Q5_K"""
-    xq, xd, xsum, xu = q8_k_input(out, x, w, stamp, 176)
+    xq, xd, xsum, xu = q8_k_input(out, x, w.w, w.xq, w.xd, w.xsum, w.xu, w.stamp, stamp, 176)
     B, d = out.shape
     for c in prange(row_chunks(B, d)):
         k0, k1, pair = chunk_rows(c, B, d)
@@ -247,7 +246,7 @@ def linear_q5_k(out, x, w, stamp):
 @kernel
 def linear_q6_k(out, x, w, stamp):
     """out = x @ W.T for Q6_K W.  out (B, d), x (B, n) float32, w: (d, n) Q6_K"""
-    xq, xd, xsum, xu = q8_k_input(out, x, w, stamp, 210)
+    xq, xd, xsum, xu = q8_k_input(out, x, w.w, w.xq, w.xd, w.xsum, w.xu, w.stamp, stamp, 210)
     B, d = out.shape
     for c in prange(row_chunks(B, d)):
         k0, k1, pair = chunk_rows(c, B, d)

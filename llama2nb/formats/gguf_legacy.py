@@ -233,24 +233,22 @@ class Q5_1(_Legacy):
 
 
 @kernel
-def q8_32_input(out, x, w, stamp, size):
-    """Check the shapes (blocks.check_linear), quantize x into w's scratch unless it holds this
-    stamp's input already, and return the views the row kernels read: (xq (B, n), xd (B, n/32),
-    xsum (B, n/32), xu (B, n), xs (B, n), xds (B, n/32)).  out (B, d), x (B, n) float32, w a LegacyOperand
-    of a (d, n) matrix of `size`-byte blocks"""
-    check_linear(out, x, w.w, QK, size, w.xq.size)
+def q8_32_input(out, x, w, xq, xd, xsum, xu, xs, xds, last, stamp, size):
+    """Check the shapes (blocks.check_linear), quantize x into the scratch unless it holds this
+    stamp's input already (`last`: the stamp it holds), and return the views the row kernels
+    read: (xq (B, n), xd (B, n/32), xsum (B, n/32), xu (B, n), xs (B, n), xds (B, n/32)).
+    out (B, d), x (B, n) float32, w (d, n / 32 * size) uint8, the scratch's arrays flat
+    (LegacyOperand's fields: passing the operand would compile this once per format)"""
+    check_linear(out, x, w, QK, size, xq.size)
     B, n = x.shape
     blocks = n // QK
-    xq = w.xq[:B * n].reshape((B, n))
-    xd = w.xd[:B * blocks].reshape((B, blocks))
-    xsum = w.xsum[:B * blocks].reshape((B, blocks))
-    xu = w.xu[:B * n].reshape((B, n))
-    xs = w.xs[:B * n].reshape((B, n))
-    xds = w.xds[:B * blocks].reshape((B, blocks))
-    if w.stamp[0] != stamp:
-        quantize_q8_32(x, xq, xd, xsum, xu, xs, xds)
-        w.stamp[0] = stamp
-    return xq, xd, xsum, xu, xs, xds
+    views = (xq[:B * n].reshape((B, n)), xd[:B * blocks].reshape((B, blocks)),
+             xsum[:B * blocks].reshape((B, blocks)), xu[:B * n].reshape((B, n)), xs[:B * n].reshape((B, n)),
+             xds[:B * blocks].reshape((B, blocks)))
+    if last[0] != stamp:
+        quantize_q8_32(x, *views)
+        last[0] = stamp
+    return views
 
 
 @kernel
@@ -299,7 +297,7 @@ def quantize_q8_32(x, xq, xd, xsum, xu, xs, xds):
 @kernel
 def linear_q8_0_block(out, x, w, stamp):
     """out = x @ W.T for GGUF Q8_0 W.  out (B, d), x (B, n) float32, w: (d, n) Q8_0 blocks"""
-    xq, xd, xsum, xu, xs, xds = q8_32_input(out, x, w, stamp, 34)
+    xq, xd, xsum, xu, xs, xds = q8_32_input(out, x, w.w, w.xq, w.xd, w.xsum, w.xu, w.xs, w.xds, w.stamp, stamp, 34)
     B, d = out.shape
     for c in prange(row_chunks(B, d)):
         k0, k1, pair = chunk_rows(c, B, d)
@@ -312,7 +310,7 @@ def linear_q8_0_block(out, x, w, stamp):
 @kernel
 def linear_q4_0(out, x, w, stamp):
     """out = x @ W.T for Q4_0 W.  out (B, d), x (B, n) float32, w: (d, n) Q4_0"""
-    xq, xd, xsum, xu, xs, xds = q8_32_input(out, x, w, stamp, 18)
+    xq, xd, xsum, xu, xs, xds = q8_32_input(out, x, w.w, w.xq, w.xd, w.xsum, w.xu, w.xs, w.xds, w.stamp, stamp, 18)
     B, d = out.shape
     for c in prange(row_chunks(B, d)):
         k0, k1, pair = chunk_rows(c, B, d)
@@ -325,7 +323,7 @@ def linear_q4_0(out, x, w, stamp):
 @kernel
 def linear_q4_1(out, x, w, stamp):
     """out = x @ W.T for Q4_1 W.  out (B, d), x (B, n) float32, w: (d, n) Q4_1"""
-    xq, xd, xsum, xu, xs, xds = q8_32_input(out, x, w, stamp, 20)
+    xq, xd, xsum, xu, xs, xds = q8_32_input(out, x, w.w, w.xq, w.xd, w.xsum, w.xu, w.xs, w.xds, w.stamp, stamp, 20)
     B, d = out.shape
     for c in prange(row_chunks(B, d)):
         k0, k1, pair = chunk_rows(c, B, d)
@@ -338,7 +336,7 @@ def linear_q4_1(out, x, w, stamp):
 @kernel
 def linear_q5_0(out, x, w, stamp):
     """out = x @ W.T for Q5_0 W.  out (B, d), x (B, n) float32, w: (d, n) Q5_0"""
-    xq, xd, xsum, xu, xs, xds = q8_32_input(out, x, w, stamp, 22)
+    xq, xd, xsum, xu, xs, xds = q8_32_input(out, x, w.w, w.xq, w.xd, w.xsum, w.xu, w.xs, w.xds, w.stamp, stamp, 22)
     B, d = out.shape
     for c in prange(row_chunks(B, d)):
         k0, k1, pair = chunk_rows(c, B, d)
@@ -351,7 +349,7 @@ def linear_q5_0(out, x, w, stamp):
 @kernel
 def linear_q5_1(out, x, w, stamp):
     """out = x @ W.T for Q5_1 W.  out (B, d), x (B, n) float32, w: (d, n) Q5_1"""
-    xq, xd, xsum, xu, xs, xds = q8_32_input(out, x, w, stamp, 24)
+    xq, xd, xsum, xu, xs, xds = q8_32_input(out, x, w.w, w.xq, w.xd, w.xsum, w.xu, w.xs, w.xds, w.stamp, stamp, 24)
     B, d = out.shape
     for c in prange(row_chunks(B, d)):
         k0, k1, pair = chunk_rows(c, B, d)
