@@ -27,15 +27,17 @@ from ..kernels import simd
 from ..kernels.jit import kernel
 from .base import Format
 
-if numba.config.DISABLE_JIT:  # the intrinsic exists only compiled: the same bitcast in NumPy
+if numba.config.DISABLE_JIT:  # the intrinsics exist only compiled: the same bitcast in NumPy
 
     def float32_from_bits(bits):
         return np.uint32(np.int64(bits) & 0xFFFFFFFF).view(np.float32)
 else:
     from ..kernels.simd import float32_from_bits
+from ..kernels.simd import float32_from_half_bits
 
 I32 = np.int32
 TWO_M24 = np.float32(2.0 ** -24)  # the value of float16's smallest subnormal
+F16C = False  # compile-time constant: f16_to_f32 by the CPU's instruction (F16.constants)
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,10 +116,25 @@ class BlockFormat(Format):
         return self.operand_class(matrix.data, *(scratch or ()))
 
 
-def vnni_constants(fastmath: str) -> dict[str, Any]:
-    """The compile-time constant of the block formats' kernels: VNNI512, whether they take
-    their AVX-512 VNNI paths (kernels/vnni_gguf.py): on such a CPU, with fastmath."""
-    return {"VNNI512": simd.VNNI512 and fastmath != "off"}
+class QuantizedFormat(BlockFormat):
+    """A block type whose matmul quantizes its input: the formats that encode the input alike
+    share one scratch (`activations` names the encoding), and the kernels take their AVX-512
+    VNNI paths (kernels/vnni_gguf.py) on such a CPU, with fastmath: the compile-time constant
+    VNNI512."""
+
+    activations: ClassVar[str]  # the input's encoding: the scratch_key
+    unit: ClassVar[str]  # what a block is called, for kernel_description
+
+    def constants(self, fastmath: str) -> dict[str, Any]:
+        return {"VNNI512": simd.VNNI512 and fastmath != "off"}
+
+    def kernel_description(self, fastmath="full"):
+        if self.constants(fastmath)["VNNI512"]:
+            return f"{self.name} {self.unit} read as they lie, AVX-512 VNNI against int8 inputs (with fastmath)"
+        return f"{self.name} {self.unit} read as they lie, portable integer loops against int8 inputs"
+
+    def scratch_key(self):
+        return self.activations
 
 
 @kernel
@@ -174,16 +191,23 @@ def half_float(low, high):
 
 @kernel
 def f16_to_f32(h):
-    """The float32 equal to the IEEE half with bits h (an integer below 2^16), exactly.
+    """The float32 equal to the IEEE half with bits h (an integer below 2^16), exactly: with
+    F16C (a compile-time constant) in the CPU's instruction, else in integer arithmetic.
     Normals move their exponent and mantissa into float32's fields, the exponent rebiased in
     the integer bits: a scale factor (2^112) would be a float product that fastmath's
-    reassociation may merge with the caller's, and overflow there. Subnormals are their
-    mantissa times 2^-24 (exact); infinities and NaNs keep their class."""
-    sign = I32(I32(h) & I32(0x8000)) << I32(16)
-    magnitude = I32(h) & I32(0x7FFF)
+    reassociation may merge with the caller's, and overflow there. Subnormals are their signed
+    mantissa times 2^-24 (exact; -0 becomes +0); infinities and NaNs keep their class. One
+    path of selects on int32 values (Numba widens integer arithmetic to int64 unless told),
+    which LLVM vectorises."""
+    if F16C:
+        return float32_from_half_bits(h)
+    bits = I32(h)
+    negative = I32(bits >> I32(15))
+    sign = I32(negative << I32(31))
+    magnitude = I32(bits & I32(0x7FFF))
+    normal = I32(I32(magnitude << I32(13)) + I32(112 << 23))
+    special = I32(I32(0x7F800000) | I32(I32(magnitude & I32(0x3FF)) << I32(13)))  # infinity, NaN
+    value = float32_from_bits(I32(sign | (special if magnitude >= I32(0x7C00) else normal)))
     if magnitude < I32(0x400):  # zero or subnormal
-        value = np.float32(magnitude) * TWO_M24
-        return -value if sign else value
-    if magnitude >= I32(0x7C00):  # infinity or NaN: float32's largest exponent too
-        return float32_from_bits(sign | I32(0x7F800000) | I32(I32(magnitude & I32(0x3FF)) << I32(13)))
-    return float32_from_bits(sign | I32(I32(magnitude << I32(13)) + I32(112 << 23)))
+        value = np.float32(I32(I32(magnitude ^ -negative) + negative)) * TWO_M24
+    return value

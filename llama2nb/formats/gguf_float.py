@@ -17,10 +17,11 @@ from typing import NamedTuple
 import numpy as np
 from numba import prange
 
+from ..kernels import simd
 from ..kernels.common import ZERO
 from ..kernels.jit import kernel
 from .base import register
-from .blocks import BlockFormat, check_embed, check_linear, f16_to_f32, float32_from_bits
+from .blocks import BlockFormat, check_embed, check_linear, chunk_rows, f16_to_f32, float32_from_bits, row_chunks
 
 I32 = np.int32
 ALL = np.iinfo(np.int64).max  # no scratch to fit
@@ -50,6 +51,10 @@ class F16(_Float16Bits):
     operand_class = F16Operand
     linear_kernel = "linear_f16"
     embed_kernel = "embed_f16"
+
+    def constants(self, fastmath):
+        """F16C: the half-to-float conversion in the CPU's instruction, where it has one."""
+        return {"F16C": simd.F16C}
 
     def _quantize_blocks(self, blocks):
         """IEEE round to nearest even, as llama.cpp's conversion (NumPy's astype)."""
@@ -132,74 +137,54 @@ def embed_16bit(out, w, tokens, bf16):
 
 
 @kernel
+def matmul_16bit(out, x, w, bf16):
+    """out = x @ w.T, each weight converted to float32 as it is read.  out (B, d), x (B, n),
+    w (d, n) uint16 (BF16 if bf16, else F16)
+
+    Rows in the block formats' ranges (blocks.chunk_rows: one input takes rows from both
+    halves of w in turn, two streams from DRAM); each converted weight serves up to four
+    inputs."""
+    B, d = out.shape
+    for c in prange(row_chunks(B, d)):
+        k0, k1, pair = chunk_rows(c, B, d)
+        for k in range(k0, k1):
+            for r in range(1 + (pair > 0)):
+                i = k + r * pair
+                row = w[i]
+                for b in range(0, B - B % 4, 4):
+                    rows_16bit(out, x, row, i, b, bf16)
+                for b in range(B - B % 4, B):
+                    out[b, i] = dot_16bit(x[b], row, bf16)
+
+
+@kernel
+def rows_16bit(out, x, row, i, b, bf16):
+    """out[b:b + 4, i] = x[b:b + 4] @ row, each weight converted once for the four.
+    out (B, d), x (B, n), row (n,) uint16"""
+    x0 = x[b]
+    x1 = x[b + 1]
+    x2 = x[b + 2]
+    x3 = x[b + 3]
+    a0 = ZERO
+    a1 = ZERO
+    a2 = ZERO
+    a3 = ZERO
+    for j in range(row.shape[0]):
+        u = to_f32(row[j], bf16)
+        a0 += u * x0[j]
+        a1 += u * x1[j]
+        a2 += u * x2[j]
+        a3 += u * x3[j]
+    out[b, i] = a0
+    out[b + 1, i] = a1
+    out[b + 2, i] = a2
+    out[b + 3, i] = a3
+
+
+@kernel
 def dot_16bit(x, w, bf16):
     """x · w in float32.  x (n,) float32, w (n,) uint16 (BF16 if bf16, else F16)"""
     acc = ZERO
     for j in range(x.shape[0]):
         acc += x[j] * to_f32(w[j], bf16)
     return acc
-
-
-@kernel
-def matmul_16bit(out, x, w, bf16):
-    """out = x @ w.T, each weight converted to float32 as it is read.  out (B, d), x (B, n),
-    w (d, n) uint16 (BF16 if bf16, else F16)
-
-    The loops of F32's matmul: one token takes its rows from the two halves of w in turn (two
-    streams from DRAM); a block of tokens runs 2 rows x 4 tokens at a time, so each converted
-    weight serves four tokens."""
-    B, n = x.shape
-    d = w.shape[0]
-    if B == 1:
-        x0 = x[0]
-        o = out[0]
-        half = d // 2
-        for i in prange(half):
-            o[i] = dot_16bit(x0, w[i], bf16)
-            o[half + i] = dot_16bit(x0, w[half + i], bf16)
-        if d % 2:
-            o[d - 1] = dot_16bit(x0, w[d - 1], bf16)
-        return
-    full_b = B - B % 4
-    for pair in prange(d // 2):
-        i = 2 * pair
-        w0 = w[i]
-        w1 = w[i + 1]
-        for b in range(0, full_b, 4):
-            x0 = x[b]
-            x1 = x[b + 1]
-            x2 = x[b + 2]
-            x3 = x[b + 3]
-            a0 = ZERO
-            a1 = ZERO
-            a2 = ZERO
-            a3 = ZERO
-            c0 = ZERO
-            c1 = ZERO
-            c2 = ZERO
-            c3 = ZERO
-            for j in range(n):
-                u = to_f32(w0[j], bf16)
-                v = to_f32(w1[j], bf16)
-                a0 += u * x0[j]
-                a1 += u * x1[j]
-                a2 += u * x2[j]
-                a3 += u * x3[j]
-                c0 += v * x0[j]
-                c1 += v * x1[j]
-                c2 += v * x2[j]
-                c3 += v * x3[j]
-            out[b, i] = a0
-            out[b + 1, i] = a1
-            out[b + 2, i] = a2
-            out[b + 3, i] = a3
-            out[b, i + 1] = c0
-            out[b + 1, i + 1] = c1
-            out[b + 2, i + 1] = c2
-            out[b + 3, i + 1] = c3
-        for b in range(full_b, B):
-            out[b, i] = dot_16bit(x[b], w0, bf16)
-            out[b, i + 1] = dot_16bit(x[b], w1, bf16)
-    if d % 2:
-        for b in range(B):
-            out[b, d - 1] = dot_16bit(x[b], w[d - 1], bf16)

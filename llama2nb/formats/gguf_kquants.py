@@ -33,13 +33,12 @@ from ..kernels import vnni_gguf
 from ..kernels.common import ONE, ZERO
 from ..kernels.jit import kernel
 from .base import register
-from .blocks import BlockFormat, check_embed, check_linear, chunk_rows, half_float, row_chunks, vnni_constants
+from .blocks import QuantizedFormat, check_embed, check_linear, chunk_rows, half_float, row_chunks
 from .gguf_legacy import fp16_field
 
 I32 = np.int32
 QK_K = 256  # values per super-block
-VNNI512 = False  # compile-time constant: the AVX-512 VNNI paths (blocks.vnni_constants)
-ACTIVATIONS = "int8 per 256 values with sums per 16 (llama.cpp's Q8_K activations)"  # the shared scratch_key
+VNNI512 = False  # compile-time constant: the AVX-512 VNNI paths (blocks.QuantizedFormat.constants)
 
 
 def scales_and_mins(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -51,19 +50,10 @@ def scales_and_mins(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
-class _KQuant(BlockFormat):
+class _KQuant(QuantizedFormat):
     block_size = QK_K
-
-    def constants(self, fastmath):
-        return vnni_constants(fastmath)
-
-    def kernel_description(self, fastmath="full"):
-        if self.constants(fastmath)["VNNI512"]:
-            return f"{self.name} super-blocks read as they lie, AVX-512 VNNI against int8 inputs (with fastmath)"
-        return f"{self.name} super-blocks read as they lie, portable integer loops against int8 inputs"
-
-    def scratch_key(self):
-        return ACTIVATIONS
+    activations = "int8 per 256 values with sums per 16 (llama.cpp's Q8_K activations)"
+    unit = "super-blocks"
 
     def scratch(self, block, width):
         values = block * width

@@ -34,12 +34,11 @@ from ..kernels import vnni_gguf
 from ..kernels.common import ONE, ZERO
 from ..kernels.jit import kernel
 from .base import register
-from .blocks import BlockFormat, check_embed, check_linear, chunk_rows, half_float, row_chunks, vnni_constants
+from .blocks import QuantizedFormat, check_embed, check_linear, chunk_rows, half_float, row_chunks
 
 I32 = np.int32
 QK = 32  # values per block
-VNNI512 = False  # compile-time constant: the AVX-512 VNNI paths (blocks.vnni_constants)
-ACTIVATIONS = "int8 per 32 values (llama.cpp's Q8_0 activations)"  # the shared scratch_key
+VNNI512 = False  # compile-time constant: the AVX-512 VNNI paths (blocks.QuantizedFormat.constants)
 
 
 def round_half_away(v: np.ndarray) -> np.ndarray:
@@ -59,24 +58,15 @@ def fp16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
     return np.ascontiguousarray(blocks[:, offset:offset + 2]).view(np.float16).astype(np.float32)
 
 
-class _Legacy(BlockFormat):
+class _Legacy(QuantizedFormat):
     block_size = QK
+    activations = "int8 per 32 values (llama.cpp's Q8_0 activations)"
+    unit = "blocks"
     qs: int  # byte offset of the values (nibbles, or int8 for Q8_0)
     qh: int | None = None  # byte offset of the fifth bits
     m: int | None = None  # byte offset of the min
     zero: int = 0  # the offset subtracted from q (formats without a min)
     levels: int = 16  # distinct q
-
-    def constants(self, fastmath):
-        return vnni_constants(fastmath)
-
-    def kernel_description(self, fastmath="full"):
-        if self.constants(fastmath)["VNNI512"]:
-            return f"{self.name} blocks read as they lie, AVX-512 VNNI against int8 inputs (with fastmath)"
-        return f"{self.name} blocks read as they lie, portable integer loops against int8 inputs"
-
-    def scratch_key(self):
-        return ACTIVATIONS
 
     def scratch(self, block, width):
         values, blocks = block * width, block * width // QK

@@ -271,6 +271,26 @@ def _is_array(ty, dtype, ndim, contiguous=True) -> bool:
             and (ty.layout == "C" or not contiguous))
 
 
+def _signature(codegen, args, inputs):
+    """The typing of rows(out, w, *inputs, k0, k1, pair): out (B, d) float32, w (d, row bytes)
+    uint8, inputs 2-D C arrays of the dtypes `inputs`, k0, k1, pair integers; None (no match)
+    for anything else. Only a target with AVX-512 VNNI compiles these."""
+    if not VNNI512:
+        raise numba.core.errors.TypingError("the GGUF VNNI rows need a target CPU with AVX-512 VNNI")
+    out, w, *arrays, k0, k1, pair = args
+    if not (_is_array(out, types.float32, 2, contiguous=False) and _is_array(w, types.uint8, 2)
+            and len(arrays) == len(inputs) and all(_is_array(a, t, 2) for a, t in zip(arrays, inputs))
+            and all(isinstance(t, types.Integer) for t in (k0, k1, pair))):
+        return None
+    return types.void(*args), codegen
+
+
+def _arguments(context, builder, signature, args):
+    """The array arguments (_Arrays: out, w, inputs...) and k0, k1, pair as int64."""
+    arrays = _Arrays(context, builder, signature.args[:-3], args[:-3])
+    return arrays, [context.cast(builder, a, t, types.int64) for a, t in zip(args[-3:], signature.args[-3:])]
+
+
 def _named(typer, name: str):
     typer.__name__ = typer.__qualname__ = name
     return intrinsic(typer)
@@ -290,20 +310,12 @@ def _legacy_intrinsic(fmt: Legacy):
     direct = not fmt.int8  # whether one input takes the unsigned q against xs
 
     def typer(typingctx, out, w, xu, xs, xd, xsum, xds, k0, k1, pair):
-        if not VNNI512:
-            raise numba.core.errors.TypingError("the GGUF VNNI rows need a target CPU with AVX-512 VNNI")
-        if not (_is_array(out, types.float32, 2, contiguous=False) and _is_array(w, types.uint8, 2)
-                and _is_array(xu, types.uint8, 2) and _is_array(xs, types.int8, 2)
-                and _is_array(xd, types.float32, 2) and _is_array(xsum, types.int32, 2)
-                and _is_array(xds, types.float32, 2)
-                and all(isinstance(t, types.Integer) for t in (k0, k1, pair))):
-            return None
-        return types.void(out, w, xu, xs, xd, xsum, xds, k0, k1, pair), codegen
+        inputs = (types.uint8, types.int8, types.float32, types.int32, types.float32)
+        return _signature(codegen, (out, w, xu, xs, xd, xsum, xds, k0, k1, pair), inputs)
 
     def codegen(context, builder, signature, args):
         v = _IR(builder)
-        arrays = _Arrays(context, builder, signature.args[:7], args[:7])
-        k0, k1, pair = (context.cast(builder, args[k], signature.args[k], types.int64) for k in (7, 8, 9))
+        arrays, (k0, k1, pair) = _arguments(context, builder, signature, args)
         blocks = builder.sdiv(arrays.shape(1, 1), _I64(fmt.size))
         pairs = builder.sdiv(blocks, _I64(2))
         f16 = _vec(_F32, 16)
@@ -469,18 +481,11 @@ def _kquant_intrinsic(fmt: KQuant):
     x_dtype = types.uint8 if fmt.six else types.int8
 
     def typer(typingctx, out, w, x, xd, sums, k0, k1, pair):
-        if not VNNI512:
-            raise numba.core.errors.TypingError("the GGUF VNNI rows need a target CPU with AVX-512 VNNI")
-        if not (_is_array(out, types.float32, 2, contiguous=False) and _is_array(w, types.uint8, 2)
-                and _is_array(x, x_dtype, 2) and _is_array(xd, types.float32, 2) and _is_array(sums, types.int16, 2)
-                and all(isinstance(t, types.Integer) for t in (k0, k1, pair))):
-            return None
-        return types.void(out, w, x, xd, sums, k0, k1, pair), codegen
+        return _signature(codegen, (out, w, x, xd, sums, k0, k1, pair), (x_dtype, types.float32, types.int16))
 
     def codegen(context, builder, signature, args):
         v = _IR(builder)
-        arrays = _Arrays(context, builder, signature.args[:5], args[:5])
-        k0, k1, pair = (context.cast(builder, args[k], signature.args[k], types.int64) for k in (5, 6, 7))
+        arrays, (k0, k1, pair) = _arguments(context, builder, signature, args)
         supers = builder.sdiv(arrays.shape(1, 1), _I64(fmt.size))
         f16, f8, int_lanes = _vec(_F32, 16), _vec(_F32, 8), _vec(_I32, 16)
 
