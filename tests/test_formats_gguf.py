@@ -287,8 +287,8 @@ def test_the_inputs_are_quantized_as_llama_cpp_does(fastmath):
     x[2, 256:512] = 0.0  # an all-zero super-block
     kernels = family(fastmath, True)
     scratch = formats.Q4_0().scratch(3, 512)
-    xq, xd, xsum, xu, xs, xds = (a[:3 * 512 // k].reshape(3, -1) for a, k in zip(scratch[:6], (1, 32, 32, 1, 1, 32)))
-    kernels.quantize_q8_32(x, xq, xd, xsum, xu, xs, xds)
+    xq, xd, xsum, xu, xs, xds, x8 = (a[:3 * 512 // k].reshape(3, -1) for a, k in zip(scratch[:7], (1, 32, 32, 1, 1, 32, 32)))
+    kernels.quantize_q8_32(x, xq, xd, xsum, xu, xs, xds, x8)
     k = formats.Q4_K().scratch(3, 512)
     kq, kd, ksum, ku = (a[:3 * 512 // s].reshape(3, -1) for a, s in zip(k[:4], (1, 256, 16, 1)))
     kernels.quantize_q8_k(x, kq, kd, ksum, ku)
@@ -304,6 +304,7 @@ def test_the_inputs_are_quantized_as_llama_cpp_does(fastmath):
         np.testing.assert_array_equal(xs, vnni_order(xq))
         np.testing.assert_array_equal(xu, (vnni_order(xq).astype(int) + 128).astype(np.uint8))
         np.testing.assert_allclose(xds, xd * xsum, rtol=1e-7)
+        np.testing.assert_array_equal(x8, -8 * xsum)
         np.testing.assert_array_equal(ku, (kq.astype(int) + 128).astype(np.uint8))
 
 
@@ -378,7 +379,7 @@ def rows_error(kind, fastmath, seed=0):
             out = np.full((B, rows), np.nan, np.float32)
             if kind == "legacy":
                 xq, xd, xsum = np.empty((B, cols), np.int8), np.empty((B, blocks), np.float32), np.empty((B, blocks), np.int32)
-                kernels.quantize_q8_32(x, xq, xd, xsum, np.empty((B, cols), np.uint8), xq.copy(), xd.copy())
+                kernels.quantize_q8_32(x, xq, xd, xsum, np.empty((B, cols), np.uint8), xq.copy(), xd.copy(), xsum.copy())
                 rows_kernel = kernels.rows_legacy
             else:
                 xq, xd, xsum = np.empty((B, cols), np.int8), np.empty((B, blocks), np.float32), np.empty((B, cols // 16), np.int16)
@@ -518,7 +519,7 @@ def test_the_vnni_rows_are_made_of_vnni_instructions(name, instructions):
 
     rows = getattr(vnni_gguf, name)
     if name in ("q4_0", "q8_0"):
-        run = numba.njit(lambda out, w, xu, xs, xd, xsum, xds: rows(out, w, xu, xs, xd, xsum, xds, 0, 1, 0))
+        run = numba.njit(lambda out, w, xu, xs, xd, x8, xds: rows(out, w, xu, xs, xd, x8, xds, 0, 1, 0))
         args = (np.zeros((1, 1), np.float32), np.zeros((1, 72 if name == "q4_0" else 136), np.uint8),
                 np.zeros((1, 128), np.uint8), np.zeros((1, 128), np.int8), np.zeros((1, 4), np.float32),
                 np.zeros((1, 4), np.int32), np.zeros((1, 4), np.float32))

@@ -72,7 +72,7 @@ class _Legacy(QuantizedFormat):
         values, blocks = block * width, block * width // QK
         return (np.zeros(values, np.int8), np.zeros(blocks, np.float32), np.zeros(blocks, np.int32),
                 np.zeros(values, np.uint8), np.zeros(values, np.int8), np.zeros(blocks, np.float32),
-                np.full(1, -1, np.int64))
+                np.zeros(blocks, np.int32), np.full(1, -1, np.int64))
 
     def values(self, blocks: np.ndarray) -> np.ndarray:
         """(N, block_bytes) uint8 -> (N, 32) int32: the stored q of every value."""
@@ -131,6 +131,7 @@ class LegacyOperand(NamedTuple):
     xu: np.ndarray  # (block * width,) uint8: xq + 128 in the VNNI order (quantize_q8_32)
     xs: np.ndarray  # (block * width,) int8: xq in the VNNI order
     xds: np.ndarray  # (block * width / 32,) float32: xd * xsum
+    x8: np.ndarray  # (block * width / 32,) int32: -8 * xsum
     stamp: np.ndarray  # (1,) int64
 
 
@@ -223,10 +224,11 @@ class Q5_1(_Legacy):
 
 
 @kernel
-def q8_32_input(out, x, w, xq, xd, xsum, xu, xs, xds, last, stamp, size):
+def q8_32_input(out, x, w, xq, xd, xsum, xu, xs, xds, x8, last, stamp, size):
     """Check the shapes (blocks.check_linear), quantize x into the scratch unless it holds this
     stamp's input already (`last`: the stamp it holds), and return the views the row kernels
-    read: (xq (B, n), xd (B, n/32), xsum (B, n/32), xu (B, n), xs (B, n), xds (B, n/32)).
+    read: (xq (B, n), xd (B, n/32), xsum (B, n/32), xu (B, n), xs (B, n), xds (B, n/32),
+    x8 (B, n/32)).
     out (B, d), x (B, n) float32, w (d, n / 32 * size) uint8, the scratch's arrays flat
     (LegacyOperand's fields: passing the operand would compile this once per format)"""
     check_linear(out, x, w, QK, size, xq.size)
@@ -234,7 +236,7 @@ def q8_32_input(out, x, w, xq, xd, xsum, xu, xs, xds, last, stamp, size):
     blocks = n // QK
     views = (xq[:B * n].reshape((B, n)), xd[:B * blocks].reshape((B, blocks)),
              xsum[:B * blocks].reshape((B, blocks)), xu[:B * n].reshape((B, n)), xs[:B * n].reshape((B, n)),
-             xds[:B * blocks].reshape((B, blocks)))
+             xds[:B * blocks].reshape((B, blocks)), x8[:B * blocks].reshape((B, blocks)))
     if last[0] != stamp:
         quantize_q8_32(x, *views)
         last[0] = stamp
@@ -242,14 +244,15 @@ def q8_32_input(out, x, w, xq, xd, xsum, xu, xs, xds, last, stamp, size):
 
 
 @kernel
-def quantize_q8_32(x, xq, xd, xsum, xu, xs, xds):
+def quantize_q8_32(x, xq, xd, xsum, xu, xs, xds, x8):
     """Per block of 32: xd = max|x| / 127, xq = round(x * (1 / xd)) (llama.cpp's
     quantize_row_q8_0: C's roundf, half away from zero; an all-zero block gets 0s), xsum = the
-    sum of xq. With VNNI512, also what the intrinsics read: xds = xd * xsum, and xs = xq and
+    sum of xq. With VNNI512, also what the intrinsics read: xds = xd * xsum, x8 = -8 * xsum
+    (Q4_0's offset term, which one input's pass starts from), and xs = xq and
     xu = xq + 128 with each pair of blocks a, b (64 values) in their order (kernels/vnni_gguf.py):
     4-byte lanes alternating a, b, lane 2m holding a's values 4m..4m+3 for m < 4 and
     16 + 4(m - 4).. for m >= 4; an odd last block keeps its own order.
-    x, xq, xu, xs (B, n); xd, xsum, xds (B, n / 32)"""
+    x, xq, xu, xs (B, n); xd, xsum, xds, x8 (B, n / 32)"""
     B, n = x.shape
     blocks = n // QK
     for b in range(B):
@@ -272,6 +275,7 @@ def quantize_q8_32(x, xq, xd, xsum, xu, xs, xds):
         if VNNI512:
             for k in range(blocks):
                 xds[b, k] = xd[b, k] * np.float32(xsum[b, k])
+                x8[b, k] = -8 * xsum[b, k]
                 alone = k + 1 == blocks and k % 2 == 0  # an odd last block: its own order
                 for j in range(QK):
                     at = j if alone else 4 * (8 * (j // 16) + 2 * (j % 16 // 4) + k % 2) + j % 4
@@ -287,12 +291,13 @@ def quantize_q8_32(x, xq, xd, xsum, xu, xs, xds):
 @kernel
 def linear_q8_0_block(out, x, w, stamp):
     """out = x @ W.T for GGUF Q8_0 W.  out (B, d), x (B, n) float32, w: (d, n) Q8_0 blocks"""
-    xq, xd, xsum, xu, xs, xds = q8_32_input(out, x, w.w, w.xq, w.xd, w.xsum, w.xu, w.xs, w.xds, w.stamp, stamp, 34)
+    xq, xd, xsum, xu, xs, xds, x8 = q8_32_input(out, x, w.w, w.xq, w.xd, w.xsum, w.xu, w.xs, w.xds, w.x8, w.stamp, stamp,
+                                                34)
     B, d = out.shape
     for c in prange(row_chunks(B, d)):
         k0, k1, pair = chunk_rows(c, B, d)
         if VNNI512:
-            vnni_gguf.q8_0(out, w.w, xu, xs, xd, xsum, xds, k0, k1, pair)
+            vnni_gguf.q8_0(out, w.w, xu, xs, xd, x8, xds, k0, k1, pair)
         else:
             rows_legacy(out, w.w, xq, xd, xsum, k0, k1, pair, 34)
 
@@ -300,12 +305,13 @@ def linear_q8_0_block(out, x, w, stamp):
 @kernel
 def linear_q4_0(out, x, w, stamp):
     """out = x @ W.T for Q4_0 W.  out (B, d), x (B, n) float32, w: (d, n) Q4_0"""
-    xq, xd, xsum, xu, xs, xds = q8_32_input(out, x, w.w, w.xq, w.xd, w.xsum, w.xu, w.xs, w.xds, w.stamp, stamp, 18)
+    xq, xd, xsum, xu, xs, xds, x8 = q8_32_input(out, x, w.w, w.xq, w.xd, w.xsum, w.xu, w.xs, w.xds, w.x8, w.stamp, stamp,
+                                                18)
     B, d = out.shape
     for c in prange(row_chunks(B, d)):
         k0, k1, pair = chunk_rows(c, B, d)
         if VNNI512:
-            vnni_gguf.q4_0(out, w.w, xu, xs, xd, xsum, xds, k0, k1, pair)
+            vnni_gguf.q4_0(out, w.w, xu, xs, xd, x8, xds, k0, k1, pair)
         else:
             rows_legacy(out, w.w, xq, xd, xsum, k0, k1, pair, 18)
 
@@ -313,12 +319,13 @@ def linear_q4_0(out, x, w, stamp):
 @kernel
 def linear_q4_1(out, x, w, stamp):
     """out = x @ W.T for Q4_1 W.  out (B, d), x (B, n) float32, w: (d, n) Q4_1"""
-    xq, xd, xsum, xu, xs, xds = q8_32_input(out, x, w.w, w.xq, w.xd, w.xsum, w.xu, w.xs, w.xds, w.stamp, stamp, 20)
+    xq, xd, xsum, xu, xs, xds, x8 = q8_32_input(out, x, w.w, w.xq, w.xd, w.xsum, w.xu, w.xs, w.xds, w.x8, w.stamp, stamp,
+                                                20)
     B, d = out.shape
     for c in prange(row_chunks(B, d)):
         k0, k1, pair = chunk_rows(c, B, d)
         if VNNI512:
-            vnni_gguf.q4_1(out, w.w, xu, xs, xd, xsum, xds, k0, k1, pair)
+            vnni_gguf.q4_1(out, w.w, xu, xs, xd, x8, xds, k0, k1, pair)
         else:
             rows_legacy(out, w.w, xq, xd, xsum, k0, k1, pair, 20)
 
@@ -326,12 +333,13 @@ def linear_q4_1(out, x, w, stamp):
 @kernel
 def linear_q5_0(out, x, w, stamp):
     """out = x @ W.T for Q5_0 W.  out (B, d), x (B, n) float32, w: (d, n) Q5_0"""
-    xq, xd, xsum, xu, xs, xds = q8_32_input(out, x, w.w, w.xq, w.xd, w.xsum, w.xu, w.xs, w.xds, w.stamp, stamp, 22)
+    xq, xd, xsum, xu, xs, xds, x8 = q8_32_input(out, x, w.w, w.xq, w.xd, w.xsum, w.xu, w.xs, w.xds, w.x8, w.stamp, stamp,
+                                                22)
     B, d = out.shape
     for c in prange(row_chunks(B, d)):
         k0, k1, pair = chunk_rows(c, B, d)
         if VNNI512:
-            vnni_gguf.q5_0(out, w.w, xu, xs, xd, xsum, xds, k0, k1, pair)
+            vnni_gguf.q5_0(out, w.w, xu, xs, xd, x8, xds, k0, k1, pair)
         else:
             rows_legacy(out, w.w, xq, xd, xsum, k0, k1, pair, 22)
 
@@ -339,12 +347,13 @@ def linear_q5_0(out, x, w, stamp):
 @kernel
 def linear_q5_1(out, x, w, stamp):
     """out = x @ W.T for Q5_1 W.  out (B, d), x (B, n) float32, w: (d, n) Q5_1"""
-    xq, xd, xsum, xu, xs, xds = q8_32_input(out, x, w.w, w.xq, w.xd, w.xsum, w.xu, w.xs, w.xds, w.stamp, stamp, 24)
+    xq, xd, xsum, xu, xs, xds, x8 = q8_32_input(out, x, w.w, w.xq, w.xd, w.xsum, w.xu, w.xs, w.xds, w.x8, w.stamp, stamp,
+                                                24)
     B, d = out.shape
     for c in prange(row_chunks(B, d)):
         k0, k1, pair = chunk_rows(c, B, d)
         if VNNI512:
-            vnni_gguf.q5_1(out, w.w, xu, xs, xd, xsum, xds, k0, k1, pair)
+            vnni_gguf.q5_1(out, w.w, xu, xs, xd, x8, xds, k0, k1, pair)
         else:
             rows_legacy(out, w.w, xq, xd, xsum, k0, k1, pair, 24)
 

@@ -297,11 +297,11 @@ def _named(typer, name: str):
 
 
 def _legacy_intrinsic(fmt: Legacy):
-    """rows(out, w, xu, xs, xd, xsum, xds, k0, k1, pair): out[b, i] = row i of w . x_b for every
+    """rows(out, w, xu, xs, xd, x8, xds, k0, k1, pair): out[b, i] = row i of w . x_b for every
     input b and the rows i of a range (formats/blocks.chunk_rows).  out (B, d) float32, w (d, n /
     32 * size) uint8, xu (B, n) uint8 and xs (B, n) int8: x + 128 and x in formats/gguf_legacy.
     quantize_q8_32's layout, xd, xds (B, n / 32) float32: the scales and the scales times the
-    sums of x, xsum (B, n / 32) int32 the sums; shapes checked by the caller
+    sums of x, x8 (B, n / 32) int32 -8 times the sums; shapes checked by the caller
 
     A pass over a row for several inputs decodes each piece of it once into signed bytes and
     starts every input's vpdpbusd at -128 * sum(w) (against xu, above). A pass for one input
@@ -309,9 +309,9 @@ def _legacy_intrinsic(fmt: Legacy):
     started at -8 (or -16) * sum(x) for Q4_0 (Q5_0), at 0 for the formats with a min."""
     direct = not fmt.int8  # whether one input takes the unsigned q against xs
 
-    def typer(typingctx, out, w, xu, xs, xd, xsum, xds, k0, k1, pair):
+    def typer(typingctx, out, w, xu, xs, xd, x8, xds, k0, k1, pair):
         inputs = (types.uint8, types.int8, types.float32, types.int32, types.float32)
-        return _signature(codegen, (out, w, xu, xs, xd, xsum, xds, k0, k1, pair), inputs)
+        return _signature(codegen, (out, w, xu, xs, xd, x8, xds, k0, k1, pair), inputs)
 
     def codegen(context, builder, signature, args):
         v = _IR(builder)
@@ -357,12 +357,13 @@ def _legacy_intrinsic(fmt: Legacy):
                 block = builder.mul(index, _I64(2))
                 width = 64 if pair else 32
                 lanes_t = _vec(_I32, width // 4)
-                for t, (xu, xs, xd, xsum, xds) in enumerate(rows):
+                for t, (xu, xs, xd, x8, xds) in enumerate(rows):
                     if signed:  # q . x - zero * sum(x): the offset starts the lanes
                         start = ir.Constant(lanes_t, None)
-                        if fmt.zero:
-                            sums = v.widen(v.load(xsum, builder.mul(block, _I64(4)), _vec(_I32, 2 if pair else 1)), width // 4)
-                            start = builder.sub(start, builder.mul(sums, v.splat_const(_I32, fmt.zero, width // 4)))
+                        if fmt.zero:  # -8 * sum(x) on each block's first lane, twice for -16
+                            start = v.widen(v.load(x8, builder.mul(block, _I64(4)), _vec(_I32, 2 if pair else 1)), width // 4)
+                            for _ in range(fmt.zero // 8 - 1):
+                                start = builder.add(start, start)
                         lanes = v.dpbusd(start, w, v.load(xs, builder.mul(index, _I64(64)), _vec(_I8, width)))
                     else:
                         lanes = v.dpbusd(init, v.load(xu, builder.mul(index, _I64(64)), _vec(_I8, width)), w)
