@@ -10,18 +10,22 @@ and per-block float scales kept in vector lanes, so a row ends in one horizontal
 Each intrinsic computes out[b, i] = row i . x_b for a range of rows i (formats/blocks.chunk_rows)
 and every input b of a block of quantized inputs (formats/gguf_legacy.py and gguf_kquants.py
 quantize them), the loops over rows and inputs included: the Numba code around it calls it
-once per range, because a call that passes arrays costs more than a row. It decodes each piece
-of a row once for TOKENS inputs at a time (the last few, one at a time). All sums of products are exact in int32 and the float sums run
-lane-wise in another order than the portable loops': only kernels compiled with fastmath use
-these.
+once per range, because a call that passes arrays costs more than a row. Inputs outside, rows
+inside: TOKENS inputs at a time (the last few one at a time) stay in L1 while the range's rows
+pass over them, each decoded piece of a row serving all of them. All sums of products are exact
+in int32; the float sums run lane-wise, in another order than the portable loops': only
+kernels compiled with fastmath use these.
 
-The 32-value formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) go two blocks a, b at a time: their values
-side by side are a[0:16] b[0:16] a[16:32] b[16:32] (the nibbles of both blocks, loaded as 32
-bytes, low halves then high), the order in which the input quantizer lays out xu. The weights
-become signed bytes (q - 8, q - 16, q, or Q8_0's q) and the input unsigned (xu = x + 128), so
-vpdpbusd(init, xu, w) with init = -128 * sum(w) per lane (computed once per decoded piece, for
-every token) leaves exactly sum(x * w) in each lane. Per lane, float: acc += float(lanes) * d *
-xd (+ m * xd * sum(x) on a block's first lane for the formats with a min).
+The 32-value formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) go two blocks a, b at a time, side by side
+in 4-value lanes that alternate between a and b (see _ALTERNATE), the order in which the input
+quantizer lays out its copies xu and xs, so a pair's scales are one broadcast pattern. For
+several inputs the weights become signed bytes (q - 8, q - 16, q, or Q8_0's q) and the input
+unsigned (xu = x + 128): vpdpbusd(init, xu, w) with init = -128 * sum(w) per lane, computed
+once per decoded piece, leaves exactly sum(x * w) in each lane. For one input (generation) the
+nibble formats' unsigned q meet the signed input xs, vpdpbusd started from -8 sum(x) (Q4_0),
+-16 sum(x) (Q5_0) or 0. Per lane, in float: acc += float(lanes) * d * xd (+ m * xd * sum(x) on
+each block's first lane for the formats with a min). The nibbles of a pair are one 64-byte load
+and word permutes (vpermw) where 64 bytes remain in the row, else loads of their fields.
 
 The K-quants (Q4_K, Q5_K, Q6_K) go 64 values at a time, 4 per 256-value super-block, in natural
 order. Q4_K/Q5_K: vpdpbusd(0, q, x) (q 0..31 unsigned, x signed), then vpdpwssd adds each
@@ -155,8 +159,7 @@ Q5_1 = Legacy(24, 8, qh=4, m=2)
 # A pair of blocks a, b side by side: 4-byte lanes alternate between the blocks, lane 2m
 # holding a's values 4m..4m+3 (m < 4; a[16 + 4(m - 4)...] for m >= 4) and lane 2m + 1 b's.
 # So a pair's scales are one broadcast [s_a, s_b] pattern, which a load of two adjacent floats
-# (vbroadcastsd) or of two fp16 (vpbroadcastd + vcvtph2ps) makes; quantize_q8_32 lays out xu
-# (the input) alike.
+# (vbroadcastsd) or a word permute of two fp16 makes; quantize_q8_32 lays out the input alike.
 _ALTERNATE = [k // 2 + 8 * (k % 2) for k in range(16)]  # the dwords of a's then b's 32 bytes, alternating
 
 
