@@ -56,10 +56,11 @@ def rel_err(ours, reference) -> float:
     return float(np.max(np.abs(np.asarray(ours, np.float64) - reference)) / np.max(np.abs(reference)))
 
 
-def random_blocks(name, count, rng, extreme=False):
+def random_blocks(name, count, rng, extreme=False, size=1.0):
     """`count` random blocks with sane fp16 scales (random bytes elsewhere): K-quants' sub-block
     scales and mins take their whole range, so they differ widely within a super-block.
-    extreme: every q at its largest magnitude (the int16 and int32 lanes' worst case)."""
+    extreme: every q at its largest magnitude (the int16 and int32 lanes' worst case); size
+    scales the fp16 scales."""
     fmt = REGISTRY[name]()
     raw = rng.integers(0, 256, (count, fmt.block_bytes), dtype=np.uint8)
     if extreme:
@@ -69,19 +70,19 @@ def random_blocks(name, count, rng, extreme=False):
             raw[:, 192:208] = 0x80  # scales -128
         if name in ("q4_k", "q5_k"):
             raw[:, 4:16] = 0xFF  # scales and mins 63
-    scales = lambda: (rng.uniform(0.5, 2.0, count) * 10.0 ** rng.integers(-4, -1, count)).astype(np.float16)
+    scales = lambda: (size * rng.uniform(0.5, 2.0, count) * 10.0 ** rng.integers(-4, -1, count)).astype(np.float16)
     fields = {"q6_k": [208]}.get(name, [0, 2] if name in ("q4_1", "q5_1", "q4_k", "q5_k") else [0])
     for at in fields:
         raw[:, at:at + 2] = scales().view(np.uint8).reshape(-1, 2)
     return raw
 
 
-def random_matrix(name, rows, cols, rng, extreme=False):
+def random_matrix(name, rows, cols, rng, extreme=False, size=1.0):
     fmt = REGISTRY[name]()
     if name in FLOATS:
         values = rng.standard_normal((rows, cols)).astype(np.float32)
         return fmt.quantize(values)
-    return fmt.from_blocks(random_blocks(name, rows * cols // fmt.block_size, rng, extreme), (rows, cols))
+    return fmt.from_blocks(random_blocks(name, rows * cols // fmt.block_size, rng, extreme, size), (rows, cols))
 
 
 def gguf_tensors(file_name):
@@ -558,6 +559,58 @@ for name in FLOATS:
     errors = {line.split()[0]: float(line.split()[1]) for line in done.stdout.splitlines()}
     assert set(errors) == set(LEGACY + KQUANTS + FLOATS)
     assert all(e <= 1e-5 for e in errors.values()), errors
+
+
+# ----------------------------------------------------------------------------------------------
+# A model whose matrices mix the formats, as GGUF files do
+
+
+def mixed_checkpoints():
+    """A small model (rows of 256 and 512) whose matrices are every GGUF type, mixed per layer
+    and per tensor, and its twin with those matrices dequantized to float32."""
+    from llama2nb.config import ModelConfig
+    from llama2nb.files.llama2c import Checkpoint, TransformerWeights
+    from llama2nb.testmodels import random_weights
+
+    config = ModelConfig(dim=256, hidden_dim=512, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=67, seq_len=24,
+                         shared_classifier=False)
+    weights = random_weights(config, seed=3, scale=0.05)
+    rng = np.random.default_rng(23)
+    plan = {"wq": ["q4_0", "q5_1"], "wk": ["q5_0", "q8_0_block"], "wv": ["q8_0_block", "q4_1"], "wo": ["q4_1", "f16"],
+            "w1": ["q4_k", "q5_k"], "w2": ["q6_k", "q4_k"], "w3": ["q5_k", "q6_k"]}
+
+    def encode(name, values):
+        if name in KQUANTS:  # no quantizer: random super-blocks, weights of the others' size
+            return random_matrix(name, *values.shape, rng, size=0.01)
+        return REGISTRY[name]().quantize(values)
+
+    quantized = {k: [encode(plan[k][l], weights[k][l]) for l in range(2)] for k in plan}
+    quantized["token_embedding_table"] = encode("bf16", weights["token_embedding_table"])
+    quantized["wcls"] = encode("q6_k", weights["wcls"])
+    norms = {k: weights[k] for k in ("rms_att_weight", "rms_ffn_weight", "rms_final_weight")}
+    dequantized = {k: [m.dequantize() for m in v] if isinstance(v, list) else v.dequantize() for k, v in quantized.items()}
+    return [Checkpoint(Path(f"mixed-{kind}"), config, TransformerWeights(**norms, **tensors), np.zeros(1, np.uint8))
+            for kind, tensors in (("gguf", quantized), ("f32", dequantized))]
+
+
+@pytest.mark.parametrize("fastmath", ["off", "full"])
+def test_a_model_of_mixed_formats_runs_as_its_float32_twin(fastmath):
+    """Token by token and in a prompt block: the matmuls quantize their inputs (an error of a
+    few percent of the largest logit on these random weights), nothing else differs; prefill
+    (8 inputs per pass over a row) equals forward."""
+    from llama2nb import Transformer
+
+    mixed, twin = mixed_checkpoints()
+    model, reference = Transformer(mixed, fastmath=fastmath), Transformer(twin, fastmath=fastmath)
+    assert {f.name for f in model.weight_formats} == set(FLOATS + LEGACY + KQUANTS)
+    tokens = [1, 7, 30, 30, 66, 2, 11, 40, 9, 12]
+    steps = []
+    for pos, token in enumerate(tokens):
+        ours, theirs = model.forward(token, pos).copy(), reference.forward(token, pos)
+        assert rel_err(ours, theirs.astype(np.float64)) <= 0.1
+        steps.append(ours)
+    block = Transformer(mixed, fastmath=fastmath)
+    np.testing.assert_allclose(block.prefill(tokens), steps[-1], rtol=0, atol=2e-4 * np.abs(steps[-1]).max())
 
 
 if __name__ == "__main__":  # the observed errors behind TOLERANCE: python -m tests.test_formats_gguf
