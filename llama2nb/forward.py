@@ -85,15 +85,15 @@ def compiled(fastmath: str = DEFAULT_FASTMATH, weight_formats: frozenset[Format]
              parallel: bool = False, vnni: bool = True) -> SimpleNamespace:
     """Every kernel compiled with one fastmath setting (see jit.FASTMATH) and the compile-time
     constants of `weight_formats` (e.g. a Q8_0 group size). `vnni=False` keeps the portable
-    int8 loops on a CPU with VNNI (for tests)."""
+    integer loops (and F16's portable conversion) on a CPU with VNNI (for tests)."""
     fastmath = fastmath_name(fastmath)
     constants: dict[str, Any] = {"FAST_EXP": fastmath == "full" and not numba.config.DISABLE_JIT}
     for fmt in sorted(weight_formats, key=repr):
         for name, value in fmt.constants(fastmath).items():
             if constants.setdefault(name, value) != value:
                 raise ValueError(f"weight formats: {sorted(map(repr, weight_formats))} need different {name}")
-    if not vnni:
-        constants["VNNI"] = False
+    if not vnni:  # every format's SIMD paths off
+        constants.update(VNNI=False, VNNI512=False, F16C=False)
     return compile_family(fastmath, constants, parallel=parallel)
 
 

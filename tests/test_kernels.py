@@ -313,24 +313,36 @@ def test_only_full_fastmath_trades_libm_exp_for_the_polynomial(fastmath, polynom
 
 COMPILE_FOR = """
 import numba
+import numpy as np
 from llama2nb.kernels import simd
-print(simd.VNNI)
+print(simd.VNNI, simd.VNNI512)
 if simd.VNNI:
     row_dot = numba.njit(lambda x, xs, w, ws: simd.row_dot_q8(x, xs, w, ws, 32))
     vector = (numba.types.int8[::1], numba.types.float32[::1], numba.types.int8[::1], numba.types.float32[::1])
     row_dot.compile(vector)
     print("{vex}" if "{vex}\\tvpdpbusd" in row_dot.inspect_asm(vector) else "evex")
+if simd.VNNI512:  # the GGUF rows (kernels/vnni_gguf.py) build for this CPU too
+    from llama2nb.kernels import vnni_gguf
+    f32, u8, i8 = numba.types.float32[:, ::1], numba.types.uint8[:, ::1], numba.types.int8[:, ::1]
+    i64 = numba.types.int64
+    q4_0 = numba.njit(lambda o, w, u, s, d, t, m, a, b, c: vnni_gguf.q4_0(o, w, u, s, d, t, m, a, b, c))
+    q4_0.compile((f32, u8, u8, i8, f32, numba.types.int32[:, ::1], f32, i64, i64, i64))
+    q4_k = numba.njit(lambda o, w, x, d, s, a, b, c: vnni_gguf.q4_k(o, w, x, d, s, a, b, c))
+    q4_k.compile((f32, u8, i8, f32, numba.types.int16[:, ::1], i64, i64, i64))
+    print("gguf")
 """
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 targets")
 @pytest.mark.parametrize("cpu,features,expected", [
-    ("alderlake", "+avx2,+avxvnni,+fma,+avx,+ssse3", ["True", "{vex}"]),  # AVX-VNNI: VEX-encoded
-    ("icelake-server", "+avx512f,+avx512bw,+avx512vl,+avx512vnni,+avx2,+fma", ["True", "evex"]),
-    ("haswell", "+avx2,+fma,+avx,+ssse3", ["False"]),  # no VNNI: the portable loops
+    ("alderlake", "+avx2,+avxvnni,+fma,+avx,+ssse3", ["True", "False", "{vex}"]),  # AVX-VNNI: VEX-encoded
+    ("icelake-server", "+avx512f,+avx512bw,+avx512vl,+avx512vnni,+avx2,+fma,+bmi2", ["True", "True", "evex", "gguf"]),
+    ("cascadelake", "+avx512f,+avx512bw,+avx512vl,+avx512vnni,+avx2,+fma,+bmi2", ["True", "True", "evex", "gguf"]),
+    ("haswell", "+avx2,+fma,+avx,+ssse3", ["False", "False"]),  # no VNNI: the portable loops
 ])
 def test_vnni_is_chosen_per_target_cpu(cpu, features, expected):
-    # compiled only, never run: the target need not be this machine
+    # compiled only, never run: the target need not be this machine (Cascade Lake has AVX-512
+    # VNNI but not the byte permutes LLVM picks on later CPUs)
     env = {**os.environ, "NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": features}
     done = subprocess.run([sys.executable, "-c", COMPILE_FOR], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr

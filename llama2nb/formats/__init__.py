@@ -4,8 +4,12 @@ Adding a format is one module here (its Format subclass, matrix view, operand an
 its tests, and one line below.
 """
 
-from .base import REGISTRY, Format, embed, format_of, linear, new_input, register
+from .base import GGML_TYPES, REGISTRY, Format, by_ggml_type, embed, format_of, linear, new_input, register
 from .f32 import F32
 from .q8_0 import Q8_0
+from .gguf_float import BF16, F16
+from .gguf_legacy import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0Block
+from .gguf_kquants import Q4_K, Q5_K, Q6_K
 
-__all__ = ["F32", "Format", "Q8_0", "REGISTRY", "embed", "format_of", "linear", "new_input", "register"]
+__all__ = ["BF16", "F16", "F32", "Format", "GGML_TYPES", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K",
+           "Q8_0", "Q8_0Block", "REGISTRY", "by_ggml_type", "embed", "format_of", "linear", "new_input", "register"]

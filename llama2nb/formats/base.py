@@ -40,6 +40,7 @@ class Format:
     values: two formats with equal parameters compare equal."""
 
     name: ClassVar[str]  # the registry's key, as users and file headers name it
+    ggml_type: ClassVar[int | None] = None  # GGUF's id of this encoding (ggml_type), where it has one
     operand_class: ClassVar[type | None]  # the NamedTuple compiled code receives (None: a float32 array)
     linear_kernel: ClassVar[str]  # registered kernel: (out (B, d), x (B, n), w operand, stamp)
     embed_kernel: ClassVar[str]  # registered kernel: (out (B, n), table operand, tokens (B,))
@@ -90,12 +91,30 @@ class Format:
 
 
 REGISTRY: dict[str, type[Format]] = {}
+GGML_TYPES: dict[int, type[Format]] = {}  # GGUF's tensor type id -> the format that reads it
 
 
 def register(cls: type[Format]) -> type[Format]:
-    """Class decorator: make a format known to files, the engine and the command line."""
-    REGISTRY[cls.name] = cls
+    """Class decorator: make a format known to files, the engine and the command line (and to
+    GGUF files by its ggml_type, if it has one)."""
+    for registry, key in ((REGISTRY, cls.name), (GGML_TYPES, cls.ggml_type)):
+        if key is None:
+            continue
+        other = registry.setdefault(key, cls)
+        if (other.__module__, other.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"format {cls.__qualname__}: {key!r} is already {other.__qualname__}'s")
+        registry[key] = cls  # (a module imported anew replaces its own class)
     return cls
+
+
+def by_ggml_type(type_id: int) -> Format:
+    """The format of a GGUF tensor of ggml type `type_id` (0 F32, 1 F16, 2 Q4_0, ...). Every one
+    registered here takes no parameters. ValueError names the id when llama2nb cannot read it."""
+    cls = GGML_TYPES.get(type_id)
+    if cls is None:
+        known = ", ".join(f"{t} ({c.name})" for t, c in sorted(GGML_TYPES.items()))
+        raise ValueError(f"ggml type {type_id} is not one llama2nb reads (it reads {known})")
+    return cls()
 
 
 def format_of(matrix: Any) -> Format:

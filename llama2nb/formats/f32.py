@@ -17,6 +17,9 @@ from .base import Format, register
 @register
 class F32(Format):
     name = "f32"
+    ggml_type = 0
+    block_size = 1  # values per block
+    block_bytes = 4  # bytes per block
     operand_class = None
     linear_kernel = "linear_f32"
     embed_kernel = "embed_f32"

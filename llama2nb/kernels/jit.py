@@ -24,6 +24,7 @@ import hashlib
 import inspect
 import types
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numba
@@ -105,9 +106,9 @@ def generic(arg: int, choose: Callable[[Any], str], choose_type: Callable[[Any],
 
 
 def _sources_hash() -> str:
-    from . import simd  # intrinsics are compiled into their callers: part of every family
-
-    files = {inspect.getsourcefile(f) for f in KERNELS.values()} | {__file__, simd.__file__}
+    # intrinsics (simd.py, vnni_gguf.py, ...) are compiled into their callers: every module of
+    # this folder is part of every family
+    files = {inspect.getsourcefile(f) for f in KERNELS.values()} | set(map(str, Path(__file__).parent.glob("*.py")))
     digest = hashlib.sha256(str(numba.config.OPT).encode())
     for path in sorted(files):
         with open(path, "rb") as f:

@@ -47,6 +47,9 @@ def target_has_vnni() -> bool:
 
 
 VNNI = target_has_vnni()
+# AVX-512 with VNNI on 512-bit registers, and BMI2's pdep (the GGUF block kernels' fast paths,
+# kernels/vnni_gguf.py)
+VNNI512 = {"avx512f", "avx512bw", "avx512vl", "avx512vnni", "bmi2"} <= target_features()
 
 
 def vnni_chunk(group_size: int) -> int:
@@ -148,5 +151,26 @@ def float32_from_bits(typingctx, bits):
 
     def codegen(context, builder, signature, args):
         return builder.bitcast(builder.trunc(args[0], _I32) if bits.bitwidth > 32 else args[0], _F32)
+
+    return types.float32(bits), codegen
+
+
+# F16C (vcvtph2ps: 8 or 16 halves to floats in one instruction): Intel since Ivy Bridge, AMD
+# since Piledriver; elsewhere LLVM would call a runtime function for the same conversion
+F16C = "f16c" in target_features()
+
+
+@intrinsic
+def float32_from_half_bits(typingctx, bits):
+    """The float32 equal to the IEEE half whose bits are the low 16 bits of the integer `bits`
+    (fpext, which LLVM vectorises into vcvtph2ps). Only for a target with F16C (see F16C)."""
+    if not F16C:
+        raise numba.core.errors.TypingError("float32_from_half_bits: the target CPU has no F16C")
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        half = builder.bitcast(builder.trunc(args[0], ir.IntType(16)) if bits.bitwidth > 16 else args[0], ir.HalfType())
+        return builder.fpext(half, _F32)
 
     return types.float32(bits), codegen
