@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tarfile
 import time
@@ -237,6 +238,20 @@ def download_model(name: str, cache_dir: str | os.PathLike | None = None) -> tup
     checkpoint = _download(model.checkpoint, cache_dir)
     tokenizer = _download(model.tokenizer, cache_dir)
     return _usable(model.checkpoint, checkpoint), _usable(model.tokenizer, tokenizer)
+
+
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def download_file(repo: str, filename: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Any file of a Hub model repository by repo id and file name (a GGUF model, say), through
+    the hub cache, with the same bounded attempts and one-line errors as the known models; the
+    cached copy when the hub does not answer or HF_HUB_OFFLINE is set."""
+    if not REPO_ID.fullmatch(repo):
+        raise HubError(f"repository: expected an id like owner/name, found {repo!r}")
+    if not filename or filename.startswith("/") or ".." in Path(filename).parts:
+        raise HubError(f"{repo}: file name: expected a path inside the repository, found {filename!r}")
+    return Path(_download(HubFile(repo, filename), cache_dir))
 
 
 def download_tinystories(target: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:

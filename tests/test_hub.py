@@ -136,6 +136,27 @@ def test_download_then_sample_by_name(fake_hub, tmp_path):
     assert len(fake_hub.requests) == n_before
 
 
+def test_download_a_gguf_by_repo_and_file_name(fake_hub, tmp_path):
+    """`download REPO FILE`: any model file of a repository, through the hub cache, checked."""
+    from llama2nb.files.gguf import write_gguf
+    from llama2nb.tokenizer import Tokenizer
+
+    cfg = ModelConfig(dim=32, hidden_dim=64, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=512, seq_len=32)
+    write_gguf(tmp_path / "m.gguf", cfg, random_weights(cfg), Tokenizer.load(tmp_path / "tok512.bin"), "f32", "m")
+    fake_hub.files["someone/tiny-GGUF/tiny.f32.gguf"] = (tmp_path / "m.gguf").read_bytes()
+    proc = cli(["download", "someone/tiny-GGUF", "tiny.f32.gguf"], env_for(tmp_path, fake_hub.endpoint))
+    assert proc.returncode == 0, proc.stderr
+    path = Path(proc.stdout.split("model: ")[1].split(" (")[0])
+    assert path.read_bytes() == fake_hub.files["someone/tiny-GGUF/tiny.f32.gguf"] and "dim 32" in proc.stdout
+    n_before = len(fake_hub.requests)  # offline: the cached copy, no request
+    offline = cli(["download", "someone/tiny-GGUF", "tiny.f32.gguf"], env_for(tmp_path, None))
+    assert offline.returncode == 0 and len(fake_hub.requests) == n_before, offline.stderr
+    sampled = cli(["sample", str(path), "-n", "4", "-t", "0"], env_for(tmp_path, None))
+    assert sampled.returncode == 0, sampled.stderr  # its own vocabulary
+    bad = cli(["download", "not a repo", "x.gguf"], env_for(tmp_path, fake_hub.endpoint))
+    assert bad.returncode == 1 and "repository: expected an id like owner/name" in bad.stderr
+
+
 def test_download_unknown_and_failing(tmp_path, fake_hub):
     r = CliRunner().invoke(main, ["download", "stories7B"])
     assert r.exit_code == 1 and "expected one of stories260K, stories15M, stories42M, stories110M" in r.output
@@ -249,6 +270,7 @@ class SilentHub:
 
 @pytest.mark.parametrize("args,path", [
     (["download", "stories15M"], "/karpathy/tinyllamas/resolve/main/stories15M.bin"),
+    (["download", "someone/tiny-GGUF", "tiny.Q4_0.gguf"], "/someone/tiny-GGUF/resolve/main/tiny.Q4_0.gguf"),
     (["data", "download", "--data-dir", "DATA"], "/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"),
 ])
 def test_unreachable_hub_is_one_line_after_the_configured_attempts(tmp_path, args, path):

@@ -16,7 +16,7 @@ from . import probes
 from .llamacpp import available as available_llamacpp
 from .measure import measure_row
 from .models import SHAPES, default_cache_dir, ensure_gguf, ensure_models
-from .report import build_report, save_report
+from .report import build_report, markdown_table, save_report
 from .rows import GENERATION, PREFILL, build_rows
 from .startup import measure_startup, startup_models
 
@@ -45,5 +45,6 @@ def run_benchmark(shapes: list[str], runs: int = 3, cache_dir: Path | None = Non
     report = build_report(rows, startup, bandwidths, probes.machine_description(), GENERATION, PREFILL, peaks)
     if llamacpp:
         report["llamacpp"] = available_llamacpp()
+        report["markdown"] = markdown_table(report)  # its ratio table names the version
     save_report(report, out_dir)
     return report

@@ -209,13 +209,24 @@ def _shard_jobs(data_dir: Path, texts, val_texts, val_fraction: float) -> list[t
 
 @click.command("download")
 @click.argument("name")
+@click.argument("filename", required=False)
 @_clean_errors
-def download(name: str) -> None:
+def download(name: str, filename: str | None) -> None:
     """Download a published llama2.c model and its tokenizer into the Hugging Face cache:
     stories15M, stories42M, stories110M (Llama 2 tokenizer) or stories260K (its own 512-token
-    one). `llama2nb sample NAME` then finds them by name, offline."""
-    from ..hub import canonical_name, download_model
+    one); `llama2nb sample NAME` then finds them by name, offline. With FILENAME, NAME is a Hub
+    repository and FILENAME a model file in it (a GGUF, say: `llama2nb download
+    TheBloke/Llama-2-7B-Chat-GGUF llama-2-7b-chat.Q4_0.gguf`), checked once downloaded."""
+    from ..hub import canonical_name, download_file, download_model
 
+    if filename is not None:
+        from ..files import read_config
+
+        path = download_file(name, filename)
+        config = read_config(path)  # a model file llama2nb can read, or the loader's one-line error
+        click.echo(f"model: {path} (dim {config.dim}, {config.n_layers} layers, vocab {config.vocab_size})")
+        click.echo(f"sample with: llama2nb sample {path}")
+        return
     checkpoint, tokenizer = download_model(name)
     click.echo(f"checkpoint: {checkpoint}\ntokenizer:  {tokenizer}")
     click.echo(f"sample with: llama2nb sample {canonical_name(name)}")
