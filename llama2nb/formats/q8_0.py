@@ -52,13 +52,13 @@ class Q8_0Matrix:
 
 class Q8_0Operand(NamedTuple):
     """What compiled code receives: the matrix and the format's scratch (shared by every Q8_0
-    matrix of a model): its input quantized (xq, xs) and the stamp of that input."""
+    matrix of a model), one byte buffer holding the stamp of the input it quantized (int64),
+    that input's scales (float32) and its int8 values: one array rather than three, because
+    every array of every operand is unboxed again at each call from Python."""
 
     q: np.ndarray  # (rows, cols) int8
     s: np.ndarray  # (rows * cols // GROUP_SIZE,) float32
-    xq: np.ndarray  # (block * width,) int8
-    xs: np.ndarray  # (block * width // GROUP_SIZE,) float32
-    stamp: np.ndarray  # (1,) int64
+    scratch: np.ndarray  # (8 + 4 * G + G * GROUP_SIZE,) int8, G = block * width // GROUP_SIZE
 
 
 @register
@@ -118,13 +118,15 @@ class Q8_0(Format):
         return "portable int8 loops (this CPU or this group size has no VNNI path)"
 
     def scratch(self, block, width):
-        return (np.zeros(block * width, np.int8), np.zeros(block * width // self.group_size, np.float32),
-                np.full(1, -1, np.int64))
+        groups = block * width // self.group_size
+        buffer = np.zeros(8 + 4 * groups + groups * self.group_size, np.int8)
+        buffer[:8].view(np.int64)[0] = -1  # no input quantized yet
+        return buffer
 
     def operand(self, matrix, scratch):
         if matrix.format != self:
             raise ValueError(f"operand: expected a {self!r} matrix, found {matrix.format!r}")
-        return Q8_0Operand(matrix.q, matrix.s, *scratch)
+        return Q8_0Operand(matrix.q, matrix.s, scratch)
 
 
 @kernel
@@ -135,11 +137,16 @@ def linear_q8_0(out, x, w, stamp):
     if GROUP_SIZE <= 0 or w.s.shape[0] * GROUP_SIZE != w.q.size or n % GROUP_SIZE:
         raise ValueError("linear_q8_0: the data's group size is not the one these kernels were compiled for")
     groups = n // GROUP_SIZE
-    xq = w.xq[:B * n].reshape((B, n))
-    xs = w.xs[:B * groups].reshape((B, groups))
-    if w.stamp[0] != stamp:
+    capacity = (w.scratch.shape[0] - 8) // (4 + GROUP_SIZE)  # groups the scratch holds
+    if B * groups > capacity:
+        raise ValueError("linear_q8_0: the input is larger than the scratch")
+    held = w.scratch[:8].view(np.int64)  # (1,) the stamp of the input quantized in it
+    xs = w.scratch[8:8 + 4 * B * groups].view(np.float32).reshape((B, groups))
+    start = 8 + 4 * capacity
+    xq = w.scratch[start:start + B * n].reshape((B, n))
+    if held[0] != stamp:
         quantize_q8_0(xq, xs, x)
-        w.stamp[0] = stamp
+        held[0] = stamp
     matmul_q8_0(out, xq, xs, w.q, w.s)
 
 
