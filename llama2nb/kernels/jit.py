@@ -136,15 +136,19 @@ def compile_family(fastmath: str, constants: dict[str, Any], parallel: bool = Fa
         compiled[name] = numba.njit(cache=cache_enabled(inspect.getsourcefile(fn)), fastmath=set(flags) if isinstance(flags, frozenset) else flags,
                                     error_model="numpy", parallel=threaded)(clone)
     for name, g in GENERICS.items():
-        compiled[name] = _family_generic(g, compiled)
+        compiled[name] = _family_generic(g, compiled, tag)
     for namespace in namespaces:  # callees resolve to this family's compiled copies
         namespace.update(compiled)
     return types.SimpleNamespace(**compiled)
 
 
-def _family_generic(g: Generic, compiled: dict[str, Callable]) -> Callable:
+def _family_generic(g: Generic, compiled: dict[str, Callable], tag: str) -> Callable:
     """g for one family: from Python it dispatches per call to the family's kernels; in
-    compiled callers an overload resolves it by type, at compile time, to the same kernels."""
+    compiled callers an overload resolves it by type, at compile time, to the same kernels.
+    The overload's implementation is named after the family and the kernel it calls: Numba
+    names compiled code by qualified name and a per-process counter, so with one name for every
+    family, code loaded from the disk cache (named in another process) and code compiled now
+    could share a symbol, and a caller be linked to another family's kernel."""
     function = g.bind(compiled)
 
     @overload(function)
@@ -157,6 +161,7 @@ def _family_generic(g: Generic, compiled: dict[str, Callable]) -> Callable:
         def call(*args):
             return implementation(*args)
 
+        call.__qualname__ = call.__name__ = f"{g.name}__{name}__{tag}"
         return call
 
     return function
