@@ -142,6 +142,19 @@ def test_ctx_caps_the_context_and_the_kv_cache(tiny_models):
         Transformer.load(tiny_models["v0-gqa"], ctx=0)
 
 
+def test_families_loaded_from_the_disk_cache_keep_their_own_kernels(tiny_models, tmp_path):
+    """A process that loads one family from Numba's disk cache and compiles another must link
+    each to its own kernels (the overload's implementations once shared a name across families:
+    a group-size-32 model then ran group size 16's kernel and refused its own data)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
+    script = ("import sys\nfrom llama2nb import Transformer\nfor path in sys.argv[1:]:\n"
+              "    Transformer.load(path, fastmath='full').prefill([1, 2, 3])\nprint('ok')")
+    for paths in ([tiny_models["v2-shared"]], [tiny_models["v2-shared"], tiny_models["v2-unshared-gqa"]]):
+        done = subprocess.run([sys.executable, "-c", script, *map(str, paths)], capture_output=True, text=True,
+                              env=env, cwd=Path(__file__).parent.parent)
+        assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 def test_two_group_sizes_in_one_model_are_refused():
     from llama2nb.formats import Q8_0
 
