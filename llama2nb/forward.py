@@ -25,7 +25,7 @@ import numpy as np
 
 
 from .config import ModelConfig
-from .files import read_config, read_model
+from .files import bytes_per_token, read_config, read_model
 from .files.llama2c import Checkpoint, available_memory, require_memory
 from .formats import Format, format_of, linear, new_input
 from .kernels.common import add, rmsnorm, rope, swiglu
@@ -190,7 +190,7 @@ class Transformer:
         c, w = self.config, self.weights
         layers = [m for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3") for m in getattr(w, name)]
         self.weight_formats = {format_of(m) for m in (w.token_embedding_table, w.wcls, *layers)}
-        self.bytes_per_token = sum(format_of(m).nbytes(m.shape) for m in (w.wcls, *layers))
+        self.bytes_per_token = bytes_per_token(checkpoint)
         self.notes: list[str] = []  # what a user should know about how the model runs
         self.threads = min(threads, numba.config.NUMBA_NUM_THREADS)
         if self.threads > 1 and self.bytes_per_token < MIN_PARALLEL_BYTES:

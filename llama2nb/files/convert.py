@@ -29,7 +29,6 @@ from .llama2c import TransformerWeights, write_checkpoint
 
 CONTAINERS = ("llama2c", "gguf")
 LLAMA2C_TYPES = {"f32": (0, 1), "q8_0": (2,)}  # the versions that hold each type
-LLAMA2C_EPS, LLAMA2C_THETA = np.float32(1e-5), 10000.0
 
 
 @dataclass(frozen=True)
@@ -97,19 +96,10 @@ def weights_of(weights: TransformerWeights) -> dict[str, Any]:
     return found
 
 
-def _check_llama2c_constants(config: ModelConfig, out: Path) -> None:
-    if np.float32(config.norm_eps) != LLAMA2C_EPS:
-        raise CheckpointError(f"{out}: norm_eps: expected 1e-05 (the only value a llama2.c file can mean), "
-                              f"found {config.norm_eps:g}: write GGUF instead")
-    if config.rope_theta != LLAMA2C_THETA:
-        raise CheckpointError(f"{out}: rope_theta: expected 10000 (the only value a llama2.c file can mean), "
-                              f"found {config.rope_theta:g}: write GGUF instead")
-
-
 def llama2c_config(config: ModelConfig, target: Target, out: Path) -> ModelConfig:
     """The llama2.c header for `config` in the target version; Q8_0's group size by the one
-    policy (ModelConfig.q8_group_size) unless one is given."""
-    _check_llama2c_constants(config, out)
+    policy (ModelConfig.q8_group_size) unless one is given. (write_checkpoint refuses the norm
+    eps and RoPE theta a llama2.c file cannot record.)"""
     group_size = (target.group_size or config.q8_group_size) if target.version == 2 else 0
     header = replace(config, version=target.version, group_size=group_size)
     header.validate(str(out))

@@ -289,10 +289,10 @@ def _check_implied_constants(config: ModelConfig, path: str | os.PathLike) -> No
     a model with others would be silently changed."""
     if np.float32(config.norm_eps) != np.float32(ModelConfig.norm_eps):
         raise CheckpointError(f"{path}: norm_eps: expected {ModelConfig.norm_eps:g} (the only value a llama2.c file "
-                              f"can mean), found {config.norm_eps:g}: write a GGUF file instead")
+                              f"can mean), found {config.norm_eps:g}: write GGUF instead")
     if config.rope_theta != ModelConfig.rope_theta:
         raise CheckpointError(f"{path}: rope_theta: expected {ModelConfig.rope_theta:g} (the only value a llama2.c "
-                              f"file can mean), found {config.rope_theta:g}: write a GGUF file instead")
+                              f"file can mean), found {config.rope_theta:g}: write GGUF instead")
 
 
 def _header(config: ModelConfig) -> bytes:
