@@ -26,8 +26,8 @@ import numpy as np
 
 from .config import ModelConfig
 from .files import bytes_per_token, read_config, read_model
-from .files.llama2c import Checkpoint, available_memory, require_memory
-from .formats import Format, format_of, linear, new_input
+from .files.llama2c import Checkpoint, TransformerWeights, available_memory, require_memory
+from .formats import Format, for_engine, format_of, linear, new_input
 from .kernels.common import add, rmsnorm, rope, swiglu
 from .kernels.jit import DEFAULT_FASTMATH, compile_family, fastmath_name, kernel
 from .mapping import Progress, fault_in
@@ -152,6 +152,24 @@ class RunState:
                    scratch={fmt.scratch_key(): fmt.scratch(block, width) for fmt in weight_formats})
 
 
+def engine_weights(weights: TransformerWeights, fastmath: str) -> tuple[TransformerWeights, int]:
+    """The weights with every matrix the layers and the classifier multiply by in the form the
+    engine multiplies by (formats.for_engine: as mapped, or repacked into new memory), and the
+    bytes repacked. The embedding table stays as it is: it is only read a row at a time."""
+    repacked = 0
+
+    def form(matrix):
+        nonlocal repacked
+        engine = for_engine(matrix, fastmath)
+        if engine is not matrix:
+            repacked += engine.data.nbytes
+        return engine
+
+    fields = {name: [form(m) for m in getattr(weights, name)] for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")}
+    fields["wcls"] = form(weights.wcls)
+    return (replace(weights, **fields), repacked) if repacked else (weights, 0)
+
+
 def kv_cache_detail(c: ModelConfig) -> str:
     return (f"the KV cache's {c.kv_cache_bytes / 2**30:.2f} GiB for {c.seq_len} positions and the buffers: "
             "--ctx N caps the positions")
@@ -179,12 +197,15 @@ class Transformer:
     """
 
     def __init__(self, checkpoint: Checkpoint, fastmath: bool | str = DEFAULT_FASTMATH, threads: int = 1,
-                 warm_up: bool = True, ctx: int | None = None):
+                 warm_up: bool = True, ctx: int | None = None, repack: bool = True):
         self.checkpoint = checkpoint
         self.config = capped(checkpoint.config, ctx)
         self.load_seconds = 0.0  # reading the file (load() sets it)
-        self.weights = checkpoint.weights
         self.fastmath = fastmath_name(fastmath)
+        started = time.perf_counter()
+        self.weights, self.repacked_bytes = engine_weights(checkpoint.weights, self.fastmath) if repack else (
+            checkpoint.weights, 0)
+        self.repack_seconds = time.perf_counter() - started
         if threads < 1:
             raise ValueError(f"threads: expected 1 or more, found {threads}")
         c, w = self.config, self.weights
@@ -197,6 +218,9 @@ class Transformer:
             self.notes.append(f"threads: this model reads {self.bytes_per_token / 2**20:.1f} MiB a token, too little "
                               f"to split across threads (under {MIN_PARALLEL_BYTES >> 20} MiB): running on one")
             self.threads = 1
+        if self.repacked_bytes:
+            self.notes.append(f"repacked {self.repacked_bytes / 2**20:.0f} MiB of weights into 16-row tiles in "
+                              f"{self.repack_seconds:.2f} s (in RAM; --no-repack reads them as mapped)")
         self.state = RunState.allocate(c, self.weight_formats, str(checkpoint.path))
         self.kernels = compiled(self.fastmath, frozenset(self.weight_formats), parallel=self.threads > 1)
         self.eps = np.float32(c.norm_eps)
@@ -207,12 +231,13 @@ class Transformer:
     @classmethod
     def load(cls, path: str | os.PathLike, fastmath: bool | str = DEFAULT_FASTMATH, threads: int = 1,
              warm_up: bool = True, in_memory: bool = False, ctx: int | None = None,
-             progress: Progress | None = None) -> "Transformer":
+             progress: Progress | None = None, repack: bool = True) -> "Transformer":
         """Map a llama2.c checkpoint (v0, v1 or v2) or a llama GGUF file, reading it into the page cache (timed:
         load_seconds; `progress(bytes, size)` as it goes), and compile (or load cached)
         kernels. With warm_up, compiling happens here and is timed apart (compile_seconds);
         without, at first use. in_memory reads the weights into RAM instead of mapping them
-        (see files.read_model). Refused before anything is read or allocated when the KV cache
+        (see files.read_model). repack=False multiplies by every matrix as the file holds it,
+        never by a faster in-memory layout of it (formats.for_engine). Refused before anything is read or allocated when the KV cache
         (and with in_memory the weights) would not fit in the memory available."""
         started = time.perf_counter()
         path = Path(path)
@@ -228,7 +253,7 @@ class Transformer:
         if warm_up and not in_memory:  # warming up touches every page anyway: time it as loading
             fault_in(checkpoint.buffer)
         load_seconds = time.perf_counter() - started
-        model = cls(checkpoint, fastmath, threads, warm_up, ctx)
+        model = cls(checkpoint, fastmath, threads, warm_up, ctx, repack)
         model.load_seconds = load_seconds
         if not in_memory and available is not None and size + RunState.nbytes(run_state) > available:
             model.notes.append(f"the weights ({size / 2**30:.1f} GiB) and the KV cache do not fit in the "

@@ -46,6 +46,19 @@ def map_read_only(path: str | os.PathLike, progress: Progress | None = None) -> 
     return _map_advised(path)
 
 
+def anonymous(nbytes: int) -> np.ndarray:
+    """A zeroed (nbytes,) uint8 array in anonymous memory advised into 2 MB pages where the
+    platform allows (for weights repacked at load, streamed like the mapped ones)."""
+    memory = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    advise = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advise is not None and nbytes >= HUGE_PAGE:
+        try:
+            memory.madvise(advise)
+        except OSError:
+            pass
+    return np.frombuffer(memory, np.uint8, count=nbytes)
+
+
 def fault_in(mm: np.ndarray) -> None:
     """Fault every page of a mapping in, in order (a no-op for pages already mapped). The first
     pass over a mapping of a file just read from disk sets up its page tables, which takes

@@ -442,6 +442,88 @@ def test_block_matmul_on_real_tensors(file_name, fastmath, vnni):
         assert rel_err(out, naive.matmul(x, fmt.dequantize(m))) <= 0.05, name
 
 
+# ----------------------------------------------------------------------------------------------
+# Q4_0 and Q8_0 repacked into tiles of 16 interleaved rows (formats/interleaved.py)
+
+TILES = ["q4_0_tiles", "q8_0_tiles"]
+TILE_SHAPES = SHAPES + [(19, 40, 3), (1, 64, 3)]  # 8 inputs a pass twice and 3 more; whole tiles
+
+
+def tiles_error(name, fastmath, vnni, extreme=False):
+    """A tiled matrix's matmul against exact integer arithmetic on its source blocks."""
+    fmt = REGISTRY[name]()
+    source = fmt.source.name
+    kernels = family(fastmath, vnni)
+    rng = np.random.default_rng(IDS[source] + 100)
+    worst = 0.0
+    for B, rows, blocks in TILE_SHAPES:
+        cols = blocks * 32
+        m = random_matrix(source, rows, cols, rng, extreme)
+        scratch = fmt.scratch(19, cols)
+        out = np.full((B, rows), np.nan, np.float32)
+        kernels.linear(out, inputs(source, B, cols, rng, extreme), fmt.operand(fmt.pack(m), scratch), 1)
+        xq, xd = scratch[0][:B * cols].reshape(B, cols), scratch[1][:B * blocks].reshape(B, blocks)
+        worst = max(worst, rel_err(out, exact(source, xq, xd, m)))
+    return worst
+
+
+@pytest.mark.parametrize("name", TILES)
+def test_tiles_hold_the_source_blocks_bit_for_bit(name):
+    fmt = REGISTRY[name]()
+    rng = np.random.default_rng(3)
+    for rows in (1, 15, 16, 37):
+        m = random_matrix(fmt.source.name, rows, 96, rng)
+        tiles = fmt.pack(m)
+        assert tiles.data.shape == (-(-rows // 16), 3 * fmt.tile_bytes) and tiles.data.nbytes == fmt.nbytes(m.shape)
+        np.testing.assert_array_equal(fmt.unpack(tiles).data, m.data)
+        np.testing.assert_array_equal(fmt.dequantize(tiles).view(np.uint32), m.dequantize().view(np.uint32))
+    with pytest.raises(ValueError, match="not found in files"):
+        fmt.view(np.zeros(64, np.uint8), 0, (1, 32))
+
+
+@pytest.mark.parametrize("fastmath,vnni", [(f, False) for f in SETTINGS] + [(f, True) for f in SETTINGS if f != "off"])
+@pytest.mark.parametrize("name", TILES)
+def test_tiles_matmul_matches_exact_integer_arithmetic(name, fastmath, vnni):
+    """The VNNI intrinsic under every fastmath setting that runs it, the portable loops under
+    every setting; partial last tiles, one input (pairs of tiles), 8 inputs a pass and the rest."""
+    assert tiles_error(name, fastmath, vnni) <= TOLERANCE["legacy"]
+
+
+@pytest.mark.parametrize("fastmath,vnni", LINEAR_VARIANTS)
+@pytest.mark.parametrize("name", TILES)
+def test_tiles_matmul_is_exact_at_the_largest_products(name, fastmath, vnni):
+    assert tiles_error(name, fastmath, vnni, extreme=True) <= TOLERANCE["legacy"]
+
+
+@pytest.mark.parametrize("name", TILES)
+def test_tiles_embed_rows_as_the_source_does(name):
+    fmt = REGISTRY[name]()
+    m = random_matrix(fmt.source.name, 37, 64, np.random.default_rng(5))
+    tokens = np.array([0, 36, 17, 16], np.int64)
+    out = np.empty((4, 64), np.float32)
+    family("full", True).embed(out, fmt.operand(fmt.pack(m), fmt.scratch(4, 64)), tokens)
+    np.testing.assert_array_equal(out, m.dequantize()[tokens])
+
+
+@requires(GGUF_DIR)
+@pytest.mark.parametrize("file_name", ["bundled-Q4_0.gguf", "bundled-Q8_0.gguf"])
+def test_a_model_repacked_at_load_runs_as_mapped(file_name):
+    """repack (the default) against repack=False, token by token and in a block: the same
+    integer sums, the float sums in another order; the mapped path keeps the file's formats."""
+    from llama2nb import Transformer
+
+    path = GGUF_DIR / file_name
+    packed, mapped = Transformer.load(path, ctx=32), Transformer.load(path, ctx=32, repack=False)
+    assert not {f.name for f in mapped.weight_formats} & set(TILES) and mapped.repacked_bytes == 0
+    if simd.VNNI512:
+        assert {f.name for f in packed.weight_formats} & set(TILES) and packed.repacked_bytes > 0
+    tokens = [1, 403, 2501, 3989, 727, 471, 263, 2217]
+    for pos, token in enumerate(tokens):
+        ours, theirs = packed.forward(token, pos).copy(), mapped.forward(token, pos)
+        assert rel_err(ours, theirs.astype(np.float64)) <= 3e-6  # observed 3e-7
+    np.testing.assert_allclose(packed.prefill(tokens), ours, rtol=0, atol=1e-6 * np.abs(ours).max())  # observed 0
+
+
 @pytest.mark.parametrize("fastmath", ["off", "full"])
 def test_formats_with_one_input_encoding_quantize_it_once_per_stamp(fastmath):
     """Q4_0 and Q5_0 share one scratch (scratch_key): the second sees the first's input while
@@ -602,7 +684,10 @@ def test_a_model_of_mixed_formats_runs_as_its_float32_twin(fastmath):
 
     mixed, twin = mixed_checkpoints()
     model, reference = Transformer(mixed, fastmath=fastmath), Transformer(twin, fastmath=fastmath)
-    assert {f.name for f in model.weight_formats} == set(FLOATS + LEGACY + KQUANTS)
+    expected = set(FLOATS + LEGACY + KQUANTS)
+    if formats.Q4_0Tiles().usable(fastmath):  # Q4_0 and Q8_0 repacked at load (the embedding is BF16)
+        expected = expected - {"q4_0", "q8_0_block"} | set(TILES)
+    assert {f.name for f in model.weight_formats} == expected
     tokens = [1, 7, 30, 30, 66, 2, 11, 40, 9, 12]
     steps = []
     for pos, token in enumerate(tokens):

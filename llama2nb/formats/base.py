@@ -107,6 +107,30 @@ def register(cls: type[Format]) -> type[Format]:
     return cls
 
 
+REPACKED: dict[type[Format], type[Format]] = {}  # a format -> the in-memory layout it is repacked into at load
+
+
+def repacks(source: type[Format]):
+    """Class decorator: the decorated format is an in-memory layout that `source`'s matrices are
+    repacked into at load (for_engine), where the target CPU and fastmath setting use it."""
+
+    def register_layout(cls: type[Format]) -> type[Format]:
+        REPACKED[source] = cls
+        return cls
+
+    return register_layout
+
+
+def for_engine(matrix: Any, fastmath: str) -> Any:
+    """The matrix in the form the engine multiplies by: as mapped, or repacked into a faster
+    layout of the same bits where its format has one this CPU and fastmath setting use (see
+    formats/interleaved.py). A repacked matrix is new memory: the caller counts it."""
+    layout = REPACKED.get(type(format_of(matrix)))
+    if layout is None or not layout().usable(fastmath):
+        return matrix
+    return layout().pack(matrix)
+
+
 def by_ggml_type(type_id: int) -> Format:
     """The format of a GGUF tensor of ggml type `type_id` (0 F32, 1 F16, 2 Q4_0, ...). Every one
     registered here takes no parameters. ValueError names the id when llama2nb cannot read it."""

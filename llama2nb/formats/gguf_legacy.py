@@ -232,6 +232,12 @@ def q8_32_input(out, x, w, xq, xd, xsum, xu, xs, xds, x8, last, stamp, size):
     out (B, d), x (B, n) float32, w (d, n / 32 * size) uint8, the scratch's arrays flat
     (LegacyOperand's fields: passing the operand would compile this once per format)"""
     check_linear(out, x, w, QK, size, xq.size)
+    return q8_32_quantized(x, xq, xd, xsum, xu, xs, xds, x8, last, stamp)
+
+
+@kernel
+def q8_32_quantized(x, xq, xd, xsum, xu, xs, xds, x8, last, stamp):
+    """q8_32_input after its shape check (x's B * n values fit the scratch: the caller checked)."""
     B, n = x.shape
     blocks = n // QK
     views = (xq[:B * n].reshape((B, n)), xd[:B * blocks].reshape((B, blocks)),

@@ -238,16 +238,20 @@ class _Arrays:
     def shape(self, index, axis=0):
         return cgutils.unpack_tuple(self.builder, self.arrays[index].shape)[axis]
 
-    def store_out(self, value, b_index, column):
-        """out[b_index, column] = value (argument 0, any strides)."""
+    def out_pointer(self, b_index, column):
+        """A byte pointer to out[b_index, column] (argument 0, any strides)."""
         a = self.arrays[0]
         b = self.builder
         strides = cgutils.unpack_tuple(b, a.strides)
         offset = b.add(b.mul(b_index, strides[0]), b.mul(column, strides[1]))
-        b.store(value, b.bitcast(b.gep(b.bitcast(a.data, _I8.as_pointer()), [offset]), _F32.as_pointer()))
+        return b.gep(b.bitcast(a.data, _I8.as_pointer()), [offset])
+
+    def store_out(self, value, b_index, column):
+        """out[b_index, column] = value (argument 0, any strides)."""
+        self.builder.store(value, self.builder.bitcast(self.out_pointer(b_index, column), _F32.as_pointer()))
 
 
-def _each_pass(builder, arrays, k0, k1, pair, emit):
+def _each_pass(builder, arrays, k0, k1, pair, emit, tokens_at_once=TOKENS):
     """emit(row pointer, i, T, first) for every row i of the range (rows k0..k1-1, each followed
     by row i + pair when pair > 0: formats/blocks.chunk_rows) and every input: TOKENS inputs at
     a time, then one at a time. Inputs outside, rows inside: a group's inputs stay in L1 while
@@ -261,10 +265,10 @@ def _each_pass(builder, arrays, k0, k1, pair, emit):
                 i = builder.add(builder.add(k0, loop.index), builder.mul(second.index, pair))
                 emit(arrays.row_pointer(1, i), i, T, first)
 
-    groups = builder.sdiv(tokens, _I64(TOKENS))
+    groups = builder.sdiv(tokens, _I64(tokens_at_once))
     with cgutils.for_range(builder, groups) as loop:
-        rows(TOKENS, builder.mul(loop.index, _I64(TOKENS)))
-    done = builder.mul(groups, _I64(TOKENS))
+        rows(tokens_at_once, builder.mul(loop.index, _I64(tokens_at_once)))
+    done = builder.mul(groups, _I64(tokens_at_once))
     with cgutils.for_range(builder, builder.sub(tokens, done)) as loop:
         rows(1, builder.add(done, loop.index))
 
