@@ -215,6 +215,9 @@ def _silence_stdout() -> None:
               help="read the weights into RAM instead of mapping the file, for the memory of a copy: "
                    "faster where the OS cannot map files in 2 MB pages (Linux without transparent "
                    "huge pages, macOS)")
+@click.option("--no-repack", "repack", flag_value=False, default=True,
+              help="multiply by Q4_0/Q8_0 GGUF weights as the file holds them (mapped), not repacked at load "
+                   "into a faster in-RAM layout of the same bits (AVX-512 VNNI CPUs only; costs their size in RAM)")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
               help="keep only the k most likely tokens; 0 = off")
 @click.option("--min-p", type=FiniteFloat(0.0, 1.0), default=0.0, show_default=True,
@@ -224,7 +227,8 @@ def _silence_stdout() -> None:
 @CTX_OPTION
 def sample(checkpoint: str | None, tokenizer_path: str | None, temperature: float, topp: float, seed: int,
            steps: int, prompt: str | None, mode: str, system: str | None, fastmath: bool | None, threads: int,
-           in_memory: bool, top_k: int, min_p: float, repetition_penalty: float, ctx: int | None) -> None:
+           in_memory: bool, repack: bool, top_k: int, min_p: float, repetition_penalty: float,
+           ctx: int | None) -> None:
     """Sample a story (or chat) from a CHECKPOINT (a llama2.c .bin or a llama GGUF file): a
     path, a downloaded model name such as stories15M, or nothing for the bundled model."""
     from .files import read_config
@@ -255,7 +259,7 @@ def sample(checkpoint: str | None, tokenizer_path: str | None, temperature: floa
             if threads > (cores := usable_cores()):
                 view.notice(f"--threads {threads} is more than the {_count(cores, 'core')} this process may use: "
                             f"far slower than --threads {cores}")
-            model, view.compile_seconds = view.load(ckpt, fastmath, threads, in_memory, ctx)
+            model, view.compile_seconds = view.load(ckpt, fastmath, threads, in_memory, ctx, repack)
             for note in model.notes:
                 view.notice(note)
             run = starter(model)
@@ -308,7 +312,7 @@ class _View:
             click.echo(f"note: {message}", err=True)
 
     def load(self, path: Path, fastmath: bool | None, threads: int = 1, in_memory: bool = False,
-             ctx: int | None = None):
+             ctx: int | None = None, repack: bool = True):
         """The model, and the seconds spent compiling (or loading cached) kernels: the model's
         and the sampler's. Reading the file is timed apart (load_seconds) and, on a terminal,
         shown as it goes (a cold multi-GB file takes a while)."""
@@ -327,6 +331,8 @@ class _View:
                 options["threads"] = threads
             if in_memory:
                 options["in_memory"] = True
+            if not repack:
+                options["repack"] = False
 
             def reading(done: int, size: int) -> None:  # shown only while a read takes its time
                 if done < size:
@@ -650,13 +656,12 @@ def _gguf_rows(path: Path, ctx: int | None) -> list[tuple[str, str]]:
         rows += _shape_rows(config)
         rows.append(("rms eps, rope theta", f"{config.norm_eps:g}, {config.rope_theta:g}"))
         rows += _memory_rows(path.stat().st_size, config, ctx)
-    per_type: dict[int, list[int]] = {}
+    per_type: dict[int, list] = {}
     for t in header.tensors.values():
-        per_type.setdefault(t.type, []).append(t.nbytes)
-    for type_id, sizes in sorted(per_type.items(), key=lambda kv: -sum(kv[1])):
-        fmt = gguf.format_for(type_id)
-        kernel = f"; {fmt.kernel_description()}" if fmt is not None else "; not supported in this build"
-        rows.append((f"tensors {gguf.type_name(type_id)}", f"{len(sizes)}, {_size(sum(sizes))}{kernel}"))
+        per_type.setdefault(t.type, []).append(t)
+    for type_id, tensors in sorted(per_type.items(), key=lambda kv: -sum(t.nbytes for t in kv[1])):
+        rows.append((f"tensors {gguf.type_name(type_id)}", f"{len(tensors)}, {_size(sum(t.nbytes for t in tensors))}"
+                                                           f"; {_kernel_row(gguf.format_for(type_id), tensors)}"))
     rows.append(("status", status))
     rows += [(key, _metadata_text(key, value)) for key, value in header.metadata.items()]
     return rows
@@ -718,6 +723,20 @@ def quantize(source: str, out: Path, type_: str, container: str | None, version:
                 raise UsageError(f"{path}: --save-tokenizer: expected a vocabulary (a GGUF IN, or -z), found none")
             vocab.save_bin(save_tokenizer)
             click.echo(f"wrote {save_tokenizer}")
+
+
+def _kernel_row(fmt, tensors) -> str:
+    """Which matmul runs a GGUF type's tensors, and the RAM a repack at load takes (the
+    matrices the layers multiply by: not the token embedding, read a row at a time)."""
+    from .formats.base import REPACKED
+
+    if fmt is None:
+        return "not supported in this build"
+    layout = REPACKED.get(type(fmt))
+    if layout is None or not layout().usable("full"):
+        return fmt.kernel_description()
+    extra = sum(layout().nbytes(t.shape) for t in tensors if len(t.shape) == 2 and t.name != "token_embd.weight")
+    return f"{layout().kernel_description()}: {_size(extra)} of RAM (--no-repack: {fmt.kernel_description()})"
 
 
 def _memory_rows(file_size: int, c, ctx: int | None) -> list[tuple[str, str]]:
