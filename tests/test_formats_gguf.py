@@ -445,7 +445,7 @@ def test_block_matmul_on_real_tensors(file_name, fastmath, vnni):
 # ----------------------------------------------------------------------------------------------
 # Q4_0 and Q8_0 repacked into tiles of 16 interleaved rows (formats/interleaved.py)
 
-TILES = ["q4_0_tiles", "q8_0_tiles"]
+TILES = ["q4_0_tiles", "q8_0_tiles", "q4_k_tiles", "q6_k_tiles"]
 TILE_SHAPES = SHAPES + [(19, 40, 3), (1, 64, 3)]  # 8 inputs a pass twice and 3 more; whole tiles
 
 
@@ -457,7 +457,7 @@ def tiles_error(name, fastmath, vnni, extreme=False):
     rng = np.random.default_rng(IDS[source] + 100)
     worst = 0.0
     for B, rows, blocks in TILE_SHAPES:
-        cols = blocks * 32
+        cols = blocks * fmt.block_size
         m = random_matrix(source, rows, cols, rng, extreme)
         scratch = fmt.scratch(19, cols)
         out = np.full((B, rows), np.nan, np.float32)
@@ -472,7 +472,7 @@ def test_tiles_hold_the_source_blocks_bit_for_bit(name):
     fmt = REGISTRY[name]()
     rng = np.random.default_rng(3)
     for rows in (1, 15, 16, 37):
-        m = random_matrix(fmt.source.name, rows, 96, rng)
+        m = random_matrix(fmt.source.name, rows, 3 * fmt.block_size, rng)
         tiles = fmt.pack(m)
         assert tiles.data.shape == (-(-rows // 16), 3 * fmt.tile_bytes) and tiles.data.nbytes == fmt.nbytes(m.shape)
         np.testing.assert_array_equal(fmt.unpack(tiles).data, m.data)
@@ -498,10 +498,11 @@ def test_tiles_matmul_is_exact_at_the_largest_products(name, fastmath, vnni):
 @pytest.mark.parametrize("name", TILES)
 def test_tiles_embed_rows_as_the_source_does(name):
     fmt = REGISTRY[name]()
-    m = random_matrix(fmt.source.name, 37, 64, np.random.default_rng(5))
+    cols = 2 * fmt.block_size
+    m = random_matrix(fmt.source.name, 37, cols, np.random.default_rng(5))
     tokens = np.array([0, 36, 17, 16], np.int64)
-    out = np.empty((4, 64), np.float32)
-    family("full", True).embed(out, fmt.operand(fmt.pack(m), fmt.scratch(4, 64)), tokens)
+    out = np.empty((4, cols), np.float32)
+    family("full", True).embed(out, fmt.operand(fmt.pack(m), fmt.scratch(4, cols)), tokens)
     np.testing.assert_array_equal(out, m.dequantize()[tokens])
 
 
@@ -509,7 +510,10 @@ def test_tiles_embed_rows_as_the_source_does(name):
 @pytest.mark.parametrize("file_name", ["bundled-Q4_0.gguf", "bundled-Q8_0.gguf"])
 def test_a_model_repacked_at_load_runs_as_mapped(file_name):
     """repack (the default) against repack=False, token by token and in a block: the same
-    integer sums, the float sums in another order; the mapped path keeps the file's formats."""
+    integer sums, the float sums in another order; the mapped path keeps the file's formats.
+    (Not on gqa256's random weights: there a last-bit difference in an activation flips its
+    int8 rounding in the next matmul's input, and the logits move by a percent; its tiles are
+    checked matrix by matrix, with the other K-quant tests.)"""
     from llama2nb import Transformer
 
     path = GGUF_DIR / file_name

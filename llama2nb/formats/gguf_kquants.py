@@ -164,6 +164,12 @@ def q8_k_input(out, x, w, xq, xd, xsum, xu, last, stamp, size):
     float32, w (d, n / 256 * size) uint8, the scratch's arrays flat (KQuantOperand's fields:
     passing the operand would compile this once per format)"""
     check_linear(out, x, w, QK_K, size, xq.size)
+    return q8_k_quantized(x, xq, xd, xsum, xu, last, stamp)
+
+
+@kernel
+def q8_k_quantized(x, xq, xd, xsum, xu, last, stamp):
+    """q8_k_input after its shape check (x's B * n values fit the scratch: the caller checked)."""
     B, n = x.shape
     views = (xq[:B * n].reshape((B, n)), xd[:B * (n // QK_K)].reshape((B, n // QK_K)),
              xsum[:B * (n // 16)].reshape((B, n // 16)), xu[:B * n].reshape((B, n)))

@@ -25,29 +25,26 @@ from numba import prange
 from ..kernels import vnni_tiles
 from ..kernels.common import ZERO
 from ..kernels.jit import kernel
-from ..kernels.vnni_tiles import TILE, TILE_HEADER, tile_block_bytes
+from ..kernels.vnni_tiles import (Q4_K_M, Q4_K_QS, Q4_K_SC, Q4_K_TILE_BYTES, Q6_K_HIGH, Q6_K_LOW, Q6_K_SC,
+                                  Q6_K_TILE_BYTES, TILE, TILE_HEADER, tile_block_bytes)
 from ..mapping import anonymous
 from .base import register, repacks
 from .blocks import BlockMatrix, QuantizedFormat, chunk_rows, half_float, row_chunks
-from .gguf_legacy import QK, LegacyOperand, Q4_0, Q8_0Block, _Legacy, q8_32_quantized
+from .gguf_kquants import QK_K, KQuantOperand, Q4_K, Q6_K, q8_k_quantized, scales_and_mins
+from .gguf_legacy import QK, LegacyOperand, Q4_0, Q8_0Block, q8_32_quantized
 
 I32 = np.int32
 VNNI512 = False  # compile-time constant (blocks.QuantizedFormat.constants)
 
 
 class _Tiles(QuantizedFormat):
-    """A 32-value GGUF block format (`source`) as tiles of 16 interleaved rows: matrices are
-    BlockMatrix objects whose data is (tiles, n / 32 * block bytes) uint8."""
+    """A GGUF block format (`source`) as tiles of 16 interleaved rows: matrices are BlockMatrix
+    objects whose data is (tiles, n / block_size * tile_bytes) uint8. Subclasses give the
+    layout (pack, unpack); the input's encoding, scratch and block size are the source's."""
 
-    source: ClassVar[type[_Legacy]]
-    nibbles: ClassVar[bool]
-    block_size = QK
-    activations = _Legacy.activations
+    source: ClassVar[type[QuantizedFormat]]
+    tile_bytes: ClassVar[int]  # bytes of a tile's block (or super-block): 16 rows' worth
     unit = "blocks"
-
-    @property
-    def tile_bytes(self) -> int:
-        return tile_block_bytes(self.nibbles)
 
     def usable(self, fastmath: str) -> bool:
         """Whether this CPU and fastmath setting run the tiles' VNNI kernel (else repacking
@@ -55,12 +52,12 @@ class _Tiles(QuantizedFormat):
         return self.constants(fastmath)["VNNI512"]
 
     def kernel_description(self, fastmath="full"):
-        return (f"{self.source.name} blocks repacked at load into tiles of {TILE} interleaved rows, "
+        return (f"{self.source.name} {self.source.unit} repacked at load into tiles of {TILE} interleaved rows, "
                 "AVX-512 VNNI against int8 inputs (with fastmath)")
 
     def nbytes(self, shape):
         rows, cols = shape
-        return -(-rows // TILE) * cols // QK * self.tile_bytes
+        return -(-rows // TILE) * (cols // self.block_size) * self.tile_bytes
 
     def view(self, buffer, offset, shape):
         raise ValueError(f"{self.name}: an in-memory layout of {self.source.name}, not found in files")
@@ -77,39 +74,92 @@ class _Tiles(QuantizedFormat):
     def scratch(self, block, width):
         return self.source().scratch(block, width)
 
-    def pack(self, matrix: BlockMatrix) -> BlockMatrix:
-        """The source matrix's blocks as tiles (the module docstring), in new memory."""
-        source = self.source()
-        rows, cols = matrix.shape
-        size, blocks, tiles = source.block_bytes, cols // QK, -(-rows // TILE)
-        packed = anonymous(self.nbytes(matrix.shape)).reshape(tiles, blocks, self.tile_bytes)
-        pieces = (size - 2) // 4  # 4-byte groups of a block's values: 4 (nibbles) or 8
-        for t in range(tiles):  # a tile at a time: no temporary the size of the matrix
-            part = np.zeros((TILE, blocks, size), np.uint8)
-            taken = matrix.data[t * TILE:(t + 1) * TILE].reshape(-1, blocks, size)
-            part[:taken.shape[0]] = taken
-            packed[t, :, :TILE_HEADER] = part[:, :, :2].transpose(1, 0, 2).reshape(blocks, TILE_HEADER)
-            values = part[:, :, 2:].reshape(TILE, blocks, pieces, 4).transpose(1, 2, 0, 3).reshape(blocks, -1)
-            packed[t, :, TILE_HEADER:] = values if self.nibbles else values ^ np.uint8(0x80)
-        return BlockMatrix(self, packed.reshape(tiles, -1), matrix.shape)
-
-    def unpack(self, matrix: BlockMatrix) -> BlockMatrix:
-        """pack's inverse: the source format's matrix."""
-        source = self.source()
-        rows, cols = matrix.shape
-        size, blocks, tiles = source.block_bytes, cols // QK, matrix.data.shape[0]
-        tiled = matrix.data.reshape(tiles, blocks, self.tile_bytes)
-        out = np.empty((tiles * TILE, blocks, size), np.uint8)
-        out[:, :, :2] = tiled[:, :, :TILE_HEADER].reshape(tiles, blocks, TILE, 2).transpose(0, 2, 1, 3).reshape(-1, blocks, 2)
-        values = tiled[:, :, TILE_HEADER:] if self.nibbles else tiled[:, :, TILE_HEADER:] ^ np.uint8(0x80)
-        values = values.reshape(tiles, blocks, -1, TILE, 4).transpose(0, 3, 1, 2, 4)
-        out[:, :, 2:] = values.reshape(tiles * TILE, blocks, size - 2)
-        return source.from_blocks(out[:rows], (rows, cols))
+    def scratch_key(self):
+        return self.source().scratch_key()
 
     def operand(self, matrix, scratch):
         if not isinstance(matrix, BlockMatrix) or matrix.format != self or len(matrix.shape) != 2:
             raise ValueError(f"operand: expected a 2-D {self!r} matrix, found {matrix!r}")
         return self.operand_class(matrix.data, *scratch)
+
+    def pack(self, matrix: BlockMatrix) -> BlockMatrix:
+        """The source matrix as tiles (the layout: kernels/vnni_tiles.py), in new memory, made a
+        tile at a time (no temporary the size of the matrix)."""
+        rows, cols = matrix.shape
+        size, blocks, tiles = self.source.block_bytes, cols // self.block_size, -(-rows // TILE)
+        packed = anonymous(self.nbytes(matrix.shape)).reshape(tiles, blocks, self.tile_bytes)
+        for t in range(tiles):
+            part = np.zeros((TILE, blocks, size), np.uint8)  # the last tile's missing rows: zeros
+            taken = matrix.data[t * TILE:(t + 1) * TILE].reshape(-1, blocks, size)
+            part[:taken.shape[0]] = taken
+            packed[t] = self._tile(part)
+        return BlockMatrix(self, packed.reshape(tiles, -1), matrix.shape)
+
+    def unpack(self, matrix: BlockMatrix) -> BlockMatrix:
+        """pack's inverse: the source format's matrix, bit for bit."""
+        rows, cols = matrix.shape
+        tiled = matrix.data.reshape(matrix.data.shape[0], cols // self.block_size, self.tile_bytes)
+        blocks = np.concatenate([self._untile(tile) for tile in tiled])
+        return self.source().from_blocks(blocks[:rows], (rows, cols))
+
+    def _tile(self, part: np.ndarray) -> np.ndarray:
+        """(16 rows, blocks, source block bytes) -> (blocks, tile_bytes)"""
+        raise NotImplementedError
+
+    def _untile(self, tile: np.ndarray) -> np.ndarray:
+        """(blocks, tile_bytes) -> (16 rows, blocks, source block bytes)"""
+        raise NotImplementedError
+
+
+class _LegacyTiles(_Tiles):
+    """Q4_0 or Q8_0: per block the 16 fp16 d, then the values in 4-byte groups, row by row."""
+
+    nibbles: ClassVar[bool]
+    block_size = QK
+
+    def _tile(self, part):
+        blocks, size = part.shape[1], part.shape[2]
+        values = part[:, :, 2:].reshape(TILE, blocks, (size - 2) // 4, 4).transpose(1, 2, 0, 3).reshape(blocks, -1)
+        scales = part[:, :, :2].transpose(1, 0, 2).reshape(blocks, TILE_HEADER)
+        return np.concatenate([scales, values if self.nibbles else values ^ np.uint8(0x80)], axis=1)
+
+    def _untile(self, tile):
+        blocks, size = tile.shape[0], self.source.block_bytes
+        values = tile[:, TILE_HEADER:] if self.nibbles else tile[:, TILE_HEADER:] ^ np.uint8(0x80)
+        part = np.empty((TILE, blocks, size), np.uint8)
+        part[:, :, :2] = tile[:, :TILE_HEADER].reshape(blocks, TILE, 2).transpose(1, 0, 2)
+        part[:, :, 2:] = values.reshape(blocks, -1, TILE, 4).transpose(2, 0, 1, 3).reshape(TILE, blocks, size - 2)
+        return part
+
+
+class _Q4_KLayout(_Tiles):
+    """Q4_K: per super-block the 16 rows' d, dmin, scales and mins as bytes (unpacked from
+    their 6 bits), sub-blocks in pairs, then the nibbles in 4-byte groups, row by row."""
+
+    block_size = QK_K
+    tile_bytes = Q4_K_TILE_BYTES
+
+    def _tile(self, part):
+        blocks = part.shape[1]
+        sc, mn = scales_and_mins(part[:, :, 4:16].reshape(-1, 12))
+        pairs = [x.astype(np.uint8).reshape(TILE, blocks, 4, 2).transpose(1, 2, 0, 3).reshape(blocks, -1) for x in (sc, mn)]
+        halves = [part[:, :, at:at + 2].transpose(1, 0, 2).reshape(blocks, TILE_HEADER) for at in (0, 2)]
+        nibbles = part[:, :, 16:].reshape(TILE, blocks, 4, 8, 4).transpose(1, 2, 3, 0, 4).reshape(blocks, -1)
+        return np.concatenate([*halves, *pairs, nibbles], axis=1)
+
+    def _untile(self, tile):
+        blocks = tile.shape[0]
+        part = np.empty((TILE, blocks, 144), np.uint8)
+        for at, start in ((0, 0), (2, TILE_HEADER)):
+            part[:, :, at:at + 2] = tile[:, start:start + TILE_HEADER].reshape(blocks, TILE, 2).transpose(1, 0, 2)
+        sc, mn = (tile[:, at:at + 128].reshape(blocks, 4, TILE, 2).transpose(2, 0, 1, 3).reshape(TILE, blocks, 8).astype(np.int32)
+                  for at in (Q4_K_SC, Q4_K_M))
+        low = (sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6)
+        mid = (mn[..., :4] & 63) | ((mn[..., 4:] >> 4) << 6)
+        top = (sc[..., 4:] & 15) | ((mn[..., 4:] & 15) << 4)
+        part[:, :, 4:16] = np.concatenate([low, mid, top], axis=2).astype(np.uint8)
+        part[:, :, 16:] = tile[:, Q4_K_QS:].reshape(blocks, 4, 8, TILE, 4).transpose(3, 0, 1, 2, 4).reshape(TILE, blocks, 128)
+        return part
 
 
 class Q4_0TilesOperand(LegacyOperand):
@@ -122,11 +172,12 @@ class Q8_0TilesOperand(LegacyOperand):
 
 @repacks(Q4_0)
 @register
-class Q4_0Tiles(_Tiles):
+class Q4_0Tiles(_LegacyTiles):
     name = "q4_0_tiles"
     source = Q4_0
     nibbles = True
     block_bytes = Q4_0.block_bytes
+    tile_bytes = tile_block_bytes(True)
     operand_class = Q4_0TilesOperand
     linear_kernel = "linear_q4_0_tiles"
     embed_kernel = "embed_q4_0_tiles"
@@ -134,18 +185,86 @@ class Q4_0Tiles(_Tiles):
 
 @repacks(Q8_0Block)
 @register
-class Q8_0Tiles(_Tiles):
+class Q8_0Tiles(_LegacyTiles):
     name = "q8_0_tiles"
     source = Q8_0Block
     nibbles = False
     block_bytes = Q8_0Block.block_bytes
+    tile_bytes = tile_block_bytes(False)
     operand_class = Q8_0TilesOperand
     linear_kernel = "linear_q8_0_tiles"
     embed_kernel = "embed_q8_0_tiles"
 
 
+class _Q6_KLayout(_Tiles):
+    """Q6_K: per super-block the 16 rows' d, their int8 scales with sub-blocks in pairs, then
+    each value's q in quads of values: low four bits two quads a byte, upper two bits four quads
+    a byte (kernels/vnni_tiles.py)."""
+
+    block_size = QK_K
+    tile_bytes = Q6_K_TILE_BYTES
+
+    def _tile(self, part):
+        blocks = part.shape[1]
+        q = Q6_K().values(part.reshape(-1, 210)).reshape(TILE, blocks, 64, 4)  # (rows, blocks, quads, 4)
+        q = q.transpose(1, 2, 0, 3)  # (blocks, quads, rows, 4)
+        low = (q[:, :32] & 15) | ((q[:, 32:] & 15) << 4)
+        high = sum((q[:, 16 * k:16 * k + 16] >> 4) << (2 * k) for k in range(4))
+        scales = part[:, :, 192:208].reshape(TILE, blocks, 8, 2).transpose(1, 2, 0, 3)
+        d = part[:, :, 208:210].transpose(1, 0, 2)
+        return np.concatenate([x.reshape(blocks, -1).astype(np.uint8) for x in (d, scales, low, high)], axis=1)
+
+    def _untile(self, tile):
+        blocks = tile.shape[0]
+        low = tile[:, Q6_K_LOW:Q6_K_HIGH].reshape(blocks, 32, TILE, 4).astype(np.int32)
+        high = tile[:, Q6_K_HIGH:].reshape(blocks, 16, TILE, 4).astype(np.int32)
+        nibbles = np.concatenate([low & 15, low >> 4], axis=1)  # (blocks, 64 quads, rows, 4)
+        upper = np.concatenate([(high >> (2 * k)) & 3 for k in range(4)], axis=1)
+        q = (nibbles | (upper << 4)).transpose(2, 0, 1, 3).reshape(TILE, blocks, 2, 4, 32)  # (rows, blocks, half, quarter, l)
+        part = np.empty((TILE, blocks, 210), np.uint8)
+        nib = q & 15
+        ql = np.concatenate([nib[:, :, :, 0] | (nib[:, :, :, 2] << 4), nib[:, :, :, 1] | (nib[:, :, :, 3] << 4)], axis=3)
+        part[:, :, :128] = ql.reshape(TILE, blocks, 128)
+        part[:, :, 128:192] = sum((q[:, :, :, k] >> 4) << (2 * k) for k in range(4)).reshape(TILE, blocks, 64)
+        part[:, :, 192:208] = tile[:, Q6_K_SC:Q6_K_LOW].reshape(blocks, 8, TILE, 2).transpose(2, 0, 1, 3).reshape(TILE, blocks, 16)
+        part[:, :, 208:210] = tile[:, :TILE_HEADER].reshape(blocks, TILE, 2).transpose(1, 0, 2)
+        return part
+
+
+class Q6_KTilesOperand(KQuantOperand):
+    pass
+
+
+@repacks(Q6_K)
+@register
+class Q6_KTiles(_Q6_KLayout):
+    name = "q6_k_tiles"
+    source = Q6_K
+    block_bytes = Q6_K.block_bytes
+    unit = "super-blocks"
+    operand_class = Q6_KTilesOperand
+    linear_kernel = "linear_q6_k_tiles"
+    embed_kernel = "embed_q6_k_tiles"
+
+
+class Q4_KTilesOperand(KQuantOperand):
+    pass
+
+
+@repacks(Q4_K)
+@register
+class Q4_KTiles(_Q4_KLayout):
+    name = "q4_k_tiles"
+    source = Q4_K
+    block_bytes = Q4_K.block_bytes
+    unit = "super-blocks"
+    operand_class = Q4_KTilesOperand
+    linear_kernel = "linear_q4_k_tiles"
+    embed_kernel = "embed_q4_k_tiles"
+
+
 # ----------------------------------------------------------------------------------------------
-# The matmuls: x quantized once per stamp (gguf_legacy), then the tiles in ranges
+# The matmuls: x quantized once per stamp (gguf_legacy, gguf_kquants), then the tiles in ranges
 
 
 @kernel
@@ -185,6 +304,161 @@ def linear_q8_0_tiles(out, x, w, stamp):
             vnni_tiles.q8_0_tiles(out, w.w, xq, xd, x8, t0, t1, pair)
         else:
             rows_tiles(out, w.w, xq, xd, xsum, t0, t1, pair, False)
+
+
+@kernel
+def linear_q4_k_tiles(out, x, w, stamp):
+    """out = x @ W.T for Q4_K W in tiles.  out (B, d), x (B, n) float32, w: (d, n) Q4_K tiles"""
+    B, n = x.shape
+    tiles = w.w.shape[0]
+    if (B < 1 or out.shape[0] != B or n % QK_K or tiles != (out.shape[1] + TILE - 1) // TILE
+            or w.w.shape[1] != n // QK_K * Q4_K_TILE_BYTES or B * n > w.xq.size or out.strides[1] != 4):
+        raise ValueError("linear: out (B, d), x (B, n), the (d, n) tiles and the scratch disagree")
+    xq, xd, xsum, xu = q8_k_quantized(x, w.xq, w.xd, w.xsum, w.xu, w.stamp, stamp)
+    for c in prange(row_chunks(B, tiles)):
+        t0, t1, pair = chunk_rows(c, B, tiles)
+        if VNNI512:
+            vnni_tiles.q4_k_tiles(out, w.w, xq, xd, xsum, t0, t1, pair)
+        else:
+            rows_q4_k_tiles(out, w.w, xq, xd, t0, t1, pair)
+
+
+@kernel
+def linear_q6_k_tiles(out, x, w, stamp):
+    """out = x @ W.T for Q6_K W in tiles.  out (B, d), x (B, n) float32, w: (d, n) Q6_K tiles"""
+    B, n = x.shape
+    tiles = w.w.shape[0]
+    if (B < 1 or out.shape[0] != B or n % QK_K or tiles != (out.shape[1] + TILE - 1) // TILE
+            or w.w.shape[1] != n // QK_K * Q6_K_TILE_BYTES or B * n > w.xq.size or out.strides[1] != 4):
+        raise ValueError("linear: out (B, d), x (B, n), the (d, n) tiles and the scratch disagree")
+    xq, xd, xsum, xu = q8_k_quantized(x, w.xq, w.xd, w.xsum, w.xu, w.stamp, stamp)
+    for c in prange(row_chunks(B, tiles)):
+        t0, t1, pair = chunk_rows(c, B, tiles)
+        if VNNI512:
+            vnni_tiles.q6_k_tiles(out, w.w, xq, xd, xsum, t0, t1, pair)
+        else:
+            rows_q6_k_tiles(out, w.w, xq, xd, t0, t1, pair)
+
+
+@kernel
+def q6_k_tile_value(tile, s, r, v):
+    """Value v (0..255) of row r in super-block s of a Q6_K tile: (q - 32, d * sc)."""
+    at = s * Q6_K_TILE_BYTES
+    g, i = v // 4, v % 4
+    low = I32(tile[at + Q6_K_LOW + 64 * (g % 32) + 4 * r + i]) >> I32(4 * (g // 32)) & I32(15)
+    high = I32(tile[at + Q6_K_HIGH + 64 * (g % 16) + 4 * r + i]) >> I32(2 * (g // 16)) & I32(3)
+    k = v // 16
+    sc = I32(tile[at + Q6_K_SC + 32 * (k // 2) + 2 * r + k % 2])
+    sc = sc - ((sc & I32(128)) << I32(1))
+    return (low | high << I32(4)) - I32(32), half_float(tile[at + 2 * r], tile[at + 2 * r + 1]) * np.float32(sc)
+
+
+@kernel
+def rows_q6_k_tiles(out, w, xq, xd, t0, t1, pair):
+    """Q6_K tiles' rows in portable loops (tests): per super-block the exact int32 sum of
+    sc_k * ((q_k - 32) . x_k), then d in float.  out (B, d), w the tiles, xq (B, n) int8,
+    xd (B, n / 256)"""
+    B, d = out.shape
+    supers = w.shape[1] // Q6_K_TILE_BYTES
+    for i in range(t0, t1):
+        for second in range(1 + (pair > 0)):
+            t = i + second * pair
+            tile = w[t]
+            for r in range(min(TILE, d - t * TILE)):
+                for b in range(B):
+                    acc = ZERO
+                    for s in range(supers):
+                        at = s * Q6_K_TILE_BYTES
+                        main = I32(0)
+                        for k in range(16):
+                            dot = I32(0)
+                            for v in range(16 * k, 16 * k + 16):
+                                q, _ = q6_k_tile_value(tile, s, r, v)
+                                dot += q * I32(xq[b, s * QK_K + v])
+                            sc = I32(tile[at + Q6_K_SC + 32 * (k // 2) + 2 * r + k % 2])
+                            main += (sc - ((sc & I32(128)) << I32(1))) * dot
+                        acc += xd[b, s] * (half_float(tile[at + 2 * r], tile[at + 2 * r + 1]) * np.float32(main))
+                    out[b, t * TILE + r] = acc
+
+
+@kernel
+def embed_q6_k_tiles(out, table, tokens):
+    """out[b] = row tokens[b] of a Q6_K tiled table.  out (B, n), table: (rows, n) Q6_K tiles"""
+    w = table.w
+    supers = w.shape[1] // Q6_K_TILE_BYTES
+    if out.shape[0] != tokens.shape[0] or out.shape[1] != supers * QK_K:
+        raise ValueError("embed: out (B, n) does not fit the tokens and the table")
+    for b in range(tokens.shape[0]):
+        if tokens[b] < 0 or tokens[b] >= w.shape[0] * TILE:
+            raise ValueError("embed: a token is outside the table")
+        tile, r = w[tokens[b] // TILE], tokens[b] % TILE
+        for s in range(supers):
+            for v in range(QK_K):
+                q, scale = q6_k_tile_value(tile, s, r, v)
+                out[b, s * QK_K + v] = scale * np.float32(q)
+
+
+@kernel
+def q4_k_tile_value(tile, s, r, v):
+    """Value v (0..255) of row r in super-block s of a Q4_K tile, as float32 (d * sc * q - dmin * m)."""
+    at = s * Q4_K_TILE_BYTES
+    c, high, l = v // 64, v % 64 // 32, v % 32
+    q = I32(tile[at + Q4_K_QS + 512 * c + 64 * (l // 4) + 4 * r + l % 4]) >> I32(4 * high) & I32(15)
+    sc = np.float32(tile[at + Q4_K_SC + 32 * c + 2 * r + high])
+    m = np.float32(tile[at + Q4_K_M + 32 * c + 2 * r + high])
+    d = half_float(tile[at + 2 * r], tile[at + 2 * r + 1])
+    dmin = half_float(tile[at + TILE_HEADER + 2 * r], tile[at + TILE_HEADER + 2 * r + 1])
+    return q, d * sc, dmin * m
+
+
+@kernel
+def rows_q4_k_tiles(out, w, xq, xd, t0, t1, pair):
+    """Q4_K tiles' rows in portable loops (tests): per super-block the exact int32 sums of
+    sc_j * (q_j . x_j) and m_j * sum(x_j), then d and dmin in float.  out (B, d), w the
+    tiles, xq (B, n) int8, xd (B, n / 256)"""
+    B, d = out.shape
+    supers = w.shape[1] // Q4_K_TILE_BYTES
+    for i in range(t0, t1):
+        for second in range(1 + (pair > 0)):
+            t = i + second * pair
+            tile = w[t]
+            for r in range(min(TILE, d - t * TILE)):
+                for b in range(B):
+                    acc = ZERO
+                    for s in range(supers):
+                        at = s * Q4_K_TILE_BYTES
+                        main = I32(0)
+                        mins = I32(0)
+                        for j in range(8):
+                            dot = I32(0)
+                            total = I32(0)
+                            for v in range(32 * j, 32 * j + 32):
+                                q, _, _ = q4_k_tile_value(tile, s, r, v)
+                                dot += q * I32(xq[b, s * QK_K + v])
+                                total += I32(xq[b, s * QK_K + v])
+                            main += I32(tile[at + Q4_K_SC + 32 * (j // 2) + 2 * r + j % 2]) * dot
+                            mins += I32(tile[at + Q4_K_M + 32 * (j // 2) + 2 * r + j % 2]) * total
+                        scale = half_float(tile[at + 2 * r], tile[at + 2 * r + 1])
+                        dmin = half_float(tile[at + TILE_HEADER + 2 * r], tile[at + TILE_HEADER + 2 * r + 1])
+                        acc += xd[b, s] * (scale * np.float32(main) - dmin * np.float32(mins))
+                    out[b, t * TILE + r] = acc
+
+
+@kernel
+def embed_q4_k_tiles(out, table, tokens):
+    """out[b] = row tokens[b] of a Q4_K tiled table.  out (B, n), table: (rows, n) Q4_K tiles"""
+    w = table.w
+    supers = w.shape[1] // Q4_K_TILE_BYTES
+    if out.shape[0] != tokens.shape[0] or out.shape[1] != supers * QK_K:
+        raise ValueError("embed: out (B, n) does not fit the tokens and the table")
+    for b in range(tokens.shape[0]):
+        if tokens[b] < 0 or tokens[b] >= w.shape[0] * TILE:
+            raise ValueError("embed: a token is outside the table")
+        tile, r = w[tokens[b] // TILE], tokens[b] % TILE
+        for s in range(supers):
+            for v in range(QK_K):
+                q, scale, offset = q4_k_tile_value(tile, s, r, v)
+                out[b, s * QK_K + v] = scale * np.float32(q) - offset
 
 
 @kernel
