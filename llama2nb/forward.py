@@ -119,6 +119,7 @@ class RunState:
     hb2: np.ndarray  # (block, hidden_dim)
     att: np.ndarray  # (n_heads, seq_len) one token's attention scores
     att_block: np.ndarray  # (block, seq_len) a block's attention scores, one head at a time
+    transposed: np.ndarray  # (2, head_size, seq_len) a head's cached keys and values, transposed (attention_block)
     logits: np.ndarray  # (1, vocab_size)
     key_cache: np.ndarray  # (n_layers, seq_len, kv_dim)
     value_cache: np.ndarray  # (n_layers, seq_len, kv_dim)
@@ -133,7 +134,7 @@ class RunState:
         block, half = min(PREFILL_BLOCK, c.seq_len), c.head_size // 2
         return {"x": (block, c.dim), "xb": (block, c.dim), "xb2": (block, c.dim), "q": (block, c.dim),
                 "hb": (block, c.hidden_dim), "hb2": (block, c.hidden_dim), "att": (c.n_heads, c.seq_len),
-                "att_block": (block, c.seq_len), "logits": (1, c.vocab_size),
+                "att_block": (block, c.seq_len), "transposed": (2, c.head_size, c.seq_len), "logits": (1, c.vocab_size),
                 "key_cache": (c.n_layers, c.seq_len, c.kv_dim), "value_cache": (c.n_layers, c.seq_len, c.kv_dim),
                 "cos": (c.seq_len, half), "sin": (c.seq_len, half)}
 
@@ -361,7 +362,7 @@ class Transformer:
             if B == 1:
                 k.attention(xb[0], q[0], key_cache, value_cache, s.att, pos, c.n_kv_heads)
             else:
-                k.attention_block(xb, q, key_cache, value_cache, s.att_block[:B], pos, c.n_kv_heads)
+                k.attention_block(xb, q, key_cache, value_cache, s.att_block[:B], s.transposed, pos, c.n_kv_heads)
             # output projection, residual, SwiGLU feed-forward, residual -> x (B, dim)
             k.attention_output_and_ffn(x, xb, xb2, hb, hb2, s.tick, eps, *self._ffn[l])
         # final rmsnorm and classifier, for the last token or all -> logits (1 or B, vocab_size)

@@ -105,8 +105,8 @@ def attention_block_error(fastmath, n_heads=8, n_kv_heads=2, head_size=16, pos=5
     dim, kv_dim = n_heads * head_size, n_kv_heads * head_size
     q = rand(rng, B, dim)
     keys, values = rand(rng, 64, kv_dim), rand(rng, 64, kv_dim)
-    out, scores = np.empty((B, dim), np.float32), np.empty((B, 64), np.float32)
-    family(fastmath).attention_block(out, q, keys, values, scores, pos, n_kv_heads)
+    out, scores, keys_t = np.empty((B, dim), np.float32), np.empty((B, 64), np.float32), np.empty((2, head_size, 64), np.float32)
+    family(fastmath).attention_block(out, q, keys, values, scores, keys_t, pos, n_kv_heads)
     return err(out, naive.attention(q, keys, values, range(pos, pos + B), n_heads, n_kv_heads))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ..kernels.common import ZERO, dot
+from ..kernels.common import ZERO, block4x4, dot
 from ..kernels.jit import kernel
 from .base import Format, register
 
@@ -121,91 +121,3 @@ def matvec(o, x, w):
         o[3 * q + k] = a3
     for i in range(4 * q, d):
         o[i] = dot(x, w[i])
-
-
-@kernel
-def block4x4(out, x, w, i, b, start, stop):
-    """out[b:b+4, i:i+4] (+)= x[b:b+4, start:stop] @ w[i:i+4, start:stop].T: set on the first
-    chunk (start 0), added to after."""
-    w0 = w[i, start:stop]
-    w1 = w[i + 1, start:stop]
-    w2 = w[i + 2, start:stop]
-    w3 = w[i + 3, start:stop]
-    x0 = x[b, start:stop]
-    x1 = x[b + 1, start:stop]
-    x2 = x[b + 2, start:stop]
-    x3 = x[b + 3, start:stop]
-    a00 = ZERO
-    a01 = ZERO
-    a02 = ZERO
-    a03 = ZERO
-    a10 = ZERO
-    a11 = ZERO
-    a12 = ZERO
-    a13 = ZERO
-    a20 = ZERO
-    a21 = ZERO
-    a22 = ZERO
-    a23 = ZERO
-    a30 = ZERO
-    a31 = ZERO
-    a32 = ZERO
-    a33 = ZERO
-    for j in range(stop - start):
-        p = x0[j]
-        q = x1[j]
-        r = x2[j]
-        s = x3[j]
-        u = w0[j]
-        a00 += u * p
-        a01 += u * q
-        a02 += u * r
-        a03 += u * s
-        u = w1[j]
-        a10 += u * p
-        a11 += u * q
-        a12 += u * r
-        a13 += u * s
-        u = w2[j]
-        a20 += u * p
-        a21 += u * q
-        a22 += u * r
-        a23 += u * s
-        u = w3[j]
-        a30 += u * p
-        a31 += u * q
-        a32 += u * r
-        a33 += u * s
-    if start > 0:
-        a00 += out[b, i]
-        a01 += out[b + 1, i]
-        a02 += out[b + 2, i]
-        a03 += out[b + 3, i]
-        a10 += out[b, i + 1]
-        a11 += out[b + 1, i + 1]
-        a12 += out[b + 2, i + 1]
-        a13 += out[b + 3, i + 1]
-        a20 += out[b, i + 2]
-        a21 += out[b + 1, i + 2]
-        a22 += out[b + 2, i + 2]
-        a23 += out[b + 3, i + 2]
-        a30 += out[b, i + 3]
-        a31 += out[b + 1, i + 3]
-        a32 += out[b + 2, i + 3]
-        a33 += out[b + 3, i + 3]
-    out[b, i] = a00
-    out[b + 1, i] = a01
-    out[b + 2, i] = a02
-    out[b + 3, i] = a03
-    out[b, i + 1] = a10
-    out[b + 1, i + 1] = a11
-    out[b + 2, i + 1] = a12
-    out[b + 3, i + 1] = a13
-    out[b, i + 2] = a20
-    out[b + 1, i + 2] = a21
-    out[b + 2, i + 2] = a22
-    out[b + 3, i + 2] = a23
-    out[b, i + 3] = a30
-    out[b + 1, i + 3] = a31
-    out[b + 2, i + 3] = a32
-    out[b + 3, i + 3] = a33

@@ -162,58 +162,153 @@ def attention(out, q, key_cache, value_cache, att, pos, n_kv_heads):
 
 
 @kernel
-def attention_block(out, q, key_cache, value_cache, scores, pos, n_kv_heads):
+def attention_block(out, q, key_cache, value_cache, scores, transposed, pos, n_kv_heads):
     """attention() for a block of B tokens at positions pos..pos+B-1, each seeing itself and
-    every earlier position. Each cached key and value row is loaded once for the whole block and
-    shared by four queries at a time, as matmul shares weight rows.
-    out, q (B, dim), key/value_cache (seq_len, kv_dim), scores (B, seq_len) scratch"""
+    every earlier position, head by head as two small matrix products over the head's keys and
+    values copied transposed into `transposed` (the keys scaled by 1 / sqrt(head_size)), once
+    per group of heads that share them. A query's scores are sums of rows of the keys
+    (vectorised along positions, four rows a pass); the outputs of four queries are the f32
+    block product (formats/f32.block4x4) of their scores, zero past each query's last
+    position, and the values.
+    out, q (B, dim), key/value_cache (seq_len, kv_dim), scores (B, seq_len) and transposed
+    (2, head_size, seq_len) scratch"""
     B, dim = q.shape
     head_size = key_cache.shape[1] // n_kv_heads
     n_heads = dim // head_size
     kv_group = n_heads // n_kv_heads
-    root = np.float32(math.sqrt(head_size))
+    scale = ONE / np.float32(math.sqrt(head_size))
+    T = pos + B
+    keys_t, values_t = transposed[0], transposed[1]
     for h in range(n_heads):
         qo = h * head_size
         kv = (h // kv_group) * head_size
-        # scores[b, t] = q_b · k_t / sqrt(head_size) for t <= pos + b
-        for t in range(pos + B):
-            k = key_cache[t, kv:kv + head_size]
-            b = max(0, t - pos)  # the first query that may see position t
-            while b + 4 <= B:
-                q0 = q[b, qo:qo + head_size]
-                q1 = q[b + 1, qo:qo + head_size]
-                q2 = q[b + 2, qo:qo + head_size]
-                q3 = q[b + 3, qo:qo + head_size]
-                s0 = ZERO
-                s1 = ZERO
-                s2 = ZERO
-                s3 = ZERO
-                for i in range(head_size):
-                    s0 += q0[i] * k[i]
-                    s1 += q1[i] * k[i]
-                    s2 += q2[i] * k[i]
-                    s3 += q3[i] * k[i]
-                scores[b, t] = s0 / root
-                scores[b + 1, t] = s1 / root
-                scores[b + 2, t] = s2 / root
-                scores[b + 3, t] = s3 / root
-                b += 4
-            while b < B:
-                scores[b, t] = dot(q[b, qo:qo + head_size], k) / root
-                b += 1
-        for b in range(B):
-            softmax(scores[b], pos + b + 1)
-            head_out = out[b, qo:qo + head_size]
+        if h % kv_group == 0:
             for i in range(head_size):
-                head_out[i] = ZERO
-        # out_b = sum over t <= pos + b of scores[b, t] * v_t
-        for t in range(pos + B):
-            v = value_cache[t, kv:kv + head_size]
-            for b in range(max(0, t - pos), B):
-                weight = scores[b, t]
-                head_out = out[b, qo:qo + head_size]
-                for i in range(head_size):
-                    head_out[i] += weight * v[i]
+                for t in range(T):
+                    keys_t[i, t] = key_cache[t, kv + i] * scale
+                    values_t[i, t] = value_cache[t, kv + i]
+        for b in range(B):
+            seen = pos + b + 1  # positions 0..pos+b
+            attention_scores(scores[b], q[b, qo:qo + head_size], keys_t, seen)
+            softmax(scores[b], seen)
+            for t in range(seen, min(T, seen + 3)):  # zero up to the last of its four
+                scores[b, t] = ZERO
+        head_out = out[:, qo:qo + head_size]
+        full_b, full_i = B - B % 4, head_size - head_size % 4
+        for b in range(0, full_b, 4):
+            for i in range(0, full_i, 4):
+                block4x4(head_out, scores, values_t, i, b, 0, pos + b + 4)
+        for b in range(B):
+            for i in range(head_size):
+                if b >= full_b or i >= full_i:
+                    head_out[b, i] = dot(scores[b, :pos + b + 1], values_t[i, :pos + b + 1])
+
+
+@kernel
+def attention_scores(srow, qh, keys_t, seen):
+    """srow[t] = qh . keys_t[:, t] for t < seen, four rows of keys_t a pass.
+    srow (>= seen,), qh (head_size,), keys_t (head_size, >= seen)"""
+    head_size = qh.shape[0]
+    full = head_size - head_size % 4
+    for t in range(seen):
+        srow[t] = ZERO
+    for i in range(0, full, 4):
+        q0, q1, q2, q3 = qh[i], qh[i + 1], qh[i + 2], qh[i + 3]
+        k0, k1, k2, k3 = keys_t[i], keys_t[i + 1], keys_t[i + 2], keys_t[i + 3]
+        for t in range(seen):
+            srow[t] += q0 * k0[t] + q1 * k1[t] + q2 * k2[t] + q3 * k3[t]
+    for i in range(full, head_size):
+        qi, ki = qh[i], keys_t[i]
+        for t in range(seen):
+            srow[t] += qi * ki[t]
+
+
+@kernel
+def block4x4(out, x, w, i, b, start, stop):
+    """out[b:b+4, i:i+4] (+)= x[b:b+4, start:stop] @ w[i:i+4, start:stop].T: set on the first
+    chunk (start 0), added to after."""
+    w0 = w[i, start:stop]
+    w1 = w[i + 1, start:stop]
+    w2 = w[i + 2, start:stop]
+    w3 = w[i + 3, start:stop]
+    x0 = x[b, start:stop]
+    x1 = x[b + 1, start:stop]
+    x2 = x[b + 2, start:stop]
+    x3 = x[b + 3, start:stop]
+    a00 = ZERO
+    a01 = ZERO
+    a02 = ZERO
+    a03 = ZERO
+    a10 = ZERO
+    a11 = ZERO
+    a12 = ZERO
+    a13 = ZERO
+    a20 = ZERO
+    a21 = ZERO
+    a22 = ZERO
+    a23 = ZERO
+    a30 = ZERO
+    a31 = ZERO
+    a32 = ZERO
+    a33 = ZERO
+    for j in range(stop - start):
+        p = x0[j]
+        q = x1[j]
+        r = x2[j]
+        s = x3[j]
+        u = w0[j]
+        a00 += u * p
+        a01 += u * q
+        a02 += u * r
+        a03 += u * s
+        u = w1[j]
+        a10 += u * p
+        a11 += u * q
+        a12 += u * r
+        a13 += u * s
+        u = w2[j]
+        a20 += u * p
+        a21 += u * q
+        a22 += u * r
+        a23 += u * s
+        u = w3[j]
+        a30 += u * p
+        a31 += u * q
+        a32 += u * r
+        a33 += u * s
+    if start > 0:
+        a00 += out[b, i]
+        a01 += out[b + 1, i]
+        a02 += out[b + 2, i]
+        a03 += out[b + 3, i]
+        a10 += out[b, i + 1]
+        a11 += out[b + 1, i + 1]
+        a12 += out[b + 2, i + 1]
+        a13 += out[b + 3, i + 1]
+        a20 += out[b, i + 2]
+        a21 += out[b + 1, i + 2]
+        a22 += out[b + 2, i + 2]
+        a23 += out[b + 3, i + 2]
+        a30 += out[b, i + 3]
+        a31 += out[b + 1, i + 3]
+        a32 += out[b + 2, i + 3]
+        a33 += out[b + 3, i + 3]
+    out[b, i] = a00
+    out[b + 1, i] = a01
+    out[b + 2, i] = a02
+    out[b + 3, i] = a03
+    out[b, i + 1] = a10
+    out[b + 1, i + 1] = a11
+    out[b + 2, i + 1] = a12
+    out[b + 3, i + 1] = a13
+    out[b, i + 2] = a20
+    out[b + 1, i + 2] = a21
+    out[b + 2, i + 2] = a22
+    out[b + 3, i + 2] = a23
+    out[b, i + 3] = a30
+    out[b + 1, i + 3] = a31
+    out[b + 2, i + 3] = a32
+    out[b + 3, i + 3] = a33
 
 
 @kernel
