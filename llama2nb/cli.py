@@ -764,7 +764,7 @@ def _memory_rows(file_size: int, c, ctx: int | None) -> list[tuple[str, str]]:
               help="Also measure fp32 (int8 at 7B) and every GGUF file (llama.cpp's too) with this many "
                    "threads on as many cores.")
 @click.option("--portable/--no-portable", default=True, show_default=True,
-              help="Also run the first shape's Q8_0 and Q4_0 GGUF files compiled for AVX2 without AVX-512 "
+              help="Also run the first stories shape's Q8_0 and Q4_0 GGUF files compiled for AVX2 without AVX-512 "
                    "or VNNI (NUMBA_CPU_NAME=haswell), as on many users' CPUs.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Where the random-weight checkpoints live "
               "[default: ~/.cache/llama2nb/bench].")

@@ -80,9 +80,9 @@ def test_threads_give_every_gguf_file_n_thread_rows_for_both_engines(tmp_path):
     assert {r.threads for r in one} == {1}
 
 
-def test_portable_rows_run_the_first_shape_s_q8_0_and_q4_0_for_avx2(tmp_path):
+def test_portable_rows_run_the_first_stories_shape_s_q8_0_and_q4_0_for_avx2(tmp_path):
     files = fake_files(tmp_path)
-    rows = build_rows(files, ["110M", "7B"], 1, None, None, threads=2, llamacpp=True, portable=True)
+    rows = build_rows(files, ["7B", "110M"], 1, None, None, threads=2, llamacpp=True, portable=True)
     portable = [r for r in rows if r.section == "gguf" and r.env]
     assert [r.label for r in portable] == [f"stories110M shape, Q8_0 GGUF, {PORTABLE_LABEL}",
                                            f"stories110M shape, Q4_0 GGUF, {PORTABLE_LABEL}"]
@@ -91,6 +91,8 @@ def test_portable_rows_run_the_first_shape_s_q8_0_and_q4_0_for_avx2(tmp_path):
     assert PORTABLE_ENV["NUMBA_CPU_NAME"] == "haswell" and {"+avx2", "+fma", "+f16c"} <= features
     assert not any("avx512" in f or "vnni" in f for f in features)  # Numba keeps the host's features unless told
     assert not [r for r in build_rows(files, ["110M"], 1, None, None, 1) if r.section == "gguf" and r.env]
+    only_7b = build_rows(files, ["7B"], 1, None, None, 1, portable=True)  # a 7B token: seconds on that path
+    assert not [r for r in only_7b if r.env]
 
 
 def test_a_target_cpu_gets_kernel_cache_names_of_its_own(monkeypatch):

@@ -17,9 +17,9 @@ from . import probes
 from .llamacpp import available as available_llamacpp
 from .families import measure_families
 from .measure import measure_row
-from .models import QUANTIZED_ONLY, SHAPES, default_cache_dir, ensure_gguf, ensure_models
+from .models import SHAPES, default_cache_dir, ensure_gguf, ensure_models
 from .report import build_report, markdown_table, save_report
-from .rows import PORTABLE_TYPES, build_rows, columns
+from .rows import PORTABLE_TYPES, build_rows, columns, portable_shape
 from .startup import measure_startup, startup_models
 
 __all__ = ["SHAPES", "run_benchmark"]
@@ -29,14 +29,15 @@ def run_benchmark(shapes: list[str], runs: int = 3, cache_dir: Path | None = Non
                   runq: str | None = None, threads: int = 1, out_dir: Path = Path("benchmarks/results"),
                   log=print, gguf_types: list[str] = (), llamacpp: bool = False, portable: bool = False) -> dict:
     """Measure every row, start-up and each kernel family's cold compile for these shapes (and
-    their GGUF copies in gguf_types, beside llama.cpp with `llamacpp`; the first shape's Q8_0
-    and Q4_0 on the portable path with `portable`), save the report into out_dir, return it."""
+    their GGUF copies in gguf_types, beside llama.cpp with `llamacpp`; the first stories shape's
+    Q8_0 and Q4_0 on the portable path with `portable`), save the report into out_dir, return it."""
     cache_dir = cache_dir or default_cache_dir()
     files = ensure_models(cache_dir, shapes, log)
     if gguf_types:
         ensure_gguf(cache_dir, files, shapes, list(gguf_types), log)
-    if portable and shapes[0] not in QUANTIZED_ONLY:  # the files the portable rows run on
-        ensure_gguf(cache_dir, files, shapes[:1], [t for t in PORTABLE_TYPES if t not in gguf_types], log)
+    if portable and portable_shape(shapes):  # the files the portable rows run on
+        ensure_gguf(cache_dir, files, [portable_shape(shapes)], [t for t in PORTABLE_TYPES if t not in gguf_types],
+                    log)
     cache_bytes = probes.last_level_cache_bytes()
     rows = build_rows(files, shapes, runs, runc, runq, threads, llamacpp, portable)
     for row in rows:

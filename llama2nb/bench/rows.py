@@ -4,8 +4,8 @@ Three sections. "flags" retells llama2.c's gcc-flag story in Numba's terms on on
 Python, NUMBA_OPT=0, no fastmath, reassociation, full fastmath, int8), beside the user's run.c and
 runq.c if given. "models" measures every shape as fp32 (mapped and in memory) and Q8_0, with the
 llama2.c binaries and a multi-threaded row where asked. "gguf" measures the GGUF files, each
-beside llama.cpp on the same file and the same thread count where asked, and the first shape's
-Q8_0 and Q4_0 files again on the portable path (PORTABLE_ENV: AVX2, no AVX-512, no VNNI, which
+beside llama.cpp on the same file and the same thread count where asked, and the first stories
+shape's Q8_0 and Q4_0 files again on the portable path (PORTABLE_ENV: AVX2, no AVX-512, no VNNI, which
 many users' CPUs are).
 
 GENERATION and PREFILL are the lengths measured, and the table's columns; the flag rows measure
@@ -74,12 +74,18 @@ def build_rows(files: ModelFiles, shapes: list[str], runs: int, runc: str | None
             + gguf_rows(files, shapes, runs, llamacpp, threads, portable))
 
 
+def portable_shape(shapes: list[str]) -> str | None:
+    """The shape the portable rows run: the first one asked for that is not quantized only (a 7B
+    token on the portable path would take seconds)."""
+    return next((name for name in shapes if name not in QUANTIZED_ONLY), None)
+
+
 def gguf_rows(files: ModelFiles, shapes: list[str], runs: int, llamacpp: bool, threads: int = 1,
               portable: bool = False) -> list[Row]:
     """Each shape's GGUF files, each followed by llama.cpp on the same file when asked for, then
-    both again on `threads` threads when more than one, and for the first shape's Q8_0 and Q4_0
-    files the portable path when asked for."""
-    rows = []
+    both again on `threads` threads when more than one, and for the first stories shape's Q8_0
+    and Q4_0 files the portable path when asked for."""
+    rows, first = [], portable_shape(shapes)
     for name in shapes:
         tg, pp = shape_lengths(name)
         for type_, path in files.gguf.get(name, {}).items():
@@ -92,7 +98,7 @@ def gguf_rows(files: ModelFiles, shapes: list[str], runs: int, llamacpp: bool, t
                 if llamacpp:
                     rows.append(Row("gguf", f"{label}, llama.cpp{suffix}", path, threads=n, engine="llama.cpp",
                                     **lengths))
-            if portable and name == shapes[0] and type_ in PORTABLE_TYPES:
+            if portable and name == first and type_ in PORTABLE_TYPES:
                 rows.append(Row("gguf", f"{label}, {PORTABLE_LABEL}", path, env=dict(PORTABLE_ENV), **lengths))
     return rows
 
