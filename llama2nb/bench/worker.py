@@ -110,7 +110,7 @@ def measure_in_process(spec: dict) -> dict:
     model = Transformer.load(spec["path"], fastmath=spec["fastmath"], threads=threads,
                              warm_up=not spec.get("pure_python"), in_memory=spec.get("in_memory", False))
     result: dict = {"load_s": time.perf_counter() - started, "compile_s": model.compile_seconds,
-                    "family": model.family,
+                    "family": model.family, "threads_used": model.threads,  # fewer than asked for a small model
                     "flops_per_token": prefill_flops_per_token(model.config),
                     "int8": any(f.name not in FLOAT_FORMATS for f in model.weight_formats)}
     seq_len = model.config.seq_len
