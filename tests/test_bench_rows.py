@@ -21,6 +21,7 @@ from llama2nb.bench.report import family_table, llamacpp_pairs, markdown_table, 
 from llama2nb.bench.rows import (GENERATION, PORTABLE_ENV, PORTABLE_LABEL, PREFILL, Row, build_rows, columns,
                                  shape_lengths)
 from llama2nb.bench.startup import startup_models
+from llama2nb.cli import main
 from llama2nb.files import read_config
 from llama2nb.kernels import jit
 
@@ -38,7 +39,8 @@ def test_the_7b_shape_is_llama_2_7b_with_its_own_short_lengths():
     assert (c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size) == (4096, 11008, 32, 32, 32, 32000)
     assert c.seq_len >= 2048 and c.q8_group_size == 64 and "7B" in models.QUANTIZED_ONLY
     assert shape_lengths("7B") == ((31,), (64,)) and shape_lengths("110M") == (GENERATION, PREFILL)
-    assert "7B" not in models.DEFAULT_SHAPES  # opt-in
+    default = next(p.default for p in main.commands["bench"].params if p.name == "shapes")
+    assert "7B" not in default.split(",") and "7B" in models.SHAPES  # opt-in
 
 
 def test_columns_add_a_shape_s_own_lengths():

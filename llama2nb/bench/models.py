@@ -41,13 +41,12 @@ SHAPES = {  # llama2.c's published models (Llama 2 vocabulary)
                       seq_len=2048),
 }
 QUANTIZED_ONLY = frozenset({"7B"})  # shapes written and measured as Q8_0 and Q4_0 only (the docstring)
-DEFAULT_SHAPES = ("15M", "42M", "110M")  # what `llama2nb bench` measures unless told
+BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints" / "model.bin"
 
 
 def shape_label(name: str) -> str:
     """How the table names a shape: llama2.c's stories models, and Llama 2 7B."""
     return f"Llama 2 {name} shape" if name in QUANTIZED_ONLY else f"stories{name} shape"
-BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints" / "model.bin"
 
 
 @dataclass(frozen=True)
