@@ -255,3 +255,17 @@ def test_each_kernel_family_compiles_once_from_an_empty_cache_on_its_smallest_fi
     assert "**Compile seconds per kernel family, cold cache**" in table
     assert "| q8_0, fastmath full | NUMBA_CPU_NAME=haswell | q8 portable.bin | 4.50 |" in table
     assert family_table([]) == []
+
+
+def test_a_family_name_tells_apart_what_compiles_apart():
+    from llama2nb.forward import family_name
+    from llama2nb.formats.f32 import F32
+    from llama2nb.formats.gguf_kquants import Q6_K
+    from llama2nb.formats.gguf_legacy import Q4_0
+    from llama2nb.formats.q8_0 import Q8_0
+
+    names = {family_name("full", frozenset({F32(), Q8_0(32)})), family_name("full", frozenset({F32(), Q8_0(64)})),
+             family_name("off", frozenset({F32(), Q8_0(64)})), family_name("full", frozenset({F32()}), parallel=True),
+             family_name("full", frozenset({F32()})), family_name("full", frozenset({Q4_0(), Q6_K()}))}
+    assert len(names) == 6
+    assert family_name(True, frozenset({Q6_K(), Q4_0()})).startswith("q4_0 + q6_k, fastmath full")
