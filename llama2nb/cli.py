@@ -768,7 +768,8 @@ def _memory_rows(file_size: int, c, ctx: int | None) -> list[tuple[str, str]]:
 
 @main.command()
 @click.option("--models", "shapes", default="15M,42M,110M", show_default=True,
-              help="Comma-separated stories model shapes to measure (random weights; 15M, 42M, 110M).")
+              help="Comma-separated model shapes to measure (random weights): stories 15M, 42M, 110M, and "
+                   "7B (Llama 2 7B's shape, Q8_0 and Q4_0 only, tg31/pp64; writes ~18 GB of files once).")
 @click.option("--runs", default=3, show_default=True, type=click.IntRange(1, 50), help="Runs per measurement.")
 @click.option("--runc", type=click.Path(exists=True, dir_okay=False), help="A built llama2.c run binary to compare.")
 @click.option("--gguf", "gguf_types", default="Q4_0,Q4_K_M", show_default=True,
@@ -779,17 +780,22 @@ def _memory_rows(file_size: int, c, ctx: int | None) -> list[tuple[str, str]]:
                    "CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install llama-cpp-python).")
 @click.option("--runq", type=click.Path(exists=True, dir_okay=False), help="A built llama2.c runq binary to compare.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 256),
-              help="Also measure fp32 with this many threads (rows split with prange).")
+              help="Also measure fp32 (int8 at 7B) and every GGUF file (llama.cpp's too) with this many "
+                   "threads on as many cores.")
+@click.option("--portable/--no-portable", default=True, show_default=True,
+              help="Also run the first stories shape's Q8_0 and Q4_0 GGUF files compiled for AVX2 without AVX-512 "
+                   "or VNNI (NUMBA_CPU_NAME=haswell), as on many users' CPUs.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Where the random-weight checkpoints live "
               "[default: ~/.cache/llama2nb/bench].")
 @click.option("--out", "out_dir", default="benchmarks/results", show_default=True, type=click.Path(file_okay=False),
               help="Folder for latest.md, latest.json, latest.png and dated copies.")
 def bench(shapes: str, runs: int, runc: str | None, gguf_types: str, llamacpp: bool, runq: str | None, threads: int,
-          cache_dir: str | None, out_dir: str) -> None:
+          portable: bool, cache_dir: str | None, out_dir: str) -> None:
     """Measure generation (tg), prompt processing (pp), start-up and memory, llama-bench style.
 
-    Each row runs in a fresh process pinned to one core; compile time is excluded from tok/s and
-    reported apart. The first rows retell llama2.c's gcc-flag story with Numba's settings.
+    Each row runs in a fresh process pinned to one core (N cores for N threads); compile time is
+    excluded from tok/s and reported apart, and each kernel family's compile from an empty cache
+    in a table of its own. The first rows retell llama2.c's gcc-flag story with Numba's settings.
     """
     from .bench import SHAPES, run_benchmark
 
@@ -808,7 +814,8 @@ def bench(shapes: str, runs: int, runc: str | None, gguf_types: str, llamacpp: b
     try:
         report = run_benchmark(names, runs=runs, cache_dir=Path(cache_dir) if cache_dir else None, runc=runc,
                                runq=runq, threads=threads, out_dir=Path(out_dir),
-                               log=lambda m: click.echo(m, err=True), gguf_types=types, llamacpp=llamacpp)
+                               log=lambda m: click.echo(m, err=True), gguf_types=types, llamacpp=llamacpp,
+                               portable=portable)
     except (RuntimeError, OSError, Llama2nbError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(report["markdown"])

@@ -97,6 +97,19 @@ def compiled(fastmath: str = DEFAULT_FASTMATH, weight_formats: frozenset[Format]
     return compile_family(fastmath, constants, parallel=parallel)
 
 
+def family_name(fastmath: str, weight_formats: frozenset[Format], parallel: bool = False) -> str:
+    """A readable name of the kernel family compiled(fastmath, weight_formats, parallel) builds:
+    its fastmath setting, formats, threading, and the SIMD paths the target CPU turns on."""
+    fastmath = fastmath_name(fastmath)
+    constants: dict[str, Any] = {}
+    for fmt in weight_formats:
+        constants.update(fmt.constants(fastmath))
+    simd_paths = [name for name in ("VNNI", "VNNI512", "F16C") if constants.get(name)]
+    formats = " + ".join(sorted(map(repr, weight_formats)))
+    return (f"{formats}, fastmath {fastmath}" + (", parallel" if parallel else "")
+            + (f", {' + '.join(simd_paths)}" if simd_paths else ""))
+
+
 def rope_tables(head_size: int, seq_len: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin of pos * freq, computed in float32 exactly as run.c does per token
     (freq = 1 / powf(theta, 2j / head_size); val = pos * freq).  each (seq_len, head_size // 2)"""
@@ -224,6 +237,7 @@ class Transformer:
                               f"{self.repack_seconds:.2f} s (in RAM; --no-repack reads them as mapped)")
         self.state = RunState.allocate(c, self.weight_formats, str(checkpoint.path))
         self.kernels = compiled(self.fastmath, frozenset(self.weight_formats), parallel=self.threads > 1)
+        self.family = family_name(self.fastmath, frozenset(self.weight_formats), parallel=self.threads > 1)
         self.eps = np.float32(c.norm_eps)
         self._bind_weights()
         self._one_token = np.zeros(1, np.int64)

@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 from click.testing import CliRunner
 
+from llama2nb.bench import families as bench_families
 from llama2nb.bench import llamacpp
 from llama2nb.bench import measure as bench_measure
 from llama2nb.bench import models, probes, roofs
@@ -18,6 +19,7 @@ from llama2nb.bench.report import markdown_table, shown_generation
 from llama2nb.bench.rows import GENERATION, PREFILL, Row
 from llama2nb.cli import main
 from llama2nb.files.llama2c import read_config
+from llama2nb.kernels import simd
 from llama2nb.tokenizer import Tokenizer
 
 from .conftest import TINY
@@ -39,6 +41,9 @@ def test_bench_end_to_end(tmp_path, monkeypatch):
     runc = tmp_path / "run"
     runc.write_text(FAKE_RUNC)
     runc.chmod(runc.stat().st_mode | stat.S_IEXEC)
+    every_family = bench_families.family_rows  # one cold compile (a mixed-type GGUF's family) stands for all
+    monkeypatch.setattr(bench_families, "family_rows", lambda rows: {
+        key: row for key, row in every_family(rows).items() if "q4_0" in key[0] and not key[1]})
     out = tmp_path / "results"
     versus = ["--llamacpp"] if llamacpp.available() else []  # llama.cpp beside it where it is installed
     result = CliRunner().invoke(main, ["bench", "--models", "15M", "--runs", "2", "--runc", str(runc), "--gguf", "F32",
@@ -67,14 +72,21 @@ def test_bench_end_to_end(tmp_path, monkeypatch):
     assert set(model_row["bandwidth_by_streams"][0]) == {"1", "2", "4", "8"}
     gguf_row = rows["stories15M shape, F32 GGUF"]  # the same weights through the GGUF reader
     assert gguf_row["bytes_per_token"] == model_row["bytes_per_token"] and min(gguf_row["tg128"]) > 0
+    for type_ in ("Q8_0", "Q4_0"):  # the portable path, on by default for the first shape
+        portable = rows[f"stories15M shape, {type_} GGUF, portable (AVX2, no VNNI)"]
+        assert min(portable["tg128"]) > 0 and "VNNI" not in portable["family"]
+        assert "VNNI" in rows[f"stories15M shape, {type_} GGUF"]["family"] or not simd.VNNI
+    [compiled] = report["compile_families"]  # the one family left to compile cold (see above)
+    assert compiled["family"] == rows["stories15M shape, Q4_0 GGUF"]["family"] and compiled["compile_s"] > 0
+    assert "**Compile seconds per kernel family, cold cache**" in result.output
     if versus:
         assert min(rows["stories15M shape, F32 GGUF, llama.cpp"]["tg128"]) > 0
         assert "**llama2nb / llama.cpp**" in result.output and "| stories15M shape, F32 GGUF |" in result.output
 
 
 def test_bench_rejects_unknown_shapes():
-    result = CliRunner().invoke(main, ["bench", "--models", "15M,7B"])
-    assert result.exit_code == 2 and "expected some of 15M, 42M, 110M" in result.output
+    result = CliRunner().invoke(main, ["bench", "--models", "15M,13B"])
+    assert result.exit_code == 2 and "expected some of 15M, 42M, 110M, 7B" in result.output
 
 
 def test_group_size_follows_llama2c():
@@ -265,6 +277,6 @@ def test_markdown_table_follows_the_configured_lengths():
 
 def test_shown_generation_prefers_the_first_column_then_a_short_run():
     assert shown_generation({"tg": [128, 256], "tg128": [1.0], "tg256": [1.0]}, [128, 256]) == 128
-    assert shown_generation({"tg": [256], "tg256": [1.0]}, [128, 256]) is None  # a column of its own
+    assert shown_generation({"tg": [256], "tg256": [1.0]}, [128, 256]) == 256  # its own column's roof
     assert shown_generation({"tg": [3], "tg3": [1.0]}, [128, 256]) == 3
     assert shown_generation({"tg": [128], "pp128": [1.0]}, [128, 256]) is None

@@ -44,15 +44,20 @@ def measure_runs(row: Row, runs: int, files: ModelFiles, cache_dir: Path) -> dic
     """`runs` runs of one row: a worker process, or the user's llama2.c binary."""
     if row.c_binary:
         return measure_c_row(row.c_binary, row.path, files.tokenizer, row.tg, runs)
-    spec = {"path": str(row.path), "fastmath": row.fastmath, "runs": runs, "tg": list(row.tg),
-            "pp": list(row.pp), "threads": row.threads, "pure_python": row.pure_python,
-            "in_memory": row.in_memory}
+    spec = row_spec(row, runs)
     if row.engine == "llama.cpp":
         return run_worker(["llamacpp", json.dumps(spec)])
     env = dict(row.env)
     if "NUMBA_OPT" in env:  # its own cache folder: Numba's cache key does not include the opt level
         env["NUMBA_CACHE_DIR"] = str(cache_dir / "numba-opt0")
     return run_worker(["row", json.dumps(spec)], env)
+
+
+def row_spec(row: Row, runs: int) -> dict:
+    """What a worker (ours or llama.cpp's) is told to measure for `runs` runs of the row."""
+    return {"path": str(row.path), "fastmath": row.fastmath, "runs": runs, "tg": list(row.tg),
+            "pp": list(row.pp), "threads": row.threads, "pure_python": row.pure_python,
+            "in_memory": row.in_memory}
 
 
 def merge_runs(into: dict, new: dict) -> None:

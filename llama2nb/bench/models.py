@@ -10,6 +10,14 @@ GGUF copies of the same weights: F32 written by llama2nb's converter, and the qu
 written by llama.cpp's own quantizer where llama-cpp-python is installed (the files users have,
 with llama.cpp's type mixes: a Q4_0 file's classifier is Q6_K or Q8_0, Q4_K_M mixes Q4_K and
 Q6_K), else by llama2nb's (the types it writes: Q8_0, Q4_0).
+
+The Llama 2 7B shape (`--models 7B`, never by default) is quantized only (QUANTIZED_ONLY): its
+fp32 file (27 GB) would not fit in memory, nor would an F32 or F16 GGUF fit the bench's disk
+budget beside its quantized copies. Its files are streamed from the same seeded random source,
+tensor by tensor (testmodels.RandomSource): a v2 Q8_0 checkpoint and a Q8_0 GGUF by llama2nb's
+writers, and a Q4_0 GGUF by llama.cpp's quantizer from that Q8_0 file (requantized: timing does
+not depend on the values; the type mix is llama.cpp's), else by llama2nb's writer. Their rows'
+labels name the writer (ModelFiles.written_by).
 """
 
 from __future__ import annotations
@@ -21,16 +29,24 @@ from pathlib import Path
 from ..config import ModelConfig
 from ..files import bytes_per_token, read_config, read_model
 from ..files.llama2c import write_checkpoint
-from ..testmodels import byte_vocab, random_weights
-from ..tokenizer import write_bin
+from ..testmodels import RandomSource, byte_vocab, random_weights, write_random_model
+from ..tokenizer import Tokenizer, write_bin
 
 SHAPES = {  # llama2.c's published models (Llama 2 vocabulary)
     "15M": ModelConfig(dim=288, hidden_dim=768, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=32000, seq_len=256),
     "42M": ModelConfig(dim=512, hidden_dim=1376, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=32000, seq_len=1024),
     "110M": ModelConfig(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12, vocab_size=32000,
                         seq_len=1024),
+    "7B": ModelConfig(dim=4096, hidden_dim=11008, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000,
+                      seq_len=2048),
 }
+QUANTIZED_ONLY = frozenset({"7B"})  # shapes written and measured as Q8_0 and Q4_0 only (the docstring)
 BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints" / "model.bin"
+
+
+def shape_label(name: str) -> str:
+    """How the table names a shape: llama2.c's stories models, and Llama 2 7B."""
+    return f"Llama 2 {name} shape" if name in QUANTIZED_ONLY else f"stories{name} shape"
 
 
 @dataclass(frozen=True)
@@ -43,6 +59,7 @@ class ModelFiles:
     tokenizer: Path
     bundled: Path | None
     gguf: dict[str, dict[str, Path]] = field(default_factory=dict)  # shape -> GGUF type -> file
+    written_by: dict[Path, str] = field(default_factory=dict)  # a file -> what wrote it, where its label says
 
 
 def default_cache_dir() -> Path:
@@ -60,20 +77,61 @@ def file_bytes_per_token(path: Path) -> int:
 
 
 def ensure_models(cache_dir: Path, shapes: list[str], log=print) -> ModelFiles:
-    """Random-weight v0 and v2 checkpoints of each shape, written once into cache_dir."""
+    """Random-weight v0 and v2 checkpoints of each shape (v2 and its GGUF copies only for a
+    quantized-only shape), written once into cache_dir."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     fp32, q8 = {}, {}
+    vocab_size = max(SHAPES[name].vocab_size for name in shapes)
+    tokenizer = cache_dir / f"tokenizer-{vocab_size}.bin"
+    if not tokenizer.exists():
+        write_bin(tokenizer, *placeholder_vocab(vocab_size))
+    files = ModelFiles(fp32, q8, tokenizer, BUNDLED if BUNDLED.exists() else None)
     for name in shapes:
+        if name in QUANTIZED_ONLY:
+            ensure_quantized_only(cache_dir, files, name, log)
+            continue
         fp32[name] = cache_dir / f"stories{name}-random.bin"
         q8[name] = cache_dir / f"stories{name}-random-q8.bin"
         if not (fp32[name].exists() and q8[name].exists()):
             log(f"writing random-weight stories{name} checkpoints into {cache_dir} (once)")
             write_random_checkpoints(SHAPES[name], fp32[name], q8[name])
-    vocab_size = max(SHAPES[name].vocab_size for name in shapes)
-    tokenizer = cache_dir / f"tokenizer-{vocab_size}.bin"
-    if not tokenizer.exists():
-        write_bin(tokenizer, *placeholder_vocab(vocab_size))
-    return ModelFiles(fp32, q8, tokenizer, BUNDLED if BUNDLED.exists() else None)
+    return files
+
+
+def ensure_quantized_only(cache_dir: Path, files: ModelFiles, name: str, log=print) -> None:
+    """A quantized-only shape's files (the module docstring), streamed once into cache_dir."""
+    from . import llamacpp
+
+    config, stem = SHAPES[name], cache_dir / f"llama2-{name}-random"
+    source = RandomSource(config, seed=0)
+    files.q8[name] = Path(f"{stem}-q8.bin")
+    if not files.q8[name].exists():
+        log(f"writing a random-weight Llama 2 {name}-shape Q8_0 checkpoint into {cache_dir} (once, minutes)")
+        write_random_model(files.q8[name], replace(config, version=2, group_size=config.q8_group_size))
+    q8_gguf = Path(f"{stem}-Q8_0-llama2nb.gguf")
+    if not q8_gguf.exists():
+        log(f"writing a random-weight Llama 2 {name}-shape Q8_0 GGUF into {cache_dir} (once, minutes)")
+        write_gguf_from(source, q8_gguf, "q8_0", files.tokenizer)
+    quantizer = "llama.cpp" if llamacpp.available() else "llama2nb"
+    q4_gguf = Path(f"{stem}-Q4_0-{quantizer}.gguf")
+    if not q4_gguf.exists():
+        log(f"writing a Llama 2 {name}-shape Q4_0 GGUF with {quantizer}'s quantizer into {cache_dir} (once, minutes)")
+        if quantizer == "llama.cpp":
+            llamacpp.quantize(q8_gguf, q4_gguf, GGUF_TYPES["Q4_0"][0], requantize=True)
+        else:
+            write_gguf_from(source, q4_gguf, "q4_0", files.tokenizer)
+    files.gguf[name] = {"Q8_0": q8_gguf, "Q4_0": q4_gguf}
+    files.written_by[q8_gguf] = "llama2nb's writer"
+    files.written_by[q4_gguf] = ("llama.cpp's quantizer, from the Q8_0 file" if quantizer == "llama.cpp"
+                                 else "llama2nb's writer")
+
+
+def write_gguf_from(source: RandomSource, out: Path, type_: str, tokenizer: Path) -> None:
+    """A GGUF file of `type_` from a tensor source, streamed tensor by tensor."""
+    from ..files.gguf import write_gguf
+
+    vocabulary = Tokenizer.load(tokenizer, vocab_size=source.config.vocab_size)
+    write_gguf(out, source.config, source, vocabulary, type_, out.stem)
 
 
 def write_random_checkpoints(config: ModelConfig, fp32: Path, q8: Path) -> None:
@@ -97,11 +155,12 @@ GGUF_TYPES = {"F32": (0, "f32"), "Q8_0": (7, "q8_0"), "Q4_0": (2, "q4_0"), "Q4_K
 
 def ensure_gguf(cache_dir: Path, files: ModelFiles, shapes: list[str], types: list[str], log=print) -> None:
     """GGUF copies of each shape's random weights in `types`, written once into cache_dir (into
-    files.gguf); a type nothing here can write is left out, with a line saying so."""
+    files.gguf); a type nothing here can write is left out, with a line saying so. A
+    quantized-only shape has its own (ensure_quantized_only)."""
     from . import llamacpp
 
     quantizer = "llama.cpp" if llamacpp.available() else "llama2nb"
-    for name in shapes:
+    for name in (n for n in shapes if n not in QUANTIZED_ONLY):
         f32 = cache_dir / f"stories{name}-random-F32.gguf"
         if not f32.exists():
             convert_to_gguf(files.fp32[name], f32, "f32", files.tokenizer)

@@ -5,7 +5,9 @@ chart can be rendered again from a saved latest.json. Columns: one per generatio
 prompt length (pp) measured, then the weights' bytes per token, the DRAM roof, the prompt's
 arithmetic rate against the core's peak, compile seconds and peak RSS. A row measured over a length that is not a column (pure
 Python's short run) shows in the first tg column, labelled with its length. The roof shown is that
-of the generation figure shown.
+of the first tg column the row measured (the 7B shape's own length, say). The llama.cpp ratios pair
+rows on the same file with the same thread count. Each kernel family's cold compile is a table of
+its own.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ SECTIONS = (("flags", "The flag story (stories15M shape)"), ("models", "Models")
 
 
 def build_report(rows: list[Row], startup: list[dict], bandwidths: list[float], machine: str,
-                 generation: tuple, prefill: tuple, peaks: dict | None = None) -> dict:
+                 generation: tuple, prefill: tuple, peaks: dict | None = None,
+                 compile_families: list[dict] = ()) -> dict:
     report = {"machine": machine, "bandwidth_gbs": [min(bandwidths), max(bandwidths)], "peaks": peaks or {},
               "date": time.strftime("%Y-%m-%d %H:%M"), "tg": list(generation), "pp": list(prefill),
               "rows": [{"section": r.section, "label": r.label, "path": str(r.path), "fastmath": r.fastmath,
-                        "env": r.env, "engine": r.engine, "tg": list(r.tg), "pp": list(r.pp), **r.result} for r in rows],
-              "startup": startup}
+                        "env": r.env, "engine": r.engine, "threads": r.threads, "tg": list(r.tg), "pp": list(r.pp),
+                        **r.result} for r in rows],
+              "startup": startup, "compile_families": list(compile_families)}
     report["markdown"] = markdown_table(report)
     return report
 
@@ -49,9 +53,10 @@ def median_spread(values: list[float]) -> str:
 
 
 def shown_generation(row: dict, generation: list[int]) -> int | None:
-    """The generation length a row's first tg column, its roof and its bar show: that column's,
-    else the row's first length that is no column (a short run); None if it measured neither."""
-    candidates = [generation[0]] + [n for n in row.get("tg", []) if n not in generation]
+    """The generation length a row's roof and its bar show: the first column's, else the row's
+    first length it measured (a short run that is no column, or a shape's own length); None if
+    it measured none."""
+    candidates = [generation[0]] + list(row.get("tg", []))
     return next((n for n in candidates if generation_key(n) in row), None)
 
 
@@ -60,7 +65,7 @@ def row_cells(row: dict, generation: list[int], prefill: list[int], peaks: dict 
     columns = [generation_key(n) for n in generation] + [prefill_key(n) for n in prefill]
     cells = [median_spread(row.get(c, [])) for c in columns]
     shown = shown_generation(row, generation)
-    if shown is not None and shown != generation[0]:
+    if shown is not None and shown not in generation:
         cells[0] = f"{median_spread(row[generation_key(shown)])} ({shown} tokens)"
     compile_s = f"{row['compile_s']:.2f}" if "compile_s" in row else "–"
     rss = f"{row['peak_rss_mb']:.0f}" if "peak_rss_mb" in row else "–"
@@ -100,6 +105,7 @@ def markdown_table(report: dict) -> str:
                   for row in report["rows"] if row["section"] == section]
         lines.append("")
     lines += versus_llamacpp(report)
+    lines += family_table(report.get("compile_families", []))
     lines += ["**Start-up** (fresh process to first logits)", "", "| model | warm cache s | cold cache s |",
               "|---|---:|---:|"]
     lines += [f"| {s['model']} | {s['ttft_warm_s']:.2f} | {s['ttft_cold_s']:.2f} |" for s in report["startup"]]
@@ -108,22 +114,41 @@ def markdown_table(report: dict) -> str:
 
 
 def versus_llamacpp(report: dict) -> list[str]:
-    """llama2nb's rate over llama.cpp's on the same file, per column: the ratio of the medians
-    of rows measured in this run (empty without llama.cpp rows)."""
+    """llama2nb's rate over llama.cpp's on the same file with the same thread count, per column:
+    the ratio of the medians of rows measured in this run (empty without llama.cpp rows). Rows in
+    another environment (the portable path) are not paired."""
     generation, prefill = report["tg"], report["pp"]
     columns = [generation_key(n) for n in generation] + [prefill_key(n) for n in prefill]
-    theirs = {row.get("path"): row for row in report["rows"] if row.get("engine") == "llama.cpp"}
-    pairs = [(row, theirs[row.get("path")]) for row in report["rows"]
-             if row.get("engine", "llama2nb") == "llama2nb" and row.get("path") in theirs]
+    pairs = llamacpp_pairs(report["rows"])
     if not pairs:
         return []
     version = report.get("llamacpp") or "?"
-    lines = [f"**llama2nb / llama.cpp** (llama-cpp-python {version}, same file, same loop, one core)", "",
-             "| file | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines = [f"**llama2nb / llama.cpp** (llama-cpp-python {version}, same file, same loop, same threads on as "
+             "many cores)", "", "| file | threads | " + " | ".join(columns) + " |",
+             "|---|---:|" + "---:|" * len(columns)]
     for ours, other in pairs:
-        cells = [f"{statistics.median(ours[c]) / statistics.median(other[c]):.2f}x" if c in ours and c in other
+        cells = [f"{statistics.median(ours[c]) / statistics.median(other[c]):.2f}x" if ours.get(c) and other.get(c)
                  else "–" for c in columns]
-        lines.append(f"| {ours['label']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {ours['label']} | {ours.get('threads', 1)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def llamacpp_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(llama2nb row, llama.cpp row) on the same file with the same thread count, in table order."""
+    theirs = {(row.get("path"), row.get("threads", 1)): row for row in rows if row.get("engine") == "llama.cpp"}
+    return [(row, theirs[(row.get("path"), row.get("threads", 1))]) for row in rows
+            if row.get("engine", "llama2nb") == "llama2nb" and not row.get("env")
+            and (row.get("path"), row.get("threads", 1)) in theirs]
+
+
+def family_table(families: list[dict]) -> list[str]:
+    """Compile seconds per kernel family from an empty Numba cache (bench/families.py)."""
+    if not families:
+        return []
+    lines = ["**Compile seconds per kernel family, cold cache** (a fresh process, an empty Numba cache: what a "
+             "first run of a model of these formats waits for)", "", "| kernel family | environment | compiled on "
+             "| compile s |", "|---|---|---|---:|"]
+    lines += [f"| {f['family']} | {f['env'] or '–'} | {f['file']} | {f['compile_s']:.2f} |" for f in families]
     return lines + [""]
 
 
@@ -147,7 +172,7 @@ def footer(steps: int) -> str:
             f"the last-level cache): {generation_key(steps)} tok/s x bytes read per token (the weights, and the KV-cache "
             f"rows attention reads, {kv_positions_read(steps):g} positions on average) / the bandwidth "
             "measured just before that run; the median over runs, each run of these rows a process of its "
-            "own. Mapped: the weights are the file's page-cache pages, mapped in 2 MB pages where Linux "
+            "own (a row without that column: its own first tg length's roof). Mapped: the weights are the file's page-cache pages, mapped in 2 MB pages where Linux "
             "allows (llama2nb/mapping.py); in memory: a copy in RAM (--in-memory).")
 
 

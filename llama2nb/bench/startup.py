@@ -35,9 +35,10 @@ def time_to_first_token(path: Path, fastmath: str, cache_dir: Path | None) -> fl
 
 
 def startup_models(files: ModelFiles, shapes: list[str]) -> list[tuple[str, Path]]:
-    """(name, fp32 file) of the bundled model, where installed, and of every shape measured."""
+    """(name, fp32 file) of the bundled model, where installed, and of every shape measured that
+    has an fp32 file."""
     bundled = [("bundled", files.bundled)] if files.bundled else []
-    return bundled + [(name, files.fp32[name]) for name in shapes]
+    return bundled + [(name, files.fp32[name]) for name in shapes if name in files.fp32]
 
 
 def measure_startup(models: list[tuple[str, Path]], runs: int, log=print) -> list[dict]:

@@ -1,8 +1,8 @@
 """The bench's worker protocol: every measurement in a fresh process, pinned to one core.
 
 The parent runs `python -m llama2nb.bench KIND ARGS...` (llama2nb/bench/__main__.py) with the
-environment that defines the measurement and reads one JSON object from the last line of the
-child's stdout. A process of its own per measurement, because Numba reads NUMBA_OPT and
+environment that defines the measurement (a variable given as None is removed from it) and reads
+one JSON object from the last line of the child's stdout. A row of N threads runs on N cores. A process of its own per measurement, because Numba reads NUMBA_OPT and
 NUMBA_DISABLE_JIT once at import, and because peak memory and compile time are per process.
 This module holds the parent's side (`run_worker`) and the timing the `row` worker does.
 """
@@ -33,6 +33,7 @@ def run_worker(args: list[str], env: dict | None = None, timeout: float = 1800) 
     """Run one worker process and return the JSON object it printed last."""
     command = [sys.executable, "-m", "llama2nb.bench", *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {name: value for name, value in full_env.items() if value is not None}
     done = subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=timeout)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -45,9 +46,18 @@ def pinned_core() -> int:
     return max(os.sched_getaffinity(0))
 
 
+def pinned_cores(n: int) -> set[int]:
+    """The n cores a measurement of n threads runs on: the pinned core and those below it."""
+    return set(sorted(os.sched_getaffinity(0))[-n:])
+
+
 def pin_to_one_core() -> None:
+    pin_to_cores(1)
+
+
+def pin_to_cores(n: int) -> None:
     if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {pinned_core()})
+        os.sched_setaffinity(0, pinned_cores(n))
 
 
 def peak_rss_mb() -> float:
@@ -95,12 +105,12 @@ def measure_in_process(spec: dict) -> dict:
     from llama2nb import Transformer
 
     threads = spec.get("threads", 1)
-    if threads == 1:
-        pin_to_one_core()
+    pin_to_cores(threads)
     started = time.perf_counter()
     model = Transformer.load(spec["path"], fastmath=spec["fastmath"], threads=threads,
                              warm_up=not spec.get("pure_python"), in_memory=spec.get("in_memory", False))
     result: dict = {"load_s": time.perf_counter() - started, "compile_s": model.compile_seconds,
+                    "family": model.family, "threads_used": model.threads,  # fewer than asked for a small model
                     "flops_per_token": prefill_flops_per_token(model.config),
                     "int8": any(f.name not in FLOAT_FORMATS for f in model.weight_formats)}
     seq_len = model.config.seq_len

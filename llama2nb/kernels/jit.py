@@ -15,7 +15,10 @@ branch at run time; from Python, and under NUMBA_DISABLE_JIT, it is made per cal
 Every variant is cached on disk (`cache=True`, where numba_cache finds a writable folder) under
 its own name, and that name carries a hash of the sources of every kernel file, because Numba's
 cache checks only the file of the function itself: an edit to a callee would otherwise leave a
-stale compiled caller in place.
+stale compiled caller in place. The hash also covers the target CPU (NUMBA_CPU_NAME and
+NUMBA_CPU_FEATURES: a portable build for AVX2, say): Numba keys its index on the target too, but
+in one index file shared with the native build, and the compile-time constants taken from the
+target (VNNI, F16C) are not part of the name of every kernel.
 """
 
 from __future__ import annotations
@@ -110,6 +113,7 @@ def _sources_hash() -> str:
     # this folder is part of every family
     files = {inspect.getsourcefile(f) for f in KERNELS.values()} | set(map(str, Path(__file__).parent.glob("*.py")))
     digest = hashlib.sha256(str(numba.config.OPT).encode())
+    digest.update(f"{numba.config.CPU_NAME}|{numba.config.CPU_FEATURES}".encode())  # the target CPU
     for path in sorted(files):
         with open(path, "rb") as f:
             digest.update(f.read())
