@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import numba
 import numpy as np
 from numba import prange
 
@@ -83,17 +84,49 @@ class _Tiles(QuantizedFormat):
         return self.operand_class(matrix.data, *scratch)
 
     def pack(self, matrix: BlockMatrix) -> BlockMatrix:
-        """The source matrix as tiles (the layout: kernels/vnni_tiles.py), in new memory, made a
-        tile at a time (no temporary the size of the matrix)."""
+        """The source matrix as tiles (the layout: kernels/vnni_tiles.py), in new memory: a
+        layout that only moves bytes (_arrange) in one compiled pass (gather_tiles), any other
+        a tile at a time (_tile). Neither makes a temporary the size of the matrix, save
+        _extend's few bytes a block."""
         rows, cols = matrix.shape
         size, blocks, tiles = self.source.block_bytes, cols // self.block_size, -(-rows // TILE)
         packed = anonymous(self.nbytes(matrix.shape)).reshape(tiles, blocks, self.tile_bytes)
-        for t in range(tiles):
-            part = np.zeros((TILE, blocks, size), np.uint8)  # the last tile's missing rows: zeros
-            taken = matrix.data[t * TILE:(t + 1) * TILE].reshape(-1, blocks, size)
-            part[:taken.shape[0]] = taken
-            packed[t] = self._tile(part)
+        source = matrix.data.reshape(rows, blocks, size)
+        if self.moves_bytes:
+            gather_tiles(self._extend(source), packed, *self._gather_index(size))
+        else:
+            for t in range(tiles):
+                part = np.zeros((TILE, blocks, size), np.uint8)  # the last tile's missing rows: zeros
+                taken = source[t * TILE:(t + 1) * TILE]
+                part[:taken.shape[0]] = taken
+                packed[t] = self._tile(part)
         return BlockMatrix(self, packed.reshape(tiles, -1), matrix.shape)
+
+    moves_bytes: ClassVar[bool] = True  # whether the layout is _arrange of _extend, with flip
+
+    def _extend(self, source: np.ndarray) -> np.ndarray:
+        """(rows, blocks, source block bytes) -> (rows, blocks, bytes): what _arrange reads."""
+        return source
+
+    def _arrange(self, part: np.ndarray) -> np.ndarray:
+        """(16 rows, blocks, extended block bytes) -> (blocks, tile_bytes), any dtype: where
+        each byte of a tile comes from."""
+        raise NotImplementedError
+
+    def _flip(self) -> np.ndarray:
+        """(tile_bytes,) uint8: XORed into each byte of a tile's block."""
+        return np.zeros(self.tile_bytes, np.uint8)
+
+    def _gather_index(self, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For each byte of a tile's block: the row in the tile, the byte of the extended block
+        it comes from, and the XOR applied (what _arrange does to positions)."""
+        extended = self._extend(np.zeros((1, 1, size), np.uint8)).shape[2]
+        origin = self._arrange(np.arange(TILE * extended, dtype=np.int64).reshape(TILE, 1, extended)).reshape(-1)
+        return origin // extended, origin % extended, self._flip()
+
+    def _tile(self, part: np.ndarray) -> np.ndarray:
+        """(16 rows, blocks, source block bytes) -> (blocks, tile_bytes)"""
+        return self._arrange(self._extend(part)) ^ self._flip()
 
     def unpack(self, matrix: BlockMatrix) -> BlockMatrix:
         """pack's inverse: the source format's matrix, bit for bit."""
@@ -101,10 +134,6 @@ class _Tiles(QuantizedFormat):
         tiled = matrix.data.reshape(matrix.data.shape[0], cols // self.block_size, self.tile_bytes)
         blocks = np.concatenate([self._untile(tile) for tile in tiled])
         return self.source().from_blocks(blocks[:rows], (rows, cols))
-
-    def _tile(self, part: np.ndarray) -> np.ndarray:
-        """(16 rows, blocks, source block bytes) -> (blocks, tile_bytes)"""
-        raise NotImplementedError
 
     def _untile(self, tile: np.ndarray) -> np.ndarray:
         """(blocks, tile_bytes) -> (16 rows, blocks, source block bytes)"""
@@ -117,11 +146,17 @@ class _LegacyTiles(_Tiles):
     nibbles: ClassVar[bool]
     block_size = QK
 
-    def _tile(self, part):
+    def _arrange(self, part):
         blocks, size = part.shape[1], part.shape[2]
         values = part[:, :, 2:].reshape(TILE, blocks, (size - 2) // 4, 4).transpose(1, 2, 0, 3).reshape(blocks, -1)
         scales = part[:, :, :2].transpose(1, 0, 2).reshape(blocks, TILE_HEADER)
-        return np.concatenate([scales, values if self.nibbles else values ^ np.uint8(0x80)], axis=1)
+        return np.concatenate([scales, values], axis=1)
+
+    def _flip(self):
+        flip = np.zeros(self.tile_bytes, np.uint8)
+        if not self.nibbles:  # Q8_0's q + 128: unsigned
+            flip[TILE_HEADER:] = 0x80
+        return flip
 
     def _untile(self, tile):
         blocks, size = tile.shape[0], self.source.block_bytes
@@ -139,12 +174,19 @@ class _Q4_KLayout(_Tiles):
     block_size = QK_K
     tile_bytes = Q4_K_TILE_BYTES
 
-    def _tile(self, part):
+    def _extend(self, source):
+        """The scales and mins unpacked from their 6 bits, 8 bytes each after the block."""
+        rows, blocks = source.shape[:2]
+        sc, mn = scales_and_mins(source[:, :, 4:16].reshape(-1, 12))
+        unpacked = np.concatenate([sc, mn], axis=1).astype(np.uint8).reshape(rows, blocks, 16)
+        return np.concatenate([source, unpacked], axis=2)
+
+    def _arrange(self, part):
         blocks = part.shape[1]
-        sc, mn = scales_and_mins(part[:, :, 4:16].reshape(-1, 12))
-        pairs = [x.astype(np.uint8).reshape(TILE, blocks, 4, 2).transpose(1, 2, 0, 3).reshape(blocks, -1) for x in (sc, mn)]
+        pairs = [part[:, :, at:at + 8].reshape(TILE, blocks, 4, 2).transpose(1, 2, 0, 3).reshape(blocks, -1)
+                 for at in (144, 152)]
         halves = [part[:, :, at:at + 2].transpose(1, 0, 2).reshape(blocks, TILE_HEADER) for at in (0, 2)]
-        nibbles = part[:, :, 16:].reshape(TILE, blocks, 4, 8, 4).transpose(1, 2, 3, 0, 4).reshape(blocks, -1)
+        nibbles = part[:, :, 16:144].reshape(TILE, blocks, 4, 8, 4).transpose(1, 2, 3, 0, 4).reshape(blocks, -1)
         return np.concatenate([*halves, *pairs, nibbles], axis=1)
 
     def _untile(self, tile):
@@ -203,6 +245,7 @@ class _Q6_KLayout(_Tiles):
 
     block_size = QK_K
     tile_bytes = Q6_K_TILE_BYTES
+    moves_bytes = False  # its 6-bit values are split into other bit fields
 
     def _tile(self, part):
         blocks = part.shape[1]
@@ -261,6 +304,36 @@ class Q4_KTiles(_Q4_KLayout):
     operand_class = Q4_KTilesOperand
     linear_kernel = "linear_q4_k_tiles"
     embed_kernel = "embed_q4_k_tiles"
+
+
+@numba.njit(cache=True)
+def gather_tiles(source, packed, rows_of, offsets, flip):
+    """packed[t, k, j] = source[16 t + rows_of[j], k, offsets[j]] ^ flip[j] (0 past the last row),
+    in 2-byte units (every layout moves whole fp16 values and pairs or fours of bytes).
+    source (rows, blocks, bytes) uint8 C-contiguous, packed (tiles, blocks, tile bytes) uint8;
+    the index arrays (tile bytes,) from _Tiles._gather_index, which keeps them within the
+    rows' bytes of source"""
+    rows, blocks, size = source.shape
+    tiles, tile_bytes = packed.shape[0], packed.shape[2]
+    src = source.reshape(-1).view(np.uint16)
+    out = packed.reshape(-1).view(np.uint16)
+    units = tile_bytes // 2
+    at = np.empty(units, np.int64)  # a unit's offset in the tile's first block, in units
+    mask = np.empty(units, np.uint16)
+    for u in range(units):
+        at[u] = (rows_of[2 * u] * blocks * size + offsets[2 * u]) // 2
+        mask[u] = np.uint16(flip[2 * u]) | np.uint16(flip[2 * u + 1]) << np.uint16(8)
+    whole = rows // TILE
+    for t in range(whole):
+        for k in range(blocks):
+            base, to = (t * TILE * blocks + k) * size // 2, (t * blocks + k) * units
+            for u in range(units):
+                out[to + u] = src[base + at[u]] ^ mask[u]
+    for t in range(whole, tiles):  # the last tile, short of rows
+        for k in range(blocks):
+            for j in range(tile_bytes):
+                r = TILE * t + rows_of[j]
+                packed[t, k, j] = source[r, k, offsets[j]] ^ flip[j] if r < rows else 0
 
 
 # ----------------------------------------------------------------------------------------------
