@@ -129,6 +129,12 @@ def test_shared_kernel_matches_its_naive_reference(kernel, fastmath):
 
 
 @pytest.mark.parametrize("fastmath", SETTINGS)
+def test_attention_block_over_odd_shapes(fastmath):
+    """An odd head size (the score and output loops' tails) and a block starting at position 0."""
+    assert attention_block_error(fastmath, head_size=15, B=13, pos=0) <= TOLERANCE["attention_block"][fastmath]
+
+
+@pytest.mark.parametrize("fastmath", SETTINGS)
 def test_add_is_exact(fastmath):
     rng = np.random.default_rng(7)
     x, y = rand(rng, 3, 50), rand(rng, 3, 50)

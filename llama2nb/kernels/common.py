@@ -187,14 +187,18 @@ def attention_block(out, q, key_cache, value_cache, scores, transposed, pos, n_k
                 for t in range(T):
                     keys_t[i, t] = key_cache[t, kv + i] * scale
                     values_t[i, t] = value_cache[t, kv + i]
+        full_b = B - B % 4
+        for b in range(0, full_b, 4):  # four queries share each load of keys_t
+            attention_scores4(scores[b:b + 4], q[b:b + 4, qo:qo + head_size], keys_t, pos + b + 4)
+        for b in range(full_b, B):
+            attention_scores(scores[b], q[b, qo:qo + head_size], keys_t, pos + b + 1)
         for b in range(B):
             seen = pos + b + 1  # positions 0..pos+b
-            attention_scores(scores[b], q[b, qo:qo + head_size], keys_t, seen)
             softmax(scores[b], seen)
             for t in range(seen, min(T, seen + 3)):  # zero up to the last of its four
                 scores[b, t] = ZERO
         head_out = out[:, qo:qo + head_size]
-        full_b, full_i = B - B % 4, head_size - head_size % 4
+        full_i = head_size - head_size % 4
         for b in range(0, full_b, 4):
             for i in range(0, full_i, 4):
                 block4x4(head_out, scores, values_t, i, b, 0, pos + b + 4)
@@ -202,6 +206,36 @@ def attention_block(out, q, key_cache, value_cache, scores, transposed, pos, n_k
             for i in range(head_size):
                 if b >= full_b or i >= full_i:
                     head_out[b, i] = dot(scores[b, :pos + b + 1], values_t[i, :pos + b + 1])
+
+
+@kernel
+def attention_scores4(srows, qh, keys_t, seen):
+    """attention_scores for four queries over the same positions t < seen.
+    srows (4, >= seen), qh (4, head_size), keys_t (head_size, >= seen)"""
+    s0, s1, s2, s3 = srows[0], srows[1], srows[2], srows[3]
+    for t in range(seen):
+        s0[t] = ZERO
+        s1[t] = ZERO
+        s2[t] = ZERO
+        s3[t] = ZERO
+    for i in range(0, qh.shape[1] - 1, 2):
+        k0, k1 = keys_t[i], keys_t[i + 1]
+        a0, a1, a2, a3 = qh[0, i], qh[1, i], qh[2, i], qh[3, i]
+        b0, b1, b2, b3 = qh[0, i + 1], qh[1, i + 1], qh[2, i + 1], qh[3, i + 1]
+        for t in range(seen):
+            u, v = k0[t], k1[t]
+            s0[t] += a0 * u + b0 * v
+            s1[t] += a1 * u + b1 * v
+            s2[t] += a2 * u + b2 * v
+            s3[t] += a3 * u + b3 * v
+    if qh.shape[1] % 2:
+        i = qh.shape[1] - 1
+        k0 = keys_t[i]
+        for t in range(seen):
+            s0[t] += qh[0, i] * k0[t]
+            s1[t] += qh[1, i] * k0[t]
+            s2[t] += qh[2, i] * k0[t]
+            s3[t] += qh[3, i] * k0[t]
 
 
 @kernel
