@@ -707,21 +707,24 @@ def quantize(source: str, out: Path, type_: str, container: str | None, version:
              group_size: int | None, tokenizer_path: str | None, save_tokenizer: Path | None) -> None:
     """Convert IN (a llama2.c .bin, a GGUF file, or a downloaded model name) to OUT with
     tensors of --type, one tensor at a time and without torch: e.g. a .bin to a Q4_0 GGUF, or
-    a Q8_0 GGUF to a llama2.c v2 file for runq.c."""
-    from .files.convert import convert, target_for, vocabulary_for
+    a Q8_0 GGUF to a llama2.c v2 file for runq.c. (`export` from a .bin or GGUF IN: the same
+    writers, the same bytes.)"""
+    from .export import ExportOptions, checkpoint_source, write
+    from .files.convert import target_for
+    from .tokenizer import Tokenizer
 
     with _user_errors():
         path, hub_tokenizer = resolve_checkpoint(source)
-        target = target_for(out, container, type_, version, group_size)
+        target_for(out, container, type_, version, group_size)  # the options, checked before reading IN
         tokenizer = tokenizer_path or hub_tokenizer
-        click.echo(convert(path, out, target, tokenizer))
+        options = ExportOptions(version, group_size, type_, container, Path(tokenizer) if tokenizer else None)
+        model = checkpoint_source(path)
+        click.echo(write(out, model, options))
         if save_tokenizer is not None:
-            from .files import read_config
-
-            vocab = vocabulary_for(path, read_config(path).vocab_size, tokenizer)
-            if vocab is None:
+            vocabulary = tokenizer or model.tokenizer  # -z, else a GGUF IN's own or the tokenizer beside IN
+            if vocabulary is None:
                 raise UsageError(f"{path}: --save-tokenizer: expected a vocabulary (a GGUF IN, or -z), found none")
-            vocab.save_bin(save_tokenizer)
+            Tokenizer.load(vocabulary, vocab_size=model.config.vocab_size).save_bin(save_tokenizer)
             click.echo(f"wrote {save_tokenizer}")
 
 

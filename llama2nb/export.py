@@ -17,8 +17,11 @@ layout once and pulls each tensor in row blocks: memory holds about one block, n
 so a 7B checkpoint exports in a few hundred MB. Every output is written to a temp name and
 renamed.
 
-A writer is `write(out, source, options, progress) -> str` (a one-line description of what was
-written): `options` an ExportOptions, `progress` files.llama2c.WriteProgress or None.
+A writer is `writer(out, source, options, progress) -> str` (a one-line description of what
+was written): `options` an ExportOptions, `progress` files.llama2c.WriteProgress or None.
+`write(out, source, options)` is the one route into them: `export` takes it from any source,
+`llama2nb quantize` (and files.convert.convert) from `checkpoint_source`, a .bin or GGUF mapped
+without torch, so both write the same bytes for the same input and options.
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ from typing import Callable
 
 from .config import ModelConfig
 from .errors import CheckpointError, UsageError
-from .files.llama2c import WriteProgress, read_checkpoint, write_checkpoint
+from .files.llama2c import WriteProgress, write_checkpoint
 from .files.source import CheckpointSource, TensorSource
 
 KINDS = ("run", "ckpt", "llama2c", "gguf", "hf", "meta")
-TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.bin")
+TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.bin")  # beside a source, in this order (then tokN.bin)
 
 
 @dataclass(frozen=True)
@@ -75,13 +78,36 @@ def detect(path: Path, kind: str | None = None) -> str:
         head = f.read(4)
     if head == b"GGUF":
         return "gguf"
-    if path.suffix in (".pt", ".pth") or head[:2] == b"PK" or head[:1] == b"\x80":  # zip or pickle: torch.save
+    if path.suffix in (".pt", ".pth"):
         return "ckpt"
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # zip or pickle (torch.save), unless a llama2.c file:
+        from .files.llama2c import read_config  # a v0 header starts with dim, and dim 128 is byte 0x80
+
+        try:
+            read_config(path)  # header fields and the exact file size
+        except CheckpointError:
+            return "ckpt"
     return "llama2c"
 
 
-def tokenizer_beside(folder: Path) -> Path | None:
-    return next((folder / n for n in TOKENIZER_NAMES if (folder / n).is_file()), None)
+def tokenizer_beside(folder: Path, vocab_size: int | None = None) -> Path | None:
+    """The tokenizer file found beside a source: tokenizer.model, tokenizer.bin, then (given the
+    vocabulary's size) tok{vocab_size}.bin, llama2nb's data folder name."""
+    names = (*TOKENIZER_NAMES, *((f"tok{vocab_size}.bin",) if vocab_size else ()))
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
+def checkpoint_source(path: str | os.PathLike, seq_len: int | None = None) -> CheckpointSource:
+    """A llama2.c .bin or a GGUF file (told apart by its magic) as a TensorSource: validated and
+    mapped by files.read_model, no torch; its tokenizer is a GGUF file's own vocabulary, else the
+    one beside the file. `quantize` is export over this source."""
+    from .files import container_of, read_model
+
+    path = Path(path)
+    checkpoint = read_model(path)
+    tokenizer = (path if container_of(path) == "gguf"
+                 else tokenizer_beside(path.parent, checkpoint.config.vocab_size))
+    return CheckpointSource(checkpoint, tokenizer).with_seq_len(seq_len)
 
 
 def open_source(path: str | os.PathLike, kind: str | None = None, seq_len: int | None = None) -> TensorSource:
@@ -97,10 +123,7 @@ def open_source(path: str | os.PathLike, kind: str | None = None, seq_len: int |
 
         return open_hf(path, seq_len)
     if kind in ("llama2c", "gguf"):
-        from .files import read_model
-
-        tokenizer = path if kind == "gguf" else tokenizer_beside(path.parent)
-        return CheckpointSource(read_model(path), tokenizer).with_seq_len(seq_len)
+        return checkpoint_source(path, seq_len)
     from .training.export import ckpt_source  # torch: only our own ckpt.pt needs it
 
     return ckpt_source(path / "ckpt.pt" if kind == "run" else path).with_seq_len(seq_len)
@@ -149,25 +172,47 @@ def describe(c: ModelConfig) -> str:
 # The command's work
 
 def write_gguf(out: Path, source: TensorSource, options: ExportOptions, progress: WriteProgress | None) -> str:
-    """GGUF with the --type's tensor types and the vocabulary of -z, else the source's own."""
-    from .files.convert import target_for, vocabulary_for, write_model
+    """GGUF with the --type's tensor types and the vocabulary of -z, else the source's own (a
+    GGUF source's, or the tokenizer found beside it: tokenizer.model, tokenizer.bin, tokN.bin)."""
+    from collections import Counter
+
+    from .files import gguf
+    from .files.convert import target_for
     from .tokenizer import Tokenizer
 
     target = target_for(out, "gguf", options.type)
+    config = source.config
     tokenizer = options.tokenizer or source.tokenizer
-    vocab_size = source.config.vocab_size
-    vocab = (Tokenizer.load(tokenizer, vocab_size=vocab_size) if tokenizer is not None
-             else vocabulary_for(source.origin, vocab_size))  # tokN.bin beside it too
-    if vocab is None:
-        raise CheckpointError(f"{out}: vocabulary: expected a tokenizer for the GGUF file's metadata (none beside "
-                              "the source), found none: pass the model's tokenizer with -z")
+    if tokenizer is None:
+        origin = Path(source.origin)
+        tokenizer = tokenizer_beside(origin if origin.is_dir() else origin.parent, config.vocab_size)
+    if tokenizer is None:
+        raise CheckpointError(f"{out}: vocabulary: expected a tokenizer for the GGUF file's metadata, found none "
+                              "beside the source: pass the model's tokenizer with -z")
+    vocab = Tokenizer.load(tokenizer, vocab_size=config.vocab_size)
     origin = Path(source.origin)
     name = origin.parent.name if origin.name == "ckpt.pt" else origin.name if origin.is_dir() else origin.stem
-    return write_model(out, source.config, source, vocab, target, name)
+    gguf.write_gguf(out, config, source, vocab, target.type, name)
+    types = Counter(gguf.type_name(p.info.type) for p in gguf.plan(config, target.type, out))
+    kinds = ", ".join(f"{n} {t}" for t, n in types.most_common())
+    return f"wrote {out}: GGUF v{gguf.WRITE_VERSION}, --type {target.type} ({kinds} tensors), {describe(config)}"
 
 
 Writer = Callable[[Path, TensorSource, ExportOptions, "WriteProgress | None"], str]
 WRITERS: dict[str, Writer] = {"llama2c": write_llama2c, "gguf": write_gguf}  # container -> writer
+
+
+def write(out: str | os.PathLike, source: TensorSource, options: ExportOptions = ExportOptions(),
+          progress: WriteProgress | None = None) -> str:
+    """Write an opened source to OUT with the writer of OUT's container (WRITERS); returns the
+    writer's description. The one route into the writers: export and quantize both end here."""
+    from .files.convert import target_for
+
+    out = Path(out)
+    target = target_for(out, options.container, options.type, options.version, options.group_size)
+    if target.container == "llama2c":  # --type q8_0 means version 2 for a llama2.c file
+        options = replace(options, version=target.version)
+    return WRITERS[target.container](out, source, options, progress)
 
 
 def export(source: str | os.PathLike, out: str | os.PathLike, kind: str | None = None,
@@ -176,8 +221,6 @@ def export(source: str | os.PathLike, out: str | os.PathLike, kind: str | None =
     """Export SOURCE to OUT (see the module docstring); returns the writer's description."""
     from .files.convert import target_for
 
-    out = Path(out)
-    target = target_for(out, options.container, options.type, options.version, options.group_size)
-    if target.container == "llama2c":  # --type q8_0 means version 2 for a llama2.c file
-        options = replace(options, version=target.version)
-    return WRITERS[target.container](out, open_source(source, kind, seq_len), options, progress)
+    target_for(out, options.container, options.type, options.version, options.group_size)  # before opening
+    return write(out, open_source(source, kind, seq_len), options, progress)
+

@@ -25,7 +25,7 @@ import numpy as np
 
 
 from .config import ModelConfig
-from .files import bytes_per_token, read_config, read_model
+from .files import bytes_per_token, open_model, read_model
 from .files.llama2c import Checkpoint, TransformerWeights, available_memory, require_memory
 from .formats import Format, for_engine, format_of, linear, new_input
 from .kernels.common import add, rmsnorm, rope, swiglu
@@ -256,15 +256,15 @@ class Transformer:
         (and with in_memory the weights) would not fit in the memory available."""
         started = time.perf_counter()
         path = Path(path)
-        config = read_config(path)
-        size, run_state = path.stat().st_size, capped(config, ctx)  # (read_config checked the size)
+        opened = open_model(path)  # the header, read once: read_model maps the file from it
+        size, run_state = path.stat().st_size, capped(opened.config, ctx)  # (open_model checked the size)
         if in_memory:
             require_memory(path, "in-memory load", size + RunState.nbytes(run_state), hint=" (map it instead)",
                            detail=f" ({size / 2**30:.2f} GiB of weights, then {kv_cache_detail(run_state)})")
         else:  # (allocate checks again, for models built from a Checkpoint)
             require_memory(path, "KV cache", RunState.nbytes(run_state), detail=f" ({kv_cache_detail(run_state)})")
         available = available_memory()  # the file's cached pages count: they are reclaimable
-        checkpoint = read_model(path, in_memory, progress)
+        checkpoint = read_model(opened, in_memory, progress)
         if warm_up and not in_memory:  # warming up touches every page anyway: time it as loading
             fault_in(checkpoint.buffer)
         load_seconds = time.perf_counter() - started

@@ -16,6 +16,14 @@ cache (each run compiles again). Either way one `note:` line on stderr says so, 
 The check is Numba's own: decorating a probe function whose code claims to live in
 `source_file`, so NUMBA_CACHE_DIR, NUMBA_CACHE_LOCATOR_CLASSES and the locators' order count
 exactly as they will for the real kernels. The answer is computed once per file.
+
+`load_without_refresh(dispatcher)`: loading a kernel from the disk cache, Numba first refreshes
+its target context, which imports and installs every typing and lowering registry it has (linalg,
+random, typed containers, datetime, ...: ~0.1 s of a warm start's ~0.5 s, once per process).
+Those registries serve compiling, and a compile (a cache miss) refreshes them itself
+(numba.core.compiler.CompilerBase); running compiled code needs only the runtime (NRT)
+initialised, which the refresh did first. So llama2nb's kernels load with only that; should a
+load fail any other way, it is retried Numba's own way (refresh, then load).
 """
 
 from __future__ import annotations
@@ -28,6 +36,12 @@ import tempfile
 from pathlib import Path
 
 import numba
+
+try:  # Numba's own cache class (numba.core.caching, 0.60 to 0.68 at least)
+    from numba.core.caching import FunctionCache
+    from numba.core.runtime.nrt import rtsys
+except ImportError:  # another layout: kernels load Numba's own way
+    FunctionCache = rtsys = None
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 _PROBE = "def _llama2nb_cache_probe():\n    pass\n"
@@ -89,3 +103,31 @@ def _note_once(message: str) -> None:
     if not _noted:
         _noted = True
         print(f"note: {message}", file=sys.stderr)
+
+
+if FunctionCache is not None and all(hasattr(FunctionCache, name) for name in
+                                     ("load_overload", "_load_overload", "_guard_against_spurious_io_errors")):
+    class _LoadWithoutRefresh(FunctionCache):
+        """A dispatcher's disk cache that loads without refreshing the target context (see the
+        module doc); saving, indexing and compiling on a miss are Numba's own."""
+
+        def load_overload(self, sig, target_context):
+            try:
+                rtsys.initialize(target_context)  # what running loaded code needs of the refresh
+                with self._guard_against_spurious_io_errors():
+                    return self._load_overload(sig, target_context)
+            except Exception:  # anything the registries might have been needed for: Numba's own way
+                return super().load_overload(sig, target_context)
+else:
+    _LoadWithoutRefresh = None
+
+
+def load_without_refresh(dispatcher) -> bool:
+    """Have `dispatcher` (numba.njit(cache=True)'s) load from the disk cache without refreshing
+    Numba's registries (see the module doc); False where it has no such cache (cache=False,
+    NUMBA_DISABLE_JIT) or this Numba's cache class is not the one expected."""
+    cache = getattr(dispatcher, "_cache", None)
+    if _LoadWithoutRefresh is None or type(cache) is not FunctionCache:
+        return False
+    cache.__class__ = _LoadWithoutRefresh
+    return True

@@ -36,12 +36,19 @@ import numba
 import numpy as np
 
 from .errors import Llama2nbError, UsageError
-from .numba_cache import cache_enabled
+from .numba_cache import cache_enabled, load_without_refresh
 
 _MASK64 = (1 << 64) - 1
 _XORSHIFT_MULT = 0x2545F4914F6CDD1D
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 _CACHE = cache_enabled(__file__)
+
+
+def _njit(fn):
+    """@njit with the disk cache, loaded as the engine's kernels are (numba_cache.load_without_refresh)."""
+    dispatcher = numba.njit(cache=_CACHE)(fn)
+    load_without_refresh(dispatcher)
+    return dispatcher
 
 
 class LogitsError(Llama2nbError, ValueError):
@@ -220,7 +227,7 @@ class Sampler:
 # Compiled loops (IEEE float32, no fastmath: the order of additions is part of the result)
 
 
-@numba.njit(cache=_CACHE)
+@_njit
 def _softmax(x):
     """run.c's softmax, in place: max, expf(x - max), in-order float32 sum, divide. math.exp
     on a float32 is glibc's expf here, as in run.c; NumPy's vectorised float32 exp differs from
@@ -240,14 +247,14 @@ def _softmax(x):
     return total
 
 
-@numba.njit(cache=_CACHE)
+@_njit
 def _divide(x, t):
     """x /= t in place, as run.c's loop (IEEE float32 division; overflow gives inf, silently)."""
     for i in range(x.shape[0]):
         x[i] /= t
 
 
-@numba.njit(cache=_CACHE)
+@_njit
 def _sequential_sum(x):
     total = np.float32(0)
     for i in range(x.shape[0]):
@@ -255,7 +262,7 @@ def _sequential_sum(x):
     return total
 
 
-@numba.njit(cache=_CACHE)
+@_njit
 def _first_past(probs, coin):
     """run.c's sample_mult: the first i with coin < probs[0] + ... + probs[i], or -1."""
     cdf = np.float32(0)
@@ -266,7 +273,7 @@ def _first_past(probs, coin):
     return -1
 
 
-@numba.njit(cache=_CACHE)
+@_njit
 def _sample_topp(probs, bits, cutoff, topp, coin, idx, keys, idx2, keys2, counts):
     n0 = 0
     for i in range(probs.shape[0]):

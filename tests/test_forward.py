@@ -277,3 +277,46 @@ def test_kernels_run_as_plain_python_without_numba(tiny_models, name):
                           env={**os.environ, "NUMBA_DISABLE_JIT": "1"}, cwd=Path(__file__).parent.parent)
     assert done.returncode == 0, done.stderr
     assert float(done.stdout.split()[-1]) < 2e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# Start-up: what a fresh process imports and reads before its first logits
+
+
+def test_the_engine_imports_alone():
+    """`from llama2nb import Transformer` loads the engine, not what sampling a story adds (the
+    tokenizer, the sampler, generation) nor the GGUF container before a GGUF file is read; the
+    public names still resolve, `generate` to the function even after its submodule is imported."""
+    script = ("import sys\nfrom llama2nb import Transformer\n"
+              "print(sorted(m for m in ('llama2nb.tokenizer', 'llama2nb.sampler', 'llama2nb.generate', "
+              "'llama2nb.files.gguf', 'click', 'rich') if m in sys.modules))\n"
+              "import llama2nb.generate\nfrom llama2nb import Sampler, Tokenizer, generate\n"
+              "print(callable(generate) and generate.__module__ == 'llama2nb.generate', Sampler.__name__, "
+              "Tokenizer.__name__)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["[]", "True Sampler Tokenizer"]
+
+
+def test_load_reads_the_header_once(tiny_models, tmp_path, monkeypatch):
+    """Transformer.load checks the header before it maps anything (memory), then maps the file
+    from that header: read once, for either container."""
+    from dataclasses import replace
+
+    from llama2nb.files import gguf, llama2c
+    from llama2nb.testmodels import byte_vocab, random_weights
+    from llama2nb.tokenizer import Tokenizer
+
+    from .conftest import TINY
+
+    config = replace(TINY, vocab_size=259)
+    gguf_path = tmp_path / "m.gguf"
+    gguf.write_gguf(gguf_path, config, random_weights(config), Tokenizer(*byte_vocab()))
+    reads = []
+    for module, name in ((llama2c, "read_config"), (gguf, "read_header")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name: reads.append(_name) or _real(*a))
+    Transformer.load(tiny_models["v0-shared"], warm_up=False)
+    Transformer.load(gguf_path, warm_up=False)
+    assert reads == ["read_config", "read_header"]

@@ -27,6 +27,7 @@ from llama2nb.files import convert, gguf, read_config, read_model
 from llama2nb.files.gguf import (ARRAY, BOOL, FLOAT32, INT32, STRING, UINT16, UINT32, UINT64, TensorInfo, Value,
                                  write_gguf)
 from llama2nb.files.llama2c import Checkpoint, read_checkpoint, write_checkpoint
+from llama2nb.files.source import CheckpointSource
 from llama2nb.generate import GenerationError, chat
 from llama2nb.sampler import Sampler
 from llama2nb.testmodels import byte_vocab, random_weights
@@ -270,7 +271,7 @@ def test_quantized_tensors_equal_the_gguf_packages_quantizer(small, tmp_path, fi
         pytest.skip(f"formats.by_ggml_type does not provide {ggml_name} on this branch (the formats branch adds it)")
     _, bin_path = small["unshared"]
     out = tmp_path / f"{file_type}.gguf"
-    write_gguf(out, SMALL_MODELS["unshared"], convert.weights_of(read_checkpoint(bin_path).weights),
+    write_gguf(out, SMALL_MODELS["unshared"], CheckpointSource(read_checkpoint(bin_path)),
                small_tokenizer(), file_type)
     source = read_checkpoint(bin_path).weights
     from gguf.constants import GGMLQuantizationType
@@ -315,7 +316,7 @@ def test_rope_theta_and_eps_come_from_the_metadata(small, tmp_path):
     path, bin_path = small["shared-gqa"]
     config = replace(SMALL, rope_theta=500000.0, norm_eps=1e-6)
     out = tmp_path / "theta.gguf"
-    write_gguf(out, config, convert.weights_of(read_checkpoint(bin_path).weights), small_tokenizer())
+    write_gguf(out, config, CheckpointSource(read_checkpoint(bin_path)), small_tokenizer())
     model = Transformer.load(out, fastmath="off")
     assert (model.config.rope_theta, np.float32(model.config.norm_eps)) == (500000.0, np.float32(1e-6))
     source = read_checkpoint(bin_path)
@@ -846,6 +847,52 @@ def test_quantize_and_export_convert_without_torch(small, tmp_path):
     cli("quantize", str(out), str(tmp_path / "x.gguf"), "--type", "f32", "--version", "1", code=2)
     refused = cli("quantize", str(bin_path), str(tmp_path / "y.gguf"), "--type", "f32", code=1)
     assert "vocabulary: expected a tokenizer for the GGUF file's metadata, found none" in refused.output
+
+
+@pytest.mark.parametrize("source_kind", ["bin", "gguf"])
+def test_quantize_is_export_over_a_checkpoint_source(small, tmp_path, monkeypatch, source_kind):
+    """One route into the writers: quantize opens IN as a CheckpointSource and hands it to
+    export.write, so quantize and export write the same bytes for the same input and type."""
+    from llama2nb import export as export_module
+    from llama2nb.files.source import TensorSource
+
+    gguf_path, bin_path = small["unshared"]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    source = folder / f"m.{source_kind}"
+    source.write_bytes((bin_path if source_kind == "bin" else gguf_path).read_bytes())
+    small_tokenizer().save_bin(folder / "tokenizer.bin")  # the vocabulary beside a .bin IN
+    sources = []
+    write = export_module.write
+    monkeypatch.setattr(export_module, "write",
+                        lambda out, src, *args: sources.append(type(src)) or write(out, src, *args))
+    cases = [("x.gguf", ["--type", t]) for t in ("f32", "f16", "q8_0", "q4_0")]
+    cases += [("x.bin", ["--type", "f32"]), ("x.bin", ["--type", "f32", "--version", "1"]),
+              ("x.bin", ["--type", "q8_0"]), ("x.bin", ["--type", "q8_0", "--group-size", "16"])]
+    for i, (name, options) in enumerate(cases):
+        quantized, exported = tmp_path / f"q{i}-{name}", tmp_path / f"e{i}-{name}"
+        cli("quantize", str(source), str(quantized), *options)
+        cli("export", str(source), str(exported), *options)
+        assert quantized.read_bytes() == exported.read_bytes(), options
+    assert sources == [CheckpointSource, CheckpointSource] * len(cases)
+    assert issubclass(CheckpointSource, TensorSource)
+
+
+def test_export_reads_a_v0_file_whose_first_byte_looks_like_a_pickle(tmp_path):
+    """A v0 header starts with dim: dim 128 is the byte 0x80, a pickle's first byte too."""
+    from llama2nb.testmodels import write_random_model
+
+    config = ModelConfig(dim=128, hidden_dim=256, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=len(PIECES),
+                         seq_len=8)
+    path = tmp_path / "m.bin"
+    write_random_model(path, config)
+    assert path.read_bytes()[:1] == b"\x80"
+    small_tokenizer().save_bin(tmp_path / "tokenizer.bin")
+    cli("export", str(path), str(tmp_path / "e.gguf"), "--type", "q8_0")
+    cli("quantize", str(path), str(tmp_path / "q.gguf"), "--type", "q8_0")
+    assert (tmp_path / "e.gguf").read_bytes() == (tmp_path / "q.gguf").read_bytes()
+    cli("export", str(path), str(tmp_path / "v0.bin"))
+    assert (tmp_path / "v0.bin").read_bytes() == path.read_bytes()
 
 
 def test_export_from_ckpt_pt_to_gguf(tmp_path):

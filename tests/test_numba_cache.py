@@ -109,3 +109,28 @@ def test_a_shared_temp_folder_is_not_trusted(unwritable, tmp_path):
 def test_a_writable_package_caches_beside_itself_without_a_word(capsys):
     assert cache_enabled() is True
     assert "note:" not in capsys.readouterr().err
+
+
+WARM_SCRIPT = """
+import hashlib
+import sys
+from llama2nb import Transformer
+model = Transformer.load(sys.argv[1], warm_up=False)
+logits = model.forward(1, 0).copy()
+caches = {type(model.kernels.embed_f32._cache).__name__}
+print(hashlib.sha256(logits.tobytes()).hexdigest(), "numba.np.linalg" in sys.modules, *sorted(caches))
+"""
+
+
+def test_a_warm_start_loads_kernels_without_numba_s_registry_refresh(tmp_path):
+    """Once a process has filled the disk cache (or found it full), the next loads the same
+    kernels without Numba's refresh (numba.np.linalg, which only the refresh imports, stays
+    unimported) and computes the same logits. (A miss compiles as before: every other test
+    that compiles a family goes through the same cache class.)"""
+    model = write_tiny_model(tmp_path / "model", seq_len=32)
+    runs = [subprocess.run([sys.executable, "-c", WARM_SCRIPT, str(model)], capture_output=True, text=True,
+                           cwd=REPO, timeout=600) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-2000:]
+    first, warm = (r.stdout.split() for r in runs)
+    assert first[0] == warm[0] and first[2] == warm[2] == "_LoadWithoutRefresh"
+    assert warm[1] == "False"

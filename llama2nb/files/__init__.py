@@ -13,27 +13,65 @@ v0 with no magic at all), not by its suffix.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from ..config import ModelConfig
-from . import gguf, llama2c
+from . import llama2c
 from .llama2c import Checkpoint
+
+GGUF_MAGIC = b"GGUF"  # (gguf.MAGIC: the GGUF module is imported only for GGUF files)
 
 
 def container_of(path: str | os.PathLike) -> str:
     """"gguf" for a file with GGUF's magic, else "llama2c" (whose reader then checks it)."""
-    return "gguf" if gguf.is_gguf(path) else "llama2c"
+    try:
+        with open(path, "rb") as f:
+            return "gguf" if f.read(4) == GGUF_MAGIC else "llama2c"
+    except OSError:  # a directory, a missing file: llama2c's reader names the problem
+        return "llama2c"
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """A model file whose header has been read and checked as read_model checks it, nothing
+    mapped yet: its config, and the parsed header the container's reader maps it from (so the
+    header is read once from open_model to the weights)."""
+
+    path: Path
+    container: str  # "llama2c" or "gguf"
+    config: ModelConfig
+    header: Any = None  # gguf.Header for GGUF files; None for llama2.c's (the config is all of it)
+
+
+def open_model(path: str | os.PathLike) -> ModelFile:
+    """Read and check a model file's header (llama2.c .bin or GGUF, by its magic) without
+    mapping its weights."""
+    path = Path(path)
+    if container_of(path) == "gguf":
+        from . import gguf
+
+        header, config = gguf.read_checked_header(path)
+        return ModelFile(path, "gguf", config, header)
+    return ModelFile(path, "llama2c", llama2c.read_config(path))
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
     """A model file's configuration, checked as read_model checks it, without mapping weights."""
-    return (gguf if container_of(path) == "gguf" else llama2c).read_config(path)
+    return open_model(path).config
 
 
-def read_model(path: str | os.PathLike, in_memory: bool = False, progress=None) -> Checkpoint:
-    """A model file (llama2.c .bin or GGUF), validated, then mapped once (or read into memory
-    with in_memory): a Checkpoint of read-only views, each matrix in its own format.
-    `progress(bytes read, size)` as the file is read (mapping.Progress)."""
-    return (gguf if container_of(path) == "gguf" else llama2c).read_checkpoint(path, in_memory, progress)
+def read_model(path: str | os.PathLike | ModelFile, in_memory: bool = False, progress=None) -> Checkpoint:
+    """A model file (llama2.c .bin or GGUF, or one open_model has checked), validated, then mapped
+    once (or read into memory with in_memory): a Checkpoint of read-only views, each matrix in its
+    own format. `progress(bytes read, size)` as the file is read (mapping.Progress)."""
+    opened = path if isinstance(path, ModelFile) else open_model(path)
+    if opened.container == "gguf":
+        from . import gguf
+
+        return gguf.read_checkpoint(opened.path, in_memory, progress, header=opened.header)
+    return llama2c.read_checkpoint(opened.path, in_memory, progress, config=opened.config)
 
 
 def bytes_per_token(checkpoint: Checkpoint) -> int:

@@ -581,10 +581,16 @@ def tensor_formats(header: Header) -> dict[str, formats.Format]:
 def read_config(path: str | os.PathLike) -> ModelConfig:
     """The model's configuration, with every check read_checkpoint makes before mapping: fails
     fast (before compiling) on any file read_checkpoint would refuse."""
+    return read_checked_header(path)[1]
+
+
+def read_checked_header(path: str | os.PathLike) -> tuple[Header, ModelConfig]:
+    """The header and the model's configuration, with every check read_checkpoint makes before
+    mapping; read_checkpoint(header=) maps the file from it without reading the header again."""
     header = read_header(path)
     config = model_config(header)
     tensor_formats(header)
-    return config
+    return header, config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -598,11 +604,13 @@ class GGUFCheckpoint(Checkpoint):
     header: Header | None = field(default=None, repr=False)
 
 
-def read_checkpoint(path: str | os.PathLike, in_memory: bool = False, progress=None) -> GGUFCheckpoint:
+def read_checkpoint(path: str | os.PathLike, in_memory: bool = False, progress=None,
+                    header: Header | None = None) -> GGUFCheckpoint:
     """Validate a GGUF file, then map it once (or read it into memory with in_memory) and return
-    each tensor as a read-only view in its own format (nothing is copied)."""
+    each tensor as a read-only view in its own format (nothing is copied). `header`: the file's,
+    when the caller has read it already (read_checked_header)."""
     path = Path(path)
-    header = read_header(path)
+    header = header if header is not None else read_header(path)
     config = model_config(header)
     fmts = tensor_formats(header)
     mm, buf = file_buffer(path, header.file_size, in_memory, progress)

@@ -208,16 +208,19 @@ def file_buffer(path: Path, size: int, in_memory: bool,
     return mm, mm
 
 
-def read_checkpoint(path: str | os.PathLike, in_memory: bool = False, progress: Progress | None = None) -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike, in_memory: bool = False, progress: Progress | None = None,
+                    config: ModelConfig | None = None) -> Checkpoint:
     """Map a checkpoint read-only and return named views of its weights (nothing is copied).
     The mapping uses 2 MB pages where the OS allows (mapping.py), which streams the weights at
     the speed of memory; the file is read (into the page cache) here, reporting
     `progress(bytes read, size)`.
 
     in_memory=True reads the file into anonymous memory instead, which NumPy asks to back with
-    2 MB pages: for platforms where a file cannot be mapped in them, for the memory of a copy."""
+    2 MB pages: for platforms where a file cannot be mapped in them, for the memory of a copy.
+    `config`: read_config(path)'s, when the caller has read it already (the file's size is
+    checked against it again when mapped)."""
     path = Path(path)
-    config = read_config(path)
+    config = config if config is not None else read_config(path)
     mm, buf = file_buffer(path, expected_file_size(config), in_memory, progress)
     offset = header_bytes(config)
     found: dict[str, Any] = {}
@@ -228,7 +231,9 @@ def read_checkpoint(path: str | os.PathLike, in_memory: bool = False, progress: 
             found[entry.name] = view
         else:
             found.setdefault(entry.name, []).append(view)
-    assert offset == len(buf)
+    if offset != len(buf):
+        raise CheckpointError(f"{path}: file size: expected {offset:,} bytes, found {len(buf):,}: it changed "
+                              "since its header was read")
     found.pop("freq_cis_real", None)
     found.pop("freq_cis_imag", None)
     if config.shared_classifier:

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numba
 from numba.extending import overload
 
-from ..numba_cache import cache_enabled
+from ..numba_cache import cache_enabled, load_without_refresh
 
 # off: IEEE semantics, as gcc -O3. reassoc: reassociate and contract into FMAs, which is what lets
 # LLVM vectorise a dot product's reduction (gcc's -funsafe-math-optimizations, near enough).
@@ -139,6 +139,7 @@ def compile_family(fastmath: str, constants: dict[str, Any], parallel: bool = Fa
         threaded = parallel and "prange" in fn.__code__.co_names
         compiled[name] = numba.njit(cache=cache_enabled(inspect.getsourcefile(fn)), fastmath=set(flags) if isinstance(flags, frozenset) else flags,
                                     error_model="numpy", parallel=threaded)(clone)
+        load_without_refresh(compiled[name])  # a warm start loads without Numba's registry refresh
     for name, g in GENERICS.items():
         compiled[name] = _family_generic(g, compiled, tag)
     for namespace in namespaces:  # callees resolve to this family's compiled copies
