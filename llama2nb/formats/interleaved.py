@@ -354,63 +354,66 @@ def tiles_input(out, x, w, xq, xd, xsum, xu, xs, xds, x8, last, stamp, size):
 @kernel
 def linear_q4_0_tiles(out, x, w, stamp):
     """out = x @ W.T for Q4_0 W in tiles.  out (B, d), x (B, n) float32, w: (d, n) Q4_0 tiles"""
-    xq, xd, xsum, xu, xs, xds, x8 = tiles_input(out, x, w.w, w.xq, w.xd, w.xsum, w.xu, w.xs, w.xds, w.x8, w.stamp,
-                                                stamp, TILE_HEADER + 16 * TILE)
-    tiles = w.w.shape[0]
-    for c in prange(row_chunks(x.shape[0], tiles)):
-        t0, t1, pair = chunk_rows(c, x.shape[0], tiles)
-        if VNNI512:
-            vnni_tiles.q4_0_tiles(out, w.w, xq, xd, x8, t0, t1, pair)
-        else:
-            rows_tiles(out, w.w, xq, xd, xsum, t0, t1, pair, True)
+    legacy_tiles(out, x, w, stamp, True)
 
 
 @kernel
 def linear_q8_0_tiles(out, x, w, stamp):
     """out = x @ W.T for Q8_0 W in tiles.  out (B, d), x (B, n) float32, w: (d, n) Q8_0 tiles"""
+    legacy_tiles(out, x, w, stamp, False)
+
+
+@kernel
+def legacy_tiles(out, x, w, stamp, nibbles):
+    """The Q4_0 (nibbles) or Q8_0 tiles' matmul: x quantized per 32 values once per stamp, then
+    the tiles in ranges (blocks.chunk_rows over tiles), by the VNNI intrinsic or the portable loops"""
     xq, xd, xsum, xu, xs, xds, x8 = tiles_input(out, x, w.w, w.xq, w.xd, w.xsum, w.xu, w.xs, w.xds, w.x8, w.stamp,
-                                                stamp, TILE_HEADER + 32 * TILE)
+                                                stamp, TILE_HEADER + TILE * (16 if nibbles else 32))
     tiles = w.w.shape[0]
     for c in prange(row_chunks(x.shape[0], tiles)):
         t0, t1, pair = chunk_rows(c, x.shape[0], tiles)
-        if VNNI512:
-            vnni_tiles.q8_0_tiles(out, w.w, xq, xd, x8, t0, t1, pair)
+        if not VNNI512:
+            rows_tiles(out, w.w, xq, xd, xsum, t0, t1, pair, nibbles)
+        elif nibbles:
+            vnni_tiles.q4_0_tiles(out, w.w, xq, xd, x8, t0, t1, pair)
         else:
-            rows_tiles(out, w.w, xq, xd, xsum, t0, t1, pair, False)
+            vnni_tiles.q8_0_tiles(out, w.w, xq, xd, x8, t0, t1, pair)
 
 
 @kernel
 def linear_q4_k_tiles(out, x, w, stamp):
     """out = x @ W.T for Q4_K W in tiles.  out (B, d), x (B, n) float32, w: (d, n) Q4_K tiles"""
-    B, n = x.shape
-    tiles = w.w.shape[0]
-    if (B < 1 or out.shape[0] != B or n % QK_K or tiles != (out.shape[1] + TILE - 1) // TILE
-            or w.w.shape[1] != n // QK_K * Q4_K_TILE_BYTES or B * n > w.xq.size or out.strides[1] != 4):
-        raise ValueError("linear: out (B, d), x (B, n), the (d, n) tiles and the scratch disagree")
-    xq, xd, xsum, xu = q8_k_quantized(x, w.xq, w.xd, w.xsum, w.xu, w.stamp, stamp)
-    for c in prange(row_chunks(B, tiles)):
-        t0, t1, pair = chunk_rows(c, B, tiles)
-        if VNNI512:
-            vnni_tiles.q4_k_tiles(out, w.w, xq, xd, xsum, t0, t1, pair)
-        else:
-            rows_q4_k_tiles(out, w.w, xq, xd, t0, t1, pair)
+    k_quant_tiles(out, x, w, stamp, False)
 
 
 @kernel
 def linear_q6_k_tiles(out, x, w, stamp):
     """out = x @ W.T for Q6_K W in tiles.  out (B, d), x (B, n) float32, w: (d, n) Q6_K tiles"""
+    k_quant_tiles(out, x, w, stamp, True)
+
+
+@kernel
+def k_quant_tiles(out, x, w, stamp, six):
+    """The Q4_K or Q6_K (six) tiles' matmul: x quantized per 256 values once per stamp, then
+    the tiles in ranges (blocks.chunk_rows over tiles), by the VNNI intrinsic or the portable loops"""
     B, n = x.shape
     tiles = w.w.shape[0]
+    size = Q6_K_TILE_BYTES if six else Q4_K_TILE_BYTES
     if (B < 1 or out.shape[0] != B or n % QK_K or tiles != (out.shape[1] + TILE - 1) // TILE
-            or w.w.shape[1] != n // QK_K * Q6_K_TILE_BYTES or B * n > w.xq.size or out.strides[1] != 4):
+            or w.w.shape[1] != n // QK_K * size or B * n > w.xq.size or out.strides[1] != 4):
         raise ValueError("linear: out (B, d), x (B, n), the (d, n) tiles and the scratch disagree")
     xq, xd, xsum, xu = q8_k_quantized(x, w.xq, w.xd, w.xsum, w.xu, w.stamp, stamp)
     for c in prange(row_chunks(B, tiles)):
         t0, t1, pair = chunk_rows(c, B, tiles)
-        if VNNI512:
+        if not VNNI512:
+            if six:
+                rows_q6_k_tiles(out, w.w, xq, xd, t0, t1, pair)
+            else:
+                rows_q4_k_tiles(out, w.w, xq, xd, t0, t1, pair)
+        elif six:
             vnni_tiles.q6_k_tiles(out, w.w, xq, xd, xsum, t0, t1, pair)
         else:
-            rows_q6_k_tiles(out, w.w, xq, xd, t0, t1, pair)
+            vnni_tiles.q4_k_tiles(out, w.w, xq, xd, xsum, t0, t1, pair)
 
 
 @kernel
