@@ -27,7 +27,7 @@ import numpy as np
 from .config import ModelConfig
 from .files import bytes_per_token, open_model, read_model
 from .files.llama2c import Checkpoint, TransformerWeights, available_memory, require_memory
-from .formats import Format, for_engine, format_of, linear, new_input
+from .formats import Format, for_engine, format_of, linear, new_input, repacked_layout
 from .kernels.common import add, rmsnorm, rope, swiglu
 from .kernels.jit import DEFAULT_FASTMATH, compile_family, fastmath_name, kernel
 from .mapping import Progress, fault_in
@@ -166,22 +166,21 @@ class RunState:
                    scratch={fmt.scratch_key(): fmt.scratch(block, width) for fmt in weight_formats})
 
 
-def engine_weights(weights: TransformerWeights, fastmath: str) -> tuple[TransformerWeights, int]:
+LINEAR_FIELDS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+def engine_weights(weights: TransformerWeights, fastmath: str, memory: int | None = None) -> tuple[TransformerWeights, int]:
     """The weights with every matrix the layers and the classifier multiply by in the form the
     engine multiplies by (formats.for_engine: as mapped, or repacked into new memory), and the
-    bytes repacked. The embedding table stays as it is: it is only read a row at a time."""
-    repacked = 0
-
-    def form(matrix):
-        nonlocal repacked
-        engine = for_engine(matrix, fastmath)
-        if engine is not matrix:
-            repacked += engine.data.nbytes
-        return engine
-
-    fields = {name: [form(m) for m in getattr(weights, name)] for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")}
-    fields["wcls"] = form(weights.wcls)
-    return (replace(weights, **fields), repacked) if repacked else (weights, 0)
+    bytes repacked. The embedding table stays as it is: it is only read a row at a time.
+    Nothing is repacked when the copies would need more than `memory` bytes (None: no bound)."""
+    matrices = [m for name in LINEAR_FIELDS for m in getattr(weights, name)] + [weights.wcls]
+    layouts = [repacked_layout(m, fastmath) for m in matrices]
+    needed = sum(layout.nbytes(m.shape) for m, layout in zip(matrices, layouts) if layout is not None)
+    if not needed or (memory is not None and needed > memory):
+        return weights, 0
+    fields = {name: [for_engine(m, fastmath) for m in getattr(weights, name)] for name in LINEAR_FIELDS}
+    return replace(weights, wcls=for_engine(weights.wcls, fastmath), **fields), needed
 
 
 def kv_cache_detail(c: ModelConfig) -> str:
@@ -217,16 +216,23 @@ class Transformer:
         self.load_seconds = 0.0  # reading the file (load() sets it)
         self.fastmath = fastmath_name(fastmath)
         started = time.perf_counter()
-        self.weights, self.repacked_bytes = engine_weights(checkpoint.weights, self.fastmath) if repack else (
+        available = available_memory()  # what the copies may take, beside the run state
+        room = None if available is None else available - RunState.nbytes(self.config)
+        self.weights, self.repacked_bytes = engine_weights(checkpoint.weights, self.fastmath, room) if repack else (
             checkpoint.weights, 0)
         self.repack_seconds = time.perf_counter() - started
+        self.notes: list[str] = []  # what a user should know about how the model runs
+        w = checkpoint.weights
+        if repack and not self.repacked_bytes and any(
+                repacked_layout(m, self.fastmath) for name in LINEAR_FIELDS for m in (*getattr(w, name), w.wcls)):
+            self.notes.append("not repacked into 16-row tiles: the copies would not fit in the memory available "
+                              "(reading the weights as mapped, slower)")
         if threads < 1:
             raise ValueError(f"threads: expected 1 or more, found {threads}")
         c, w = self.config, self.weights
-        layers = [m for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3") for m in getattr(w, name)]
+        layers = [m for name in LINEAR_FIELDS for m in getattr(w, name)]
         self.weight_formats = {format_of(m) for m in (w.token_embedding_table, w.wcls, *layers)}
         self.bytes_per_token = bytes_per_token(checkpoint)
-        self.notes: list[str] = []  # what a user should know about how the model runs
         self.threads = min(threads, numba.config.NUMBA_NUM_THREADS)
         if self.threads > 1 and self.bytes_per_token < MIN_PARALLEL_BYTES:
             self.notes.append(f"threads: this model reads {self.bytes_per_token / 2**20:.1f} MiB a token, too little "

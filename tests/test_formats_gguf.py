@@ -689,8 +689,8 @@ def test_a_model_of_mixed_formats_runs_as_its_float32_twin(fastmath):
     mixed, twin = mixed_checkpoints()
     model, reference = Transformer(mixed, fastmath=fastmath), Transformer(twin, fastmath=fastmath)
     expected = set(FLOATS + LEGACY + KQUANTS)
-    if formats.Q4_0Tiles().usable(fastmath):  # Q4_0 and Q8_0 repacked at load (the embedding is BF16)
-        expected = expected - {"q4_0", "q8_0_block"} | set(TILES)
+    if formats.Q4_0Tiles().usable(fastmath):  # repacked at load (the embedding is BF16)
+        expected = expected - {REGISTRY[name].source.name for name in TILES} | set(TILES)
     assert {f.name for f in model.weight_formats} == expected
     tokens = [1, 7, 30, 30, 66, 2, 11, 40, 9, 12]
     steps = []
@@ -712,3 +712,17 @@ if __name__ == "__main__":  # the observed errors behind TOLERANCE: python -m te
         if simd.VNNI512:
             cells.append(matmul_error(name, "reassoc", True))
         print(f"| {name} | " + " | ".join(f"{c:.2g}" for c in cells) + " |")
+
+
+@requires(GGUF_DIR)
+def test_no_repack_when_the_copies_would_not_fit(monkeypatch):
+    """The copies are refused before any is made when memory is short: the mapped path, a note."""
+    from llama2nb import forward
+
+    from llama2nb.files import read_config
+
+    state = forward.RunState.nbytes(read_config(GGUF_DIR / "bundled-Q4_0.gguf"))
+    monkeypatch.setattr(forward, "available_memory", lambda: state + 1000)
+    model = forward.Transformer.load(GGUF_DIR / "bundled-Q4_0.gguf")
+    assert model.repacked_bytes == 0 and not {f.name for f in model.weight_formats} & set(TILES)
+    assert any(note.startswith("not repacked") for note in model.notes) or not simd.VNNI512

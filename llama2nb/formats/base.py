@@ -121,14 +121,18 @@ def repacks(source: type[Format]):
     return register_layout
 
 
+def repacked_layout(matrix: Any, fastmath: str) -> Format | None:
+    """The layout for_engine repacks this matrix into (None: it stays as mapped)."""
+    layout = REPACKED.get(type(format_of(matrix)))
+    return layout() if layout is not None and layout().usable(fastmath) else None
+
+
 def for_engine(matrix: Any, fastmath: str) -> Any:
     """The matrix in the form the engine multiplies by: as mapped, or repacked into a faster
     layout of the same bits where its format has one this CPU and fastmath setting use (see
     formats/interleaved.py). A repacked matrix is new memory: the caller counts it."""
-    layout = REPACKED.get(type(format_of(matrix)))
-    if layout is None or not layout().usable(fastmath):
-        return matrix
-    return layout().pack(matrix)
+    layout = repacked_layout(matrix, fastmath)
+    return matrix if layout is None else layout.pack(matrix)
 
 
 def by_ggml_type(type_id: int) -> Format:

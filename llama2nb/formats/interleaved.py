@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import functools
+
 import numba
 import numpy as np
 from numba import prange
@@ -29,6 +31,7 @@ from ..kernels.jit import kernel
 from ..kernels.vnni_tiles import (Q4_K_M, Q4_K_QS, Q4_K_SC, Q4_K_TILE_BYTES, Q6_K_HIGH, Q6_K_LOW, Q6_K_SC,
                                   Q6_K_TILE_BYTES, TILE, TILE_HEADER, tile_block_bytes)
 from ..mapping import anonymous
+from ..numba_cache import cache_enabled
 from .base import register, repacks
 from .blocks import BlockMatrix, QuantizedFormat, chunk_rows, half_float, row_chunks
 from .gguf_kquants import QK_K, KQuantOperand, Q4_K, Q6_K, q8_k_quantized, scales_and_mins
@@ -93,7 +96,7 @@ class _Tiles(QuantizedFormat):
         packed = anonymous(self.nbytes(matrix.shape)).reshape(tiles, blocks, self.tile_bytes)
         source = matrix.data.reshape(rows, blocks, size)
         if self.moves_bytes:
-            gather_tiles(self._extend(source), packed, *self._gather_index(size))
+            compiled_gather()(self._extend(source), packed, *self._gather_index(size))
         else:
             for t in range(tiles):
                 part = np.zeros((TILE, blocks, size), np.uint8)  # the last tile's missing rows: zeros
@@ -306,7 +309,12 @@ class Q4_KTiles(_Q4_KLayout):
     embed_kernel = "embed_q4_k_tiles"
 
 
-@numba.njit(cache=True)
+@functools.cache
+def compiled_gather():
+    """gather_tiles compiled (once a process, cached on disk where numba_cache allows)."""
+    return numba.njit(cache=cache_enabled(__file__))(gather_tiles)
+
+
 def gather_tiles(source, packed, rows_of, offsets, flip):
     """packed[t, k, j] = source[16 t + rows_of[j], k, offsets[j]] ^ flip[j] (0 past the last row),
     in 2-byte units (every layout moves whole fp16 values and pairs or fours of bytes).
