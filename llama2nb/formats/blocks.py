@@ -48,6 +48,7 @@ class BlockMatrix:
     format: "BlockFormat"
     data: np.ndarray
     shape: tuple[int, ...]
+    mapped: np.ndarray | None = None  # a repacked matrix's source blocks, as mapped (interleaved.py)
 
     def dequantize(self) -> np.ndarray:
         return self.format.dequantize(self)

@@ -17,7 +17,7 @@ scratch (gguf_legacy.q8_32_input), so a model mixing tiles and blocks quantizes 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import functools
 
@@ -34,7 +34,7 @@ from ..mapping import anonymous
 from ..numba_cache import cache_enabled
 from .base import register, repacks
 from .blocks import BlockMatrix, QuantizedFormat, chunk_rows, half_float, row_chunks
-from .gguf_kquants import QK_K, KQuantOperand, Q4_K, Q6_K, q8_k_quantized, scales_and_mins
+from .gguf_kquants import QK_K, KQuantOperand, Q4_K, Q6_K, Q6_KOperand, linear_q6_k, q8_k_quantized, scales_and_mins
 from .gguf_legacy import QK, LegacyOperand, Q4_0, Q8_0Block, q8_32_quantized
 
 I32 = np.int32
@@ -103,7 +103,7 @@ class _Tiles(QuantizedFormat):
                 taken = source[t * TILE:(t + 1) * TILE]
                 part[:taken.shape[0]] = taken
                 packed[t] = self._tile(part)
-        return BlockMatrix(self, packed.reshape(tiles, -1), matrix.shape)
+        return BlockMatrix(self, packed.reshape(tiles, -1), matrix.shape, matrix.data)
 
     moves_bytes: ClassVar[bool] = True  # whether the layout is _arrange of _extend, with flip
 
@@ -277,8 +277,17 @@ class _Q6_KLayout(_Tiles):
         return part
 
 
-class Q6_KTilesOperand(KQuantOperand):
-    pass
+class Q6_KTilesOperand(NamedTuple):
+    """KQuantOperand's fields and the source blocks as mapped: generation multiplies by those
+    (the tiles' 6-bit decode costs more than one token's products save)."""
+
+    w: np.ndarray  # (tiles, n / 256 * tile bytes) uint8
+    mapped: np.ndarray  # (rows, n / 256 * 210) uint8: the file's blocks
+    xq: np.ndarray
+    xd: np.ndarray
+    xsum: np.ndarray
+    xu: np.ndarray
+    stamp: np.ndarray
 
 
 @repacks(Q6_K)
@@ -291,6 +300,11 @@ class Q6_KTiles(_Q6_KLayout):
     operand_class = Q6_KTilesOperand
     linear_kernel = "linear_q6_k_tiles"
     embed_kernel = "embed_q6_k_tiles"
+
+    def operand(self, matrix, scratch):
+        if not isinstance(matrix, BlockMatrix) or matrix.format != self or matrix.mapped is None:
+            raise ValueError(f"operand: expected a 2-D {self!r} matrix made by pack, found {matrix!r}")
+        return self.operand_class(matrix.data, matrix.mapped, *scratch)
 
 
 class Q4_KTilesOperand(KQuantOperand):
@@ -396,8 +410,13 @@ def linear_q4_k_tiles(out, x, w, stamp):
 
 @kernel
 def linear_q6_k_tiles(out, x, w, stamp):
-    """out = x @ W.T for Q6_K W in tiles.  out (B, d), x (B, n) float32, w: (d, n) Q6_K tiles"""
-    k_quant_tiles(out, x, w, stamp, True)
+    """out = x @ W.T for Q6_K W in tiles.  out (B, d), x (B, n) float32, w: (d, n) Q6_K tiles;
+    one input (generation) by the mapped blocks' kernel: for one token, the tiles' 6-bit decode
+    costs more than it saves (benchmarks/performance.md)"""
+    if VNNI512 and x.shape[0] == 1:
+        linear_q6_k(out, x, Q6_KOperand(w.mapped, w.xq, w.xd, w.xsum, w.xu, w.stamp), stamp)
+    else:
+        k_quant_tiles(out, x, w, stamp, True)
 
 
 @kernel
