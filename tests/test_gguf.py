@@ -132,8 +132,9 @@ def test_f32_gguf_gives_the_llama2c_files_logits(gguf_name, bin_path):
 
 
 @requires(MODELS)
+@pytest.mark.parametrize("fastmath", ["off", "full"])  # full: the default, VNNI tiles where the CPU has them
 @pytest.mark.parametrize("name", SHARED_FILES)
-def test_shared_file_matches_the_reference_fed_by_the_gguf_package(name):
+def test_shared_file_matches_the_reference_fed_by_the_gguf_package(name, fastmath):
     """Every file against the NumPy oracle on the gguf package's dequantized weights: F32 at the
     oracle's float tolerance. Quantized types' kernels quantize their activations (Q8 per 32
     or per 256, as llama.cpp's do), which the float oracle does not: their bounds, relative to
@@ -142,14 +143,14 @@ def test_shared_file_matches_the_reference_fed_by_the_gguf_package(name):
     random-weight gqa256 model, whose top logits nearly tie, that alone flips some argmaxes)."""
     path = MODELS / f"{name}.gguf"
     skip_unless_supported(path)
-    model = Transformer.load(path, fastmath="off")
+    model = Transformer.load(path, fastmath=fastmath)
     oracle = reference_from_gguf(path)
     tokens = random_tokens(model.config.vocab_size, 64, seed=1)
     ours = logits_over(model, tokens)
     theirs = np.stack([oracle.forward(int(t), pos).copy() for pos, t in enumerate(tokens)])
     diff = np.abs(ours - theirs)
     agree = float(np.mean(ours.argmax(1) == theirs.argmax(1)))
-    print(f"{name}: max abs {diff.max():.3g}, mean abs {diff.mean():.3g}, greedy agreement {agree:.1%}")
+    print(f"{name} ({fastmath}): max abs {diff.max():.3g}, mean abs {diff.mean():.3g}, greedy agreement {agree:.1%}")
     if name.endswith("f32"):
         assert diff.max() <= 5e-4
         assert agree == 1.0
