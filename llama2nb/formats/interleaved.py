@@ -433,10 +433,7 @@ def k_quant_tiles(out, x, w, stamp, six):
     for c in prange(row_chunks(B, tiles)):
         t0, t1, pair = chunk_rows(c, B, tiles)
         if not VNNI512:
-            if six:
-                rows_q6_k_tiles(out, w.w, xq, xd, t0, t1, pair)
-            else:
-                rows_q4_k_tiles(out, w.w, xq, xd, t0, t1, pair)
+            rows_k_tiles(out, w.w, xq, xd, t0, t1, pair, six)
         elif six:
             vnni_tiles.q6_k_tiles(out, w.w, xq, xd, xsum, t0, t1, pair)
         else:
@@ -445,65 +442,25 @@ def k_quant_tiles(out, x, w, stamp, six):
 
 @kernel
 def q6_k_tile_value(tile, s, r, v):
-    """Value v (0..255) of row r in super-block s of a Q6_K tile: (q - 32, d * sc)."""
+    """Value v (0..255) of row r in super-block s of a Q6_K tile: (q - 32, d * sc, 0)."""
     at = s * Q6_K_TILE_BYTES
     g, i = v // 4, v % 4
     low = I32(tile[at + Q6_K_LOW + 64 * (g % 32) + 4 * r + i]) >> I32(4 * (g // 32)) & I32(15)
     high = I32(tile[at + Q6_K_HIGH + 64 * (g % 16) + 4 * r + i]) >> I32(2 * (g // 16)) & I32(3)
-    k = v // 16
-    sc = I32(tile[at + Q6_K_SC + 32 * (k // 2) + 2 * r + k % 2])
-    sc = sc - ((sc & I32(128)) << I32(1))
-    return (low | high << I32(4)) - I32(32), half_float(tile[at + 2 * r], tile[at + 2 * r + 1]) * np.float32(sc)
+    return (low | high << I32(4)) - I32(32), half_float(tile[at + 2 * r], tile[at + 2 * r + 1]) * np.float32(
+        q6_k_scale(tile, s, r, v // 16)), ZERO
 
 
 @kernel
-def rows_q6_k_tiles(out, w, xq, xd, t0, t1, pair):
-    """Q6_K tiles' rows in portable loops (tests): per super-block the exact int32 sum of
-    sc_k * ((q_k - 32) . x_k), then d in float.  out (B, d), w the tiles, xq (B, n) int8,
-    xd (B, n / 256)"""
-    B, d = out.shape
-    supers = w.shape[1] // Q6_K_TILE_BYTES
-    for i in range(t0, t1):
-        for second in range(1 + (pair > 0)):
-            t = i + second * pair
-            tile = w[t]
-            for r in range(min(TILE, d - t * TILE)):
-                for b in range(B):
-                    acc = ZERO
-                    for s in range(supers):
-                        at = s * Q6_K_TILE_BYTES
-                        main = I32(0)
-                        for k in range(16):
-                            dot = I32(0)
-                            for v in range(16 * k, 16 * k + 16):
-                                q, _ = q6_k_tile_value(tile, s, r, v)
-                                dot += q * I32(xq[b, s * QK_K + v])
-                            sc = I32(tile[at + Q6_K_SC + 32 * (k // 2) + 2 * r + k % 2])
-                            main += (sc - ((sc & I32(128)) << I32(1))) * dot
-                        acc += xd[b, s] * (half_float(tile[at + 2 * r], tile[at + 2 * r + 1]) * np.float32(main))
-                    out[b, t * TILE + r] = acc
-
-
-@kernel
-def embed_q6_k_tiles(out, table, tokens):
-    """out[b] = row tokens[b] of a Q6_K tiled table.  out (B, n), table: (rows, n) Q6_K tiles"""
-    w = table.w
-    supers = w.shape[1] // Q6_K_TILE_BYTES
-    if out.shape[0] != tokens.shape[0] or out.shape[1] != supers * QK_K:
-        raise ValueError("embed: out (B, n) does not fit the tokens and the table")
-    for b in range(tokens.shape[0]):
-        if tokens[b] < 0 or tokens[b] >= w.shape[0] * TILE:
-            raise ValueError("embed: a token is outside the table")
-        tile, r = w[tokens[b] // TILE], tokens[b] % TILE
-        for s in range(supers):
-            for v in range(QK_K):
-                q, scale = q6_k_tile_value(tile, s, r, v)
-                out[b, s * QK_K + v] = scale * np.float32(q)
+def q6_k_scale(tile, s, r, k):
+    """Row r's int8 scale of sub-block k (16 values) in super-block s of a Q6_K tile."""
+    sc = I32(tile[s * Q6_K_TILE_BYTES + Q6_K_SC + 32 * (k // 2) + 2 * r + k % 2])
+    return sc - ((sc & I32(128)) << I32(1))
 
 
 @kernel
 def q4_k_tile_value(tile, s, r, v):
-    """Value v (0..255) of row r in super-block s of a Q4_K tile, as float32 (d * sc * q - dmin * m)."""
+    """Value v (0..255) of row r in super-block s of a Q4_K tile: (q, d * sc, dmin * m)."""
     at = s * Q4_K_TILE_BYTES
     c, high, l = v // 64, v % 64 // 32, v % 32
     q = I32(tile[at + Q4_K_QS + 512 * c + 64 * (l // 4) + 4 * r + l % 4]) >> I32(4 * high) & I32(15)
@@ -515,12 +472,48 @@ def q4_k_tile_value(tile, s, r, v):
 
 
 @kernel
-def rows_q4_k_tiles(out, w, xq, xd, t0, t1, pair):
-    """Q4_K tiles' rows in portable loops (tests): per super-block the exact int32 sums of
-    sc_j * (q_j . x_j) and m_j * sum(x_j), then d and dmin in float.  out (B, d), w the
-    tiles, xq (B, n) int8, xd (B, n / 256)"""
+def q4_k_tile_dot(tile, s, r, x):
+    """Row r of super-block s of a Q4_K tile . x (256,) int8, without x's scale: the exact
+    int32 sums of sc_j * (q_j . x_j) and m_j * sum(x_j), then d and dmin in float."""
+    at = s * Q4_K_TILE_BYTES
+    main = I32(0)
+    mins = I32(0)
+    for j in range(8):
+        dot = I32(0)
+        total = I32(0)
+        for v in range(32 * j, 32 * j + 32):
+            q, _, _ = q4_k_tile_value(tile, s, r, v)
+            dot += q * I32(x[v])
+            total += I32(x[v])
+        main += I32(tile[at + Q4_K_SC + 32 * (j // 2) + 2 * r + j % 2]) * dot
+        mins += I32(tile[at + Q4_K_M + 32 * (j // 2) + 2 * r + j % 2]) * total
+    scale = half_float(tile[at + 2 * r], tile[at + 2 * r + 1])
+    dmin = half_float(tile[at + TILE_HEADER + 2 * r], tile[at + TILE_HEADER + 2 * r + 1])
+    return scale * np.float32(main) - dmin * np.float32(mins)
+
+
+@kernel
+def q6_k_tile_dot(tile, s, r, x):
+    """Row r of super-block s of a Q6_K tile . x (256,) int8, without x's scale: the exact
+    int32 sum of sc_k * ((q_k - 32) . x_k), then d in float."""
+    at = s * Q6_K_TILE_BYTES
+    main = I32(0)
+    for k in range(16):
+        dot = I32(0)
+        for v in range(16 * k, 16 * k + 16):
+            q, _, _ = q6_k_tile_value(tile, s, r, v)
+            dot += q * I32(x[v])
+        main += q6_k_scale(tile, s, r, k) * dot
+    return half_float(tile[at + 2 * r], tile[at + 2 * r + 1]) * np.float32(main)
+
+
+@kernel
+def rows_k_tiles(out, w, xq, xd, t0, t1, pair, six):
+    """Q4_K or Q6_K (six) tiles' rows in portable loops (tests): super-block by super-block,
+    q4_k_tile_dot or q6_k_tile_dot times x's scale.  out (B, d), w the tiles, xq (B, n) int8,
+    xd (B, n / 256)"""
     B, d = out.shape
-    supers = w.shape[1] // Q4_K_TILE_BYTES
+    supers = w.shape[1] // (Q6_K_TILE_BYTES if six else Q4_K_TILE_BYTES)
     for i in range(t0, t1):
         for second in range(1 + (pair > 0)):
             t = i + second * pair
@@ -529,29 +522,27 @@ def rows_q4_k_tiles(out, w, xq, xd, t0, t1, pair):
                 for b in range(B):
                     acc = ZERO
                     for s in range(supers):
-                        at = s * Q4_K_TILE_BYTES
-                        main = I32(0)
-                        mins = I32(0)
-                        for j in range(8):
-                            dot = I32(0)
-                            total = I32(0)
-                            for v in range(32 * j, 32 * j + 32):
-                                q, _, _ = q4_k_tile_value(tile, s, r, v)
-                                dot += q * I32(xq[b, s * QK_K + v])
-                                total += I32(xq[b, s * QK_K + v])
-                            main += I32(tile[at + Q4_K_SC + 32 * (j // 2) + 2 * r + j % 2]) * dot
-                            mins += I32(tile[at + Q4_K_M + 32 * (j // 2) + 2 * r + j % 2]) * total
-                        scale = half_float(tile[at + 2 * r], tile[at + 2 * r + 1])
-                        dmin = half_float(tile[at + TILE_HEADER + 2 * r], tile[at + TILE_HEADER + 2 * r + 1])
-                        acc += xd[b, s] * (scale * np.float32(main) - dmin * np.float32(mins))
+                        x = xq[b, s * QK_K:(s + 1) * QK_K]
+                        acc += xd[b, s] * (q6_k_tile_dot(tile, s, r, x) if six else q4_k_tile_dot(tile, s, r, x))
                     out[b, t * TILE + r] = acc
 
 
 @kernel
 def embed_q4_k_tiles(out, table, tokens):
     """out[b] = row tokens[b] of a Q4_K tiled table.  out (B, n), table: (rows, n) Q4_K tiles"""
-    w = table.w
-    supers = w.shape[1] // Q4_K_TILE_BYTES
+    embed_k_tiles(out, table.w, tokens, False)
+
+
+@kernel
+def embed_q6_k_tiles(out, table, tokens):
+    """out[b] = row tokens[b] of a Q6_K tiled table.  out (B, n), table: (rows, n) Q6_K tiles"""
+    embed_k_tiles(out, table.w, tokens, True)
+
+
+@kernel
+def embed_k_tiles(out, w, tokens, six):
+    """out[b] = the values of row tokens[b] of Q4_K or Q6_K (six) tiles: scale * q - offset."""
+    supers = w.shape[1] // (Q6_K_TILE_BYTES if six else Q4_K_TILE_BYTES)
     if out.shape[0] != tokens.shape[0] or out.shape[1] != supers * QK_K:
         raise ValueError("embed: out (B, n) does not fit the tokens and the table")
     for b in range(tokens.shape[0]):
@@ -560,7 +551,7 @@ def embed_q4_k_tiles(out, table, tokens):
         tile, r = w[tokens[b] // TILE], tokens[b] % TILE
         for s in range(supers):
             for v in range(QK_K):
-                q, scale, offset = q4_k_tile_value(tile, s, r, v)
+                q, scale, offset = q6_k_tile_value(tile, s, r, v) if six else q4_k_tile_value(tile, s, r, v)
                 out[b, s * QK_K + v] = scale * np.float32(q) - offset
 
 
