@@ -10,8 +10,9 @@ staying 4-bit): int32 lane r of a vector belongs to row r, so one 64-byte load o
 rows, and its float work (one convert, one multiply by the 16 rows' scales times the input's,
 one add) is shared by 16 rows: the products dominate.
 
-A tile is 16 rows; its blocks follow each other, each TILE_HEADER bytes of the 16 rows' fp16
-scales d and then the values:
+The K-quants' tiles (Q4_K, Q6_K) are laid out and multiplied super-block by super-block: see
+their intrinsics below. A Q4_0 or Q8_0 tile is 16 rows; its blocks follow each other, each
+TILE_HEADER bytes of the 16 rows' fp16 scales d and then the values:
 
     nibbles (Q4_0):  4 x 64 bytes, byte 64 j + 4 r + i = row r's nibble byte 4 j + i
                      (low nibble: value 4 j + i; high nibble: value 16 + 4 j + i)
