@@ -93,25 +93,19 @@ class _Tiles(QuantizedFormat):
         return self.operand_class(matrix.data, *scratch)
 
     def pack(self, matrix: BlockMatrix) -> BlockMatrix:
-        """The source matrix as tiles (the layout: kernels/vnni_tiles.py), in new memory: a
-        layout that only moves bytes (_arrange) in one compiled pass (gather_tiles), any other
-        a tile at a time (_tile). Neither makes a temporary the size of the matrix, save
-        _extend's few bytes a block."""
+        """The source matrix as tiles (the layout: kernels/vnni_tiles.py), in new memory, by a
+        compiled pass (_pack_into) that makes no temporary the size of the matrix (save
+        _extend's few bytes a block)."""
         rows, cols = matrix.shape
         size, blocks, tiles = self.source.block_bytes, cols // self.block_size, -(-rows // TILE)
         packed = anonymous(self.nbytes(matrix.shape)).reshape(tiles, blocks, self.tile_bytes)
-        source = matrix.data.reshape(rows, blocks, size)
-        if self.moves_bytes:
-            compiled_gather()(self._extend(source), packed, *self._gather_index(size))
-        else:
-            for t in range(tiles):
-                part = np.zeros((TILE, blocks, size), np.uint8)  # the last tile's missing rows: zeros
-                taken = source[t * TILE:(t + 1) * TILE]
-                part[:taken.shape[0]] = taken
-                packed[t] = self._tile(part)
+        self._pack_into(matrix.data.reshape(rows, blocks, size), packed)
         return BlockMatrix(self, packed.reshape(tiles, -1), matrix.shape, matrix.data)
 
-    moves_bytes: ClassVar[bool] = True  # whether the layout is _arrange of _extend, with flip
+    def _pack_into(self, source: np.ndarray, packed: np.ndarray) -> None:
+        """packed (tiles, blocks, tile_bytes) from source (rows, blocks, source block bytes): a
+        layout that only moves bytes (_arrange of _extend, with _flip) in one gather pass."""
+        compiled_helper(gather_tiles)(self._extend(source), packed, *self._gather_index(source.shape[2]))
 
     def _extend(self, source: np.ndarray) -> np.ndarray:
         """(rows, blocks, source block bytes) -> (rows, blocks, bytes): what _arrange reads."""
@@ -132,10 +126,6 @@ class _Tiles(QuantizedFormat):
         extended = self._extend(np.zeros((1, 1, size), np.uint8)).shape[2]
         origin = self._arrange(np.arange(TILE * extended, dtype=np.int64).reshape(TILE, 1, extended)).reshape(-1)
         return origin // extended, origin % extended, self._flip()
-
-    def _tile(self, part: np.ndarray) -> np.ndarray:
-        """(16 rows, blocks, source block bytes) -> (blocks, tile_bytes)"""
-        return self._arrange(self._extend(part)) ^ self._flip()
 
     def unpack(self, matrix: BlockMatrix) -> BlockMatrix:
         """pack's inverse: the source format's matrix, bit for bit."""
@@ -254,17 +244,9 @@ class _Q6_KLayout(_Tiles):
 
     block_size = QK_K
     tile_bytes = Q6_K_TILE_BYTES
-    moves_bytes = False  # its 6-bit values are split into other bit fields
 
-    def _tile(self, part):
-        blocks = part.shape[1]
-        q = Q6_K().values(part.reshape(-1, 210)).reshape(TILE, blocks, 64, 4)  # (rows, blocks, quads, 4)
-        q = q.transpose(1, 2, 0, 3)  # (blocks, quads, rows, 4)
-        low = (q[:, :32] & 15) | ((q[:, 32:] & 15) << 4)
-        high = sum((q[:, 16 * k:16 * k + 16] >> 4) << (2 * k) for k in range(4))
-        scales = part[:, :, 192:208].reshape(TILE, blocks, 8, 2).transpose(1, 2, 0, 3)
-        d = part[:, :, 208:210].transpose(1, 0, 2)
-        return np.concatenate([x.reshape(blocks, -1).astype(np.uint8) for x in (d, scales, low, high)], axis=1)
+    def _pack_into(self, source, packed):
+        compiled_helper(pack_q6_k_tiles)(source, packed)
 
     def _untile(self, tile):
         blocks = tile.shape[0]
@@ -330,9 +312,38 @@ class Q4_KTiles(_Q4_KLayout):
 
 
 @functools.cache
-def compiled_gather():
-    """gather_tiles compiled (once a process, cached on disk where numba_cache allows)."""
-    return numba.njit(cache=cache_enabled(__file__))(gather_tiles)
+def compiled_helper(function):
+    """A packing function compiled (once a process, cached on disk where numba_cache allows)."""
+    return numba.njit(cache=cache_enabled(__file__))(function)
+
+
+def pack_q6_k_tiles(source, packed):
+    """_Q6_KLayout's tiles from Q6_K blocks (kernels/vnni_tiles.py gives the layout; rows past
+    the last: zeros).  source (rows, blocks, 210) uint8, packed (tiles, blocks, Q6_K_TILE_BYTES)"""
+    rows, blocks = source.shape[0], source.shape[1]
+    q = np.empty(QK_K, np.int32)
+    for t in range(packed.shape[0]):
+        for k in range(blocks):
+            out = packed[t, k]
+            out[:] = 0
+            for r in range(min(TILE, rows - TILE * t)):
+                src = source[TILE * t + r, k]
+                for h in range(2):  # llama.cpp's order (gguf_kquants.Q6_K.values)
+                    for l in range(32):
+                        low, low2, high = np.int32(src[64 * h + l]), np.int32(src[64 * h + 32 + l]), np.int32(src[128 + 32 * h + l])
+                        q[128 * h + l] = (low & 15) | (high & 3) << 4
+                        q[128 * h + l + 32] = (low2 & 15) | (high >> 2 & 3) << 4
+                        q[128 * h + l + 64] = (low >> 4) | (high >> 4 & 3) << 4
+                        q[128 * h + l + 96] = (low2 >> 4) | (high >> 6 & 3) << 4
+                out[2 * r], out[2 * r + 1] = src[208], src[209]
+                for e in range(16):
+                    out[Q6_K_SC + 32 * (e // 2) + 2 * r + e % 2] = src[192 + e]
+                for i in range(4):
+                    for g in range(32):
+                        out[Q6_K_LOW + 64 * g + 4 * r + i] = (q[4 * g + i] & 15) | (q[4 * (g + 32) + i] & 15) << 4
+                    for b in range(16):
+                        out[Q6_K_HIGH + 64 * b + 4 * r + i] = ((q[4 * b + i] >> 4) | (q[4 * (b + 16) + i] >> 4) << 2
+                                                               | (q[4 * (b + 32) + i] >> 4) << 4 | (q[4 * (b + 48) + i] >> 4) << 6)
 
 
 def gather_tiles(source, packed, rows_of, offsets, flip):
