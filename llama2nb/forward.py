@@ -172,13 +172,13 @@ LINEAR_FIELDS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 def engine_weights(weights: TransformerWeights, fastmath: str, memory: int | None = None) -> tuple[TransformerWeights, int]:
     """The weights with every matrix the layers and the classifier multiply by in the form the
     engine multiplies by (formats.for_engine: as mapped, or repacked into new memory), and the
-    bytes repacked. The embedding table stays as it is: it is only read a row at a time.
-    Nothing is repacked when the copies would need more than `memory` bytes (None: no bound)."""
+    bytes the repacked copies take (0: none to make). The embedding table stays as it is: it is
+    only read a row at a time. Nothing is repacked when the copies would need more than `memory`
+    bytes (None: no bound): the weights come back unchanged, with the bytes they would take."""
     matrices = [m for name in LINEAR_FIELDS for m in getattr(weights, name)] + [weights.wcls]
-    layouts = [repacked_layout(m, fastmath) for m in matrices]
-    needed = sum(layout.nbytes(m.shape) for m, layout in zip(matrices, layouts) if layout is not None)
+    needed = sum(layout.nbytes(m.shape) for m in matrices if (layout := repacked_layout(m, fastmath)) is not None)
     if not needed or (memory is not None and needed > memory):
-        return weights, 0
+        return weights, needed
     fields = {name: [for_engine(m, fastmath) for m in getattr(weights, name)] for name in LINEAR_FIELDS}
     return replace(weights, wcls=for_engine(weights.wcls, fastmath), **fields), needed
 
@@ -215,20 +215,21 @@ class Transformer:
         self.config = capped(checkpoint.config, ctx)
         self.load_seconds = 0.0  # reading the file (load() sets it)
         self.fastmath = fastmath_name(fastmath)
-        started = time.perf_counter()
-        available = available_memory()  # what the copies may take, beside the run state
-        room = None if available is None else available - RunState.nbytes(self.config)
-        self.weights, self.repacked_bytes = engine_weights(checkpoint.weights, self.fastmath, room) if repack else (
-            checkpoint.weights, 0)
-        self.repack_seconds = time.perf_counter() - started
-        self.notes: list[str] = []  # what a user should know about how the model runs
-        w = checkpoint.weights
-        if repack and not self.repacked_bytes and any(
-                repacked_layout(m, self.fastmath) for name in LINEAR_FIELDS for m in (*getattr(w, name), w.wcls)):
-            self.notes.append("not repacked into 16-row tiles: the copies would not fit in the memory available "
-                              "(reading the weights as mapped, slower)")
         if threads < 1:
             raise ValueError(f"threads: expected 1 or more, found {threads}")
+        self.notes: list[str] = []  # what a user should know about how the model runs
+        self.weights, self.repacked_bytes, self.repack_seconds = checkpoint.weights, 0, 0.0
+        if repack:
+            started = time.perf_counter()
+            available = available_memory()  # what the copies may take, beside the run state
+            room = None if available is None else available - RunState.nbytes(self.config)
+            self.weights, needed = engine_weights(checkpoint.weights, self.fastmath, room)
+            self.repack_seconds = time.perf_counter() - started
+            if self.weights is not checkpoint.weights:
+                self.repacked_bytes = needed
+            elif needed:
+                self.notes.append("not repacked into 16-row tiles: the copies would not fit in the memory available "
+                                  "(reading the weights as mapped, slower)")
         c, w = self.config, self.weights
         layers = [m for name in LINEAR_FIELDS for m in getattr(w, name)]
         self.weight_formats = {format_of(m) for m in (w.token_embedding_table, w.wcls, *layers)}
