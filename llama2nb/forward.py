@@ -93,7 +93,7 @@ def compiled(fastmath: str = DEFAULT_FASTMATH, weight_formats: frozenset[Format]
             if constants.setdefault(name, value) != value:
                 raise ValueError(f"weight formats: {sorted(map(repr, weight_formats))} need different {name}")
     if not vnni:  # every format's SIMD paths off
-        constants.update(VNNI=False, VNNI512=False, F16C=False)
+        constants.update(VNNI=False, VNNI512=False, F16C=False, F32_GEMM=False)
     return compile_family(fastmath, constants, parallel=parallel)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from llama2nb.forward import compiled, rope_tables
-from llama2nb.formats import Q8_0
+from llama2nb.formats import F32, Q8_0
 from llama2nb.kernels import simd
 from llama2nb.kernels.jit import FASTMATH
 
@@ -148,17 +148,26 @@ def test_add_is_exact(fastmath):
 
 
 def matmul_f32_error(fastmath):
-    """Every tail of the blocking: B = 1 takes rows from both halves of w in turn, B > 1 blocks
-    2 rows x 4 tokens, so odd sizes reach every remainder loop."""
+    """Every tail of the blocking: B = 1 takes rows from quarters of w; a few tokens go 4 rows x
+    4 tokens at a time; with fastmath on AVX-512, 8 tokens or more go through kernels/gemm.py's
+    panels (32 rows, 256 columns a copy, 12 tokens then 4 then 1 a pass): odd sizes reach every
+    remainder, a partial panel and a partial column chunk."""
     rng = np.random.default_rng(8)
+    kernels = compiled(fastmath, frozenset({F32()}))
     worst = 0.0
-    for B in (1, 3, 4, 9):
-        for d in (1, 2, 7, 64):
-            x, w = rand(rng, B, 37), rand(rng, d, 37)
+    for B, n in ((1, 37), (3, 37), (4, 37), (9, 37), (29, 37), (17, 300), (12, 513)):
+        for d in (1, 2, 7, 64, 71):
+            x, w = rand(rng, B, n), rand(rng, d, n)
             out = np.full((B, d), np.nan, np.float32)
-            family(fastmath).linear_f32(out, x, w, 0)
+            kernels.linear_f32(out, x, w, 0)
             worst = max(worst, rel_err(out, naive.matmul(x, w)))
     return worst
+
+
+def test_prompts_use_the_avx512_panels_with_fastmath_where_the_cpu_has_them():
+    assert F32().constants("full")["F32_GEMM"] == simd.AVX512
+    assert not F32().constants("off")["F32_GEMM"]
+    assert not compiled("full", frozenset({F32()}), vnni=False).matmul.py_func.__globals__["F32_GEMM"]
 
 
 @pytest.mark.parametrize("fastmath", SETTINGS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
+from ..kernels import gemm, simd
 from ..kernels.common import ZERO, block4x4, dot
 from ..kernels.jit import kernel
 from .base import Format, register
@@ -42,7 +43,12 @@ class F32(Format):
     def operand(self, matrix, scratch):
         return matrix
 
+    def constants(self, fastmath):
+        return {"F32_GEMM": simd.AVX512 and fastmath != "off"}
+
     def kernel_description(self, fastmath="full"):
+        if self.constants(fastmath)["F32_GEMM"]:
+            return "float32 multiply-adds, vectorised; prompts in AVX-512 panels (with fastmath)"
         return "float32 multiply-adds, vectorised with fastmath"
 
 
@@ -64,6 +70,8 @@ def embed_f32(out, table, tokens):
 # Columns per pass of the block matmul: 4 weight rows and 4 tokens of this many floats (32 KB)
 # stay in L1 while 16 accumulators sum over them.
 N_CHUNK = 1024
+F32_GEMM = False  # a compile-time constant (F32.constants): blocks of tokens by kernels/gemm.py
+GEMM_TOKENS = 8  # the fewest tokens worth copying panels for
 
 
 @kernel
@@ -78,6 +86,10 @@ def matmul(out, x, w):
     d = w.shape[0]
     if B == 1:
         matvec(out[0], x[0], w)
+        return
+    if F32_GEMM and B >= GEMM_TOKENS and out.strides[1] == 4 and x.strides[1] == 4 and w.strides[1] == 4:
+        for p in prange((d + gemm.PANEL_ROWS - 1) // gemm.PANEL_ROWS):
+            gemm.f32_panels(out, x, w, p * gemm.PANEL_ROWS, min(d, (p + 1) * gemm.PANEL_ROWS))
         return
     full_b = B - B % 4
     for quad in prange(d // 4):

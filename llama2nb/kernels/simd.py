@@ -50,6 +50,7 @@ VNNI = target_has_vnni()
 # AVX-512 with VNNI on 512-bit registers, and BMI2's pdep (the GGUF block kernels' fast paths,
 # kernels/vnni_gguf.py)
 VNNI512 = {"avx512f", "avx512bw", "avx512vl", "avx512vnni", "bmi2"} <= target_features()
+AVX512 = "avx512f" in target_features()  # 16 float lanes, masked loads and stores (kernels/gemm.py)
 
 
 def vnni_chunk(group_size: int) -> int:

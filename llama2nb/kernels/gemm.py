@@ -1,0 +1,136 @@
+"""The float32 matrix product of a block of tokens (prefill) in AVX-512, in LLVM IR (a Numba intrinsic).
+
+Why: formats/f32.py's Numba loops multiply 4 tokens by 4 weight rows as 16 dot products, each
+ending in a horizontal sum, and read 8 vectors per 16 multiply-adds; they reach about half the
+core's FMA peak. This is the register-blocked form BLAS kernels use. A panel of 32 weight rows
+is copied, PANEL_K columns at a time, into a buffer on the stack transposed (panel[k] = the 32
+rows' column k, two vectors), and then every group of TOKENS tokens runs over it:
+
+    acc[t] (2 vectors: out[b + t, i .. i + 31]) += x[b + t, k] (one broadcast) * panel[k]
+
+24 accumulators, two loads and 12 broadcasts (memory operands of the FMAs) per 24 FMAs, no
+horizontal sums, and the outputs are stored as they lie. The copy is one pass over the weights
+per block of tokens, shared by every token of the block. Each output is one running sum over
+k in order, with fused multiply-adds: only kernels compiled with fastmath use this (F32_GEMM).
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+
+from .vnni_gguf import _F32, _I32, _I64, _IR, _Arrays, _is_array, _named, _vec
+
+PANEL_ROWS = 32  # weight rows a panel: two 16-lane vectors
+PANEL_K = 256  # columns a panel holds: 32 KB, in L1 beside the tokens' 12 KB
+TOKENS = 12  # tokens a pass over a panel (2 x 12 accumulators of the 32 vector registers)
+
+
+def _gemm_intrinsic():
+    """f32_panels(out, x, w, i0, i1): out[b, i] = x[b] . w[i] for every token b and the rows
+    i0 <= i < i1, in panels of PANEL_ROWS rows.  out (B, d), x (B, n), w (d, n) float32, each
+    with unit column stride (the caller checks it and the shapes)."""
+
+    def typer(typingctx, out, x, w, i0, i1):
+        if not all(_is_array(a, types.float32, 2, contiguous=False) for a in (out, x, w)):
+            return None
+        if not all(isinstance(t, types.Integer) for t in (i0, i1)):
+            return None
+        return types.void(out, x, w, i0, i1), codegen
+
+    def codegen(context, builder, signature, args):
+        v, b = _IR(builder), builder
+        arrays = _Arrays(context, builder, signature.args[:3], args[:3])
+        i0, i1 = (context.cast(builder, a, t, types.int64) for a, t in zip(args[3:], signature.args[3:]))
+        tokens, n = arrays.shape(1, 0), arrays.shape(1, 1)
+        panel = cgutils.alloca_once(b, ir.ArrayType(_F32, PANEL_K * PANEL_ROWS))
+        panel.align = 64
+        panel = b.bitcast(panel, _F32.as_pointer())
+        lanes = [v.const(_I32, range(16)), v.const(_I32, range(16, 32))]
+
+        def ceil_div(a, c):
+            return b.sdiv(b.add(a, _I64(c - 1)), _I64(c))
+
+        with cgutils.for_range(b, ceil_div(b.sub(i1, i0), PANEL_ROWS)) as blocks:
+            i = b.add(i0, b.mul(blocks.index, _I64(PANEL_ROWS)))
+            rows = b.sub(i1, i)
+            rows = b.select(b.icmp_signed("<", rows, _I64(PANEL_ROWS)), rows, _I64(PANEL_ROWS))
+            rows32 = v.splat(b.trunc(rows, _I32), 16)
+            masks = [b.icmp_signed("<", lane, rows32) for lane in lanes]
+            with cgutils.for_range(b, ceil_div(n, PANEL_K)) as chunks:
+                k0 = b.mul(chunks.index, _I64(PANEL_K))
+                width = b.sub(n, k0)
+                width = b.select(b.icmp_signed("<", width, _I64(PANEL_K)), width, _I64(PANEL_K))
+                _pack(b, arrays, panel, i, rows, k0, width)
+                first = b.icmp_signed("==", chunks.index, _I64(0))
+
+                def emit(T, start):
+                    _pass(b, v, arrays, panel, masks, i, k0, width, first, T, start)
+
+                _each_group(b, tokens, emit)
+        return context.get_dummy_value()
+
+    return typer
+
+
+def _pack(b, arrays, panel, i, rows, k0, width):
+    """panel[k * 32 + r] = w[i + r, k0 + k] for r < rows, 0 for the rows past the matrix."""
+    with cgutils.for_range(b, _I64(PANEL_ROWS)) as r:
+        inside = b.icmp_signed("<", r.index, rows)
+        with b.if_else(inside) as (copy, zero):
+            with copy:
+                row = b.bitcast(arrays.row_pointer(2, b.add(i, r.index)), _F32.as_pointer())
+                with cgutils.for_range(b, width) as k:
+                    value = b.load(b.gep(row, [b.add(k0, k.index)]))
+                    b.store(value, b.gep(panel, [b.add(b.mul(k.index, _I64(PANEL_ROWS)), r.index)]))
+            with zero:
+                with cgutils.for_range(b, width) as k:
+                    b.store(ir.Constant(_F32, 0.0), b.gep(panel, [b.add(b.mul(k.index, _I64(PANEL_ROWS)), r.index)]))
+
+
+def _each_group(b, tokens, emit):
+    """emit(T, first token) over every token: TOKENS at a time, then 4, then one at a time."""
+    done = _I64(0)
+    for T in (TOKENS, 4, 1):
+        groups = b.sdiv(b.sub(tokens, done), _I64(T))
+        start = done
+        with cgutils.for_range(b, groups) as g:
+            emit(T, b.add(start, b.mul(g.index, _I64(T))))
+        done = b.add(done, b.mul(groups, _I64(T)))
+
+
+def _pass(b, v, arrays, panel, masks, i, k0, width, first, T, start):
+    """out[start + t, i .. i + 31] (+)= x[start + t, k0 .. k0 + width) . the panel, t < T."""
+    f16 = _vec(_F32, 16)
+    outs = [[b.bitcast(arrays.out_pointer(b.add(start, _I64(t)), b.add(i, _I64(16 * h))), f16.as_pointer())
+             for h in range(2)] for t in range(T)]
+    xs = [b.bitcast(arrays.row_pointer(1, b.add(start, _I64(t))), _F32.as_pointer()) for t in range(T)]
+    zero = ir.Constant(f16, None)
+    accs = []
+    for t in range(T):
+        for h in range(2):
+            acc = cgutils.alloca_once_value(b, zero)
+            with b.if_then(b.not_(first)):
+                b.store(_masked_load(v, outs[t][h], masks[h]), acc)
+            accs.append(acc)
+    with cgutils.for_range(b, width) as k:
+        at = b.gep(panel, [b.mul(k.index, _I64(PANEL_ROWS))])
+        p = [b.load(b.bitcast(b.gep(at, [_I64(16 * h)]), f16.as_pointer()), align=64) for h in range(2)]
+        column = b.add(k0, k.index)
+        for t in range(T):
+            xv = v.splat(b.load(b.gep(xs[t], [column])), 16)
+            for h in range(2):
+                acc = accs[2 * t + h]
+                b.store(v.call("llvm.fma.v16f32", f16, xv, p[h], b.load(acc)), acc)
+    for t in range(T):
+        for h in range(2):
+            v.call("llvm.masked.store.v16f32.p0", ir.VoidType(), b.load(accs[2 * t + h]), outs[t][h], _I32(4), masks[h])
+
+
+def _masked_load(v, pointer, mask):
+    f16 = _vec(_F32, 16)
+    return v.call("llvm.masked.load.v16f32.p0", f16, pointer, _I32(4), mask, ir.Constant(f16, None))
+
+
+f32_panels = _named(_gemm_intrinsic(), "f32_panels")
