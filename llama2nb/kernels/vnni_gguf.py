@@ -48,6 +48,7 @@ from numba.extending import intrinsic
 from .simd import VNNI512
 
 TOKENS = 8  # tokens per decoded piece of a row (formats/blocks.TOKENS)
+KQ_AHEAD = 4096  # bytes ahead that one token's pass over K-quant rows prefetches (benchmarks/performance.md)
 
 _I1, _I8, _I16, _I32, _I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _F32, _F16 = ir.FloatType(), ir.HalfType()
@@ -104,6 +105,10 @@ class _IR:
     def half(self, base, offset):
         """The fp16 at byte offset of base, as float."""
         return self.b.fpext(self.b.bitcast(self.load(base, offset, _I16), _F16), _F32)
+
+    def prefetch(self, base, offset):
+        """A hint to bring the cache line at byte base + offset in (never faults)."""
+        self.call("llvm.prefetch.p0", ir.VoidType(), self.at(base, offset), _I32(0), _I32(3), _I32(1))
 
     def dpbusd(self, acc, unsigned, signed):
         """acc + the sums of 4 products unsigned byte x signed byte, per int32 lane."""
@@ -504,6 +509,9 @@ def _kquant_intrinsic(fmt: KQuant):
             with cgutils.for_range(builder, supers) as loop:
                 s = loop.index
                 sb = v.at(row, builder.mul(s, _I64(fmt.size)))
+                if T == 1:  # one token streams the rows from DRAM: ask for them ahead
+                    for line in range(0, fmt.size, 64):
+                        v.prefetch(sb, KQ_AHEAD + line)
                 weights, scales, starts, mins, d, dmin = _kquant_pieces(v, fmt, sb)
                 for t, (x, xd, sums) in enumerate(tokens):
                     chains = [ir.Constant(int_lanes, None)] * 2  # two chains of vpdpwssd: latency

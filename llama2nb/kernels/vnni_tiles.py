@@ -110,6 +110,7 @@ q8_0_tiles = _named(_tiles_intrinsic(False), "q8_0_tiles")
 Q4_K_TOKENS = 4  # inputs a pass: each holds 4 int32 accumulators besides its float one
 Q4_K_SC, Q4_K_M, Q4_K_QS = 64, 192, 320  # byte offsets in a tile's super-block
 Q4_K_TILE_BYTES = 320 + 16 * 128
+Q4_K_AHEAD = 2  # super-blocks ahead that one token's pass prefetches (benchmarks/performance.md)
 
 
 def _q4_k_tiles_intrinsic():
@@ -143,6 +144,9 @@ def _q4_k_tiles_intrinsic():
             with cgutils.for_range(b, supers) as loop:
                 s = loop.index
                 base = v.at(tile, b.mul(s, _I64(Q4_K_TILE_BYTES)))
+                if T == 1:  # one token streams the tiles from DRAM: ask for them ahead
+                    for line in range(0, Q4_K_TILE_BYTES, 64):
+                        v.prefetch(base, Q4_K_AHEAD * Q4_K_TILE_BYTES + line)
                 d = b.fpext(v.load(base, 0, _vec(_F16, TILE)), f16)
                 dmin = b.fpext(v.load(base, 32, _vec(_F16, TILE)), f16)
                 x_at = b.mul(s, _I64(256))
