@@ -772,7 +772,8 @@ def _memory_rows(file_size: int, c, ctx: int | None) -> list[tuple[str, str]]:
 @main.command()
 @click.option("--models", "shapes", default="15M,42M,110M", show_default=True,
               help="Comma-separated model shapes to measure (random weights): stories 15M, 42M, 110M, and "
-                   "7B (Llama 2 7B's shape, Q8_0 and Q4_0 only, tg31/pp64; writes ~18 GB of files once).")
+                   "7B (Llama 2 7B's shape: Q8_0, Q4_0, and Q4_K_M when --gguf has it and llama.cpp's "
+                   "quantizer is installed; tg31/pp64; writes 18-22 GB of files once).")
 @click.option("--runs", default=3, show_default=True, type=click.IntRange(1, 50), help="Runs per measurement.")
 @click.option("--runc", type=click.Path(exists=True, dir_okay=False), help="A built llama2.c run binary to compare.")
 @click.option("--gguf", "gguf_types", default="Q4_0,Q4_K_M", show_default=True,

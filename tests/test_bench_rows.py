@@ -182,6 +182,20 @@ def test_7b_q4_0_comes_from_llama_cpp_s_quantizer_by_requantizing_the_q8_0_file(
     files = models.ensure_models(stand_in, ["7B"], lambda message: None)
     assert calls == [("llama2-7B-random-Q8_0-llama2nb.gguf", models.GGUF_TYPES["Q4_0"][0], True)]
     assert files.written_by[files.gguf["7B"]["Q4_0"]] == "llama.cpp's quantizer, from the Q8_0 file"
+    # Q4_K_M only when asked for: requantized from the Q8_0 file the same way
+    files = models.ensure_models(stand_in, ["7B"], lambda message: None, gguf_types=("Q4_0", "Q4_K_M"))
+    assert calls[1:] == [("llama2-7B-random-Q8_0-llama2nb.gguf", models.GGUF_TYPES["Q4_K_M"][0], True)]
+    assert files.written_by[files.gguf["7B"]["Q4_K_M"]] == "llama.cpp's quantizer, from the Q8_0 file"
+    labels = [r.label for r in build_rows(files, ["7B"], 1, None, None, 1) if r.section == "gguf"]
+    assert labels[-1] == "Llama 2 7B shape, Q4_K_M GGUF (llama.cpp's quantizer, from the Q8_0 file)"
+
+
+def test_7b_q4_k_m_is_left_out_with_a_line_without_llama_cpp(stand_in, monkeypatch):
+    monkeypatch.setattr(llamacpp, "available", lambda: None)
+    said = []
+    files = models.ensure_models(stand_in, ["7B"], said.append, gguf_types=("Q4_K_M",))
+    assert set(files.gguf["7B"]) == {"Q8_0", "Q4_0"}
+    assert said[-1] == "Llama 2 7B shape Q4_K_M: no quantizer for it here (pip install llama-cpp-python): left out"
 
 
 def test_a_7b_row_gets_its_dram_roof_at_its_own_length(stand_in, monkeypatch):

@@ -32,7 +32,7 @@ def run_benchmark(shapes: list[str], runs: int = 3, cache_dir: Path | None = Non
     their GGUF copies in gguf_types, beside llama.cpp with `llamacpp`; the first stories shape's
     Q8_0 and Q4_0 on the portable path with `portable`), save the report into out_dir, return it."""
     cache_dir = cache_dir or default_cache_dir()
-    files = ensure_models(cache_dir, shapes, log)
+    files = ensure_models(cache_dir, shapes, log, gguf_types)
     if gguf_types:
         ensure_gguf(cache_dir, files, shapes, list(gguf_types), log)
     if portable and portable_shape(shapes):  # the files the portable rows run on

@@ -16,8 +16,10 @@ fp32 file (27 GB) would not fit in memory, nor would an F32 or F16 GGUF fit the 
 budget beside its quantized copies. Its files are streamed from the same seeded random source,
 tensor by tensor (testmodels.RandomSource): a v2 Q8_0 checkpoint and a Q8_0 GGUF by llama2nb's
 writers, and a Q4_0 GGUF by llama.cpp's quantizer from that Q8_0 file (requantized: timing does
-not depend on the values; the type mix is llama.cpp's), else by llama2nb's writer. Their rows'
-labels name the writer (ModelFiles.written_by).
+not depend on the values; the type mix is llama.cpp's), else by llama2nb's writer; when Q4_K_M is
+among the GGUF types asked for, a Q4_K_M GGUF by llama.cpp's quantizer the same way (llama2nb
+writes no K-quants: without llama.cpp it is left out, with a line saying so). Their rows' labels
+name the writer (ModelFiles.written_by).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ SHAPES = {  # llama2.c's published models (Llama 2 vocabulary)
     "7B": ModelConfig(dim=4096, hidden_dim=11008, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000,
                       seq_len=2048),
 }
-QUANTIZED_ONLY = frozenset({"7B"})  # shapes written and measured as Q8_0 and Q4_0 only (the docstring)
+QUANTIZED_ONLY = frozenset({"7B"})  # shapes written and measured as Q8_0, Q4_0 (and Q4_K_M) only (the docstring)
 BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints" / "model.bin"
 
 
@@ -76,9 +78,9 @@ def file_bytes_per_token(path: Path) -> int:
     return bytes_per_token(read_model(path))
 
 
-def ensure_models(cache_dir: Path, shapes: list[str], log=print) -> ModelFiles:
+def ensure_models(cache_dir: Path, shapes: list[str], log=print, gguf_types=()) -> ModelFiles:
     """Random-weight v0 and v2 checkpoints of each shape (v2 and its GGUF copies only for a
-    quantized-only shape), written once into cache_dir."""
+    quantized-only shape, Q4_K_M too if in gguf_types), written once into cache_dir."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     fp32, q8 = {}, {}
     vocab_size = max(SHAPES[name].vocab_size for name in shapes)
@@ -88,7 +90,7 @@ def ensure_models(cache_dir: Path, shapes: list[str], log=print) -> ModelFiles:
     files = ModelFiles(fp32, q8, tokenizer, BUNDLED if BUNDLED.exists() else None)
     for name in shapes:
         if name in QUANTIZED_ONLY:
-            ensure_quantized_only(cache_dir, files, name, log)
+            ensure_quantized_only(cache_dir, files, name, log, k_quants="Q4_K_M" in gguf_types)
             continue
         fp32[name] = cache_dir / f"stories{name}-random.bin"
         q8[name] = cache_dir / f"stories{name}-random-q8.bin"
@@ -98,8 +100,9 @@ def ensure_models(cache_dir: Path, shapes: list[str], log=print) -> ModelFiles:
     return files
 
 
-def ensure_quantized_only(cache_dir: Path, files: ModelFiles, name: str, log=print) -> None:
-    """A quantized-only shape's files (the module docstring), streamed once into cache_dir."""
+def ensure_quantized_only(cache_dir: Path, files: ModelFiles, name: str, log=print, k_quants: bool = False) -> None:
+    """A quantized-only shape's files (the module docstring), streamed once into cache_dir; with
+    k_quants, its Q4_K_M file too where llama.cpp's quantizer is installed."""
     from . import llamacpp
 
     config, stem = SHAPES[name], cache_dir / f"llama2-{name}-random"
@@ -124,6 +127,17 @@ def ensure_quantized_only(cache_dir: Path, files: ModelFiles, name: str, log=pri
     files.written_by[q8_gguf] = "llama2nb's writer"
     files.written_by[q4_gguf] = ("llama.cpp's quantizer, from the Q8_0 file" if quantizer == "llama.cpp"
                                  else "llama2nb's writer")
+    if not k_quants:
+        return
+    if quantizer != "llama.cpp":
+        log(f"Llama 2 {name} shape Q4_K_M: no quantizer for it here (pip install llama-cpp-python): left out")
+        return
+    k_gguf = Path(f"{stem}-Q4_K_M-llama.cpp.gguf")
+    if not k_gguf.exists():
+        log(f"writing a Llama 2 {name}-shape Q4_K_M GGUF with llama.cpp's quantizer into {cache_dir} (once, minutes)")
+        llamacpp.quantize(q8_gguf, k_gguf, GGUF_TYPES["Q4_K_M"][0], requantize=True)
+    files.gguf[name]["Q4_K_M"] = k_gguf
+    files.written_by[k_gguf] = "llama.cpp's quantizer, from the Q8_0 file"
 
 
 def write_gguf_from(source: RandomSource, out: Path, type_: str, tokenizer: Path) -> None:
