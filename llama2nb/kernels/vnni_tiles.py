@@ -105,84 +105,46 @@ q8_0_tiles = _named(_tiles_intrinsic(False), "q8_0_tiles")
 
 
 # ----------------------------------------------------------------------------------------------
-# Q4_K in tiles: super-blocks of 256 values, 8 sub-blocks of 32 with 6-bit scales and mins
+# The K-quants in tiles: super-blocks of 256 values
 
-Q4_K_TOKENS = 4  # inputs a pass: each holds 4 int32 accumulators besides its float one
+K_TOKENS = 4  # inputs a pass: each holds a few int32 accumulators besides its float one
+
+# Q4_K: 8 sub-blocks of 32 with 6-bit scales and mins
+
 Q4_K_SC, Q4_K_M, Q4_K_QS = 64, 192, 320  # byte offsets in a tile's super-block
 Q4_K_TILE_BYTES = 320 + 16 * 128
 Q4_K_AHEAD = 2  # super-blocks ahead that one token's pass prefetches (benchmarks/performance.md)
 
 
-def _q4_k_tiles_intrinsic():
-    """q4_k_tiles(out, w, xq, xd, xsum, t0, t1, pair): as tiles() above, for Q4_K tiles, whose
-    super-blocks (Q4_K_TILE_BYTES each) hold the 16 rows' fp16 d (bytes 0..31) and dmin
-    (32..63), their scales and mins as bytes, sub-blocks in pairs (byte 64 + 32 c + 2 r + e:
-    row r's scale of sub-block 2 c + e; the mins alike from 192), then the nibbles: byte
-    320 + 512 c + 64 p + 4 r + i = row r's nibble byte 32 c + 4 p + i (low nibble: value
-    64 c + 4 p + i, of sub-block 2 c; high: 32 more, of sub-block 2 c + 1).  xq (B, n) int8,
-    xd (B, n / 256) float32, xsum (B, n / 16) int16: the K-quants' input (gguf_kquants).
-
-    Per super-block and input, exact in int32: main = sum_j sc_j * (q_j . x_j) (8 vpdpbusd a
-    sub-block, then one multiply by the 16 rows' scales), mins = sum_j m_j * sum(x_j) (4
-    vpdpwssd on pairs of sub-blocks); then acc += xd * (d * main - dmin * mins) in float."""
+def _k_tiles_intrinsic(tile_bytes: int, super_block, ahead: int = 0):
+    """The frame of a K-quant tiles intrinsic, (out, w, xq, xd, xsum, t0, t1, pair) as tiles()
+    above with the K-quants' input (gguf_kquants: xq (B, n) int8, xd (B, n / 256) float32, xsum
+    (B, n / 16) int16): the passes over tiles and inputs (4 inputs a pass), the loop over
+    super-blocks of `tile_bytes`, prefetching `ahead` of them for one input (it streams the
+    tiles from DRAM: benchmarks/performance.md), and the stores. super_block(v, base, s, inputs,
+    accs) adds super-block s (at byte pointer base) times every input into its accumulator."""
 
     def typer(typingctx, out, w, xq, xd, xsum, t0, t1, pair):
         return _signature(codegen, (out, w, xq, xd, xsum, t0, t1, pair), (types.int8, types.float32, types.int16))
 
     def codegen(context, builder, signature, args):
-        v = _IR(builder)
-        b = builder
+        v, b = _IR(builder), builder
         arrays, (t0, t1, pair) = _arguments(context, builder, signature, args)
-        supers = b.sdiv(arrays.shape(1, 1), _I64(Q4_K_TILE_BYTES))
+        supers = b.sdiv(arrays.shape(1, 1), _I64(tile_bytes))
         rows = arrays.shape(0, 1)
-        f16, i16 = _vec(_F32, TILE), _vec(_I32, TILE)
-        zero = ir.Constant(i16, None)
 
         def emit(tile, i, T, first):
             inputs = [[arrays.row_pointer(k, b.add(first, _I64(t))) for k in (2, 3, 4)] for t in range(T)]
-            accs = [cgutils.alloca_once_value(b, ir.Constant(f16, None)) for _ in range(T)]
+            accs = [cgutils.alloca_once_value(b, ir.Constant(_vec(_F32, TILE), None)) for _ in range(T)]
             with cgutils.for_range(b, supers) as loop:
-                s = loop.index
-                base = v.at(tile, b.mul(s, _I64(Q4_K_TILE_BYTES)))
-                if T == 1:  # one token streams the tiles from DRAM: ask for them ahead
-                    for line in range(0, Q4_K_TILE_BYTES, 64):
-                        v.prefetch(base, Q4_K_AHEAD * Q4_K_TILE_BYTES + line)
-                d = b.fpext(v.load(base, 0, _vec(_F16, TILE)), f16)
-                dmin = b.fpext(v.load(base, 32, _vec(_F16, TILE)), f16)
-                x_at = b.mul(s, _I64(256))
-                scales = [v.load(xd, b.mul(s, _I64(4)), _F32) for _, xd, _ in inputs]
-                # the mins: sum_j m_j * sum(x_j), pairs of sub-blocks per vpdpwssd
-                for t, (xq, xd, xsum) in enumerate(inputs):
-                    sixteen = v.load(xsum, b.mul(s, _I64(32)), _vec(_I16, 16))
-                    sums = v.call("llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), sixteen, v.splat_const(_I16, 1, 16))
-                    pairs = b.bitcast(b.trunc(sums, _vec(_I16, 8)), _vec(_I32, 4))
-                    mins = zero
-                    for c in range(4):
-                        m = b.zext(v.load(base, Q4_K_M + 32 * c, _vec(_I8, 32)), _vec(_I16, 32))
-                        mins = v.dpwssd(mins, m, v.splat(b.extract_element(pairs, _I32(c)), TILE))
-                    scale = b.fmul(dmin, v.splat(scales[t], TILE), flags=_CONTRACT)
-                    acc = b.load(accs[t])
-                    b.store(b.fsub(acc, b.fmul(b.sitofp(mins, f16), scale, flags=_CONTRACT), flags=_CONTRACT), accs[t])
-                main = [zero] * T
-                for c in range(4):
-                    pair_sc = b.bitcast(b.zext(v.load(base, Q4_K_SC + 32 * c, _vec(_I8, 32)), _vec(_I16, 32)), i16)
-                    sc = (b.and_(pair_sc, v.splat_const(_I32, 0xFFFF, TILE)), b.lshr(pair_sc, v.splat_const(_I32, 16, TILE)))
-                    low, high = [zero] * T, [zero] * T
-                    for p in range(8):
-                        w = v.load(base, Q4_K_QS + 512 * c + 64 * p, _vec(_I8, 64))
-                        wl, wh = b.and_(w, v.splat_const(_I8, 15, 64)), b.lshr(w, v.splat_const(_I8, 4, 64))
-                        for t, (xq, _, _) in enumerate(inputs):
-                            at = b.add(x_at, _I64(64 * c + 4 * p))
-                            low[t] = v.dpbusd(low[t], wl, v.splat(v.load(xq, at, _I32), TILE))
-                            high[t] = v.dpbusd(high[t], wh, v.splat(v.load(xq, b.add(at, _I64(32)), _I32), TILE))
-                    for t in range(T):
-                        main[t] = b.add(main[t], b.add(b.mul(low[t], sc[0]), b.mul(high[t], sc[1])))
-                for t in range(T):
-                    scale = b.fmul(d, v.splat(scales[t], TILE), flags=_CONTRACT)
-                    b.store(v.scaled(b.load(accs[t]), main[t], scale), accs[t])
+                base = v.at(tile, b.mul(loop.index, _I64(tile_bytes)))
+                if T == 1 and ahead:
+                    for line in range(0, tile_bytes, 64):
+                        v.prefetch(base, ahead * tile_bytes + line)
+                super_block(v, base, loop.index, inputs, accs)
             _store_tile(b, arrays, accs, i, T, first, rows)
 
-        _each_pass(builder, arrays, t0, t1, pair, emit, tokens_at_once=Q4_K_TOKENS)
+        _each_pass(builder, arrays, t0, t1, pair, emit, tokens_at_once=K_TOKENS)
         return context.get_dummy_value()
 
     return typer
@@ -205,91 +167,116 @@ def _store_tile(b, arrays, accs, i, T, first, rows):
                     b.store(value, b.gep(b.bitcast(at, _F32.as_pointer()), [lane.index]))
 
 
-q4_k_tiles = _named(_q4_k_tiles_intrinsic(), "q4_k_tiles")
+def _q4_k_super_block(v, base, s, inputs, accs):
+    """One super-block of Q4_K tiles (q4_k_tiles below) times each input, into accs. Its
+    super-blocks (Q4_K_TILE_BYTES each) hold the 16 rows' fp16 d (bytes 0..31) and dmin
+    (32..63), their scales and mins as bytes, sub-blocks in pairs (byte 64 + 32 c + 2 r + e:
+    row r's scale of sub-block 2 c + e; the mins alike from 192), then the nibbles: byte
+    320 + 512 c + 64 p + 4 r + i = row r's nibble byte 32 c + 4 p + i (low nibble: value
+    64 c + 4 p + i, of sub-block 2 c; high: 32 more, of sub-block 2 c + 1).
+
+    Per super-block and input, exact in int32: main = sum_j sc_j * (q_j . x_j) (8 vpdpbusd a
+    sub-block, then one multiply by the 16 rows' scales), mins = sum_j m_j * sum(x_j) (4
+    vpdpwssd on pairs of sub-blocks); then acc += xd * (d * main - dmin * mins) in float."""
+    b, T = v.b, len(inputs)
+    f16, i16 = _vec(_F32, TILE), _vec(_I32, TILE)
+    zero = ir.Constant(i16, None)
+    d = b.fpext(v.load(base, 0, _vec(_F16, TILE)), f16)
+    dmin = b.fpext(v.load(base, 32, _vec(_F16, TILE)), f16)
+    x_at = b.mul(s, _I64(256))
+    scales = [v.load(xd, b.mul(s, _I64(4)), _F32) for _, xd, _ in inputs]
+    # the mins: sum_j m_j * sum(x_j), pairs of sub-blocks per vpdpwssd
+    for t, (xq, xd, xsum) in enumerate(inputs):
+        sixteen = v.load(xsum, b.mul(s, _I64(32)), _vec(_I16, 16))
+        sums = v.call("llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), sixteen, v.splat_const(_I16, 1, 16))
+        pairs = b.bitcast(b.trunc(sums, _vec(_I16, 8)), _vec(_I32, 4))
+        mins = zero
+        for c in range(4):
+            m = b.zext(v.load(base, Q4_K_M + 32 * c, _vec(_I8, 32)), _vec(_I16, 32))
+            mins = v.dpwssd(mins, m, v.splat(b.extract_element(pairs, _I32(c)), TILE))
+        scale = b.fmul(dmin, v.splat(scales[t], TILE), flags=_CONTRACT)
+        acc = b.load(accs[t])
+        b.store(b.fsub(acc, b.fmul(b.sitofp(mins, f16), scale, flags=_CONTRACT), flags=_CONTRACT), accs[t])
+    main = [zero] * T
+    for c in range(4):
+        pair_sc = b.bitcast(b.zext(v.load(base, Q4_K_SC + 32 * c, _vec(_I8, 32)), _vec(_I16, 32)), i16)
+        sc = (b.and_(pair_sc, v.splat_const(_I32, 0xFFFF, TILE)), b.lshr(pair_sc, v.splat_const(_I32, 16, TILE)))
+        low, high = [zero] * T, [zero] * T
+        for p in range(8):
+            w = v.load(base, Q4_K_QS + 512 * c + 64 * p, _vec(_I8, 64))
+            wl, wh = b.and_(w, v.splat_const(_I8, 15, 64)), b.lshr(w, v.splat_const(_I8, 4, 64))
+            for t, (xq, _, _) in enumerate(inputs):
+                at = b.add(x_at, _I64(64 * c + 4 * p))
+                low[t] = v.dpbusd(low[t], wl, v.splat(v.load(xq, at, _I32), TILE))
+                high[t] = v.dpbusd(high[t], wh, v.splat(v.load(xq, b.add(at, _I64(32)), _I32), TILE))
+        for t in range(T):
+            main[t] = b.add(main[t], b.add(b.mul(low[t], sc[0]), b.mul(high[t], sc[1])))
+    for t in range(T):
+        scale = b.fmul(d, v.splat(scales[t], TILE), flags=_CONTRACT)
+        b.store(v.scaled(b.load(accs[t]), main[t], scale), accs[t])
+
+
+q4_k_tiles = _named(_k_tiles_intrinsic(Q4_K_TILE_BYTES, _q4_k_super_block, Q4_K_AHEAD), "q4_k_tiles")
 
 
 # ----------------------------------------------------------------------------------------------
-# Q6_K in tiles: super-blocks of 256 values, 16 sub-blocks of 16 with int8 scales, q of 6 bits
+# Q6_K: 16 sub-blocks of 16 with int8 scales, q of 6 bits
 
-Q6_K_TOKENS = 4
 Q6_K_SC, Q6_K_LOW, Q6_K_HIGH = 32, 288, 2336  # byte offsets in a tile's super-block
 Q6_K_TILE_BYTES = 2336 + 16 * 64
 
 
-def _q6_k_tiles_intrinsic():
-    """q6_k_tiles(out, w, xq, xd, xsum, t0, t1, pair): as tiles() above, for Q6_K tiles, whose
+def _q6_k_super_block(v, base, s, inputs, accs):
+    """One super-block of Q6_K tiles (q6_k_tiles below) times each input, into accs. Its
     super-blocks (Q6_K_TILE_BYTES each, the bytes of 16 source super-blocks) hold the 16 rows'
     fp16 d (bytes 0..31), their int8 scales with sub-blocks in pairs (byte 32 + 32 k + 2 r + e:
     row r's scale of sub-block 2 k + e), then each value's q (0..63) in value quads (4 g ..
     4 g + 3): the low four bits of quads g and g + 32 in a byte's two nibbles (byte 288 + 64 g
     + 4 r + i, g < 32), the upper two bits of quads b, b + 16, b + 32, b + 48 in a byte's bit
-    pairs (byte 2336 + 64 b + 4 r + i, b < 16).  xq (B, n) int8, xd (B, n / 256) float32, xsum
-    (B, n / 16) int16: the K-quants' input (gguf_kquants).
+    pairs (byte 2336 + 64 b + 4 r + i, b < 16).
 
     Per super-block and input, exact in int32: sum_k sc_k * (q_k . x_k) (4 vpdpbusd on the
     unsigned q a sub-block, then one multiply by the 16 rows' scales) - 32 sum_k sc_k * sum(x_k)
     (8 vpdpwssd on pairs of sub-blocks); then acc += xd * d * that, in float."""
+    b, T = v.b, len(inputs)
+    f16, i16 = _vec(_F32, TILE), _vec(_I32, TILE)
+    zero = ir.Constant(i16, None)
 
-    def typer(typingctx, out, w, xq, xd, xsum, t0, t1, pair):
-        return _signature(codegen, (out, w, xq, xd, xsum, t0, t1, pair), (types.int8, types.float32, types.int16))
+    def quad(g):
+        """The 64 bytes of value quad g: 16 rows x 4 values, q in 0..63."""
+        low = v.load(base, Q6_K_LOW + 64 * (g % 32), _vec(_I8, 64))
+        nibble = b.and_(low, v.splat_const(_I8, 15, 64)) if g < 32 else b.lshr(low, v.splat_const(_I8, 4, 64))
+        high = v.load(base, Q6_K_HIGH + 64 * (g % 16), _vec(_I8, 64))
+        shift = 2 * (g // 16)  # the pair's bits to bits 4..5
+        high = b.shl(high, v.splat_const(_I8, 4 - shift, 64)) if shift < 4 else b.lshr(high, v.splat_const(_I8, shift - 4, 64))
+        return b.or_(nibble, b.and_(high, v.splat_const(_I8, 0x30, 64)))
 
-    def codegen(context, builder, signature, args):
-        v = _IR(builder)
-        b = builder
-        arrays, (t0, t1, pair) = _arguments(context, builder, signature, args)
-        supers = b.sdiv(arrays.shape(1, 1), _I64(Q6_K_TILE_BYTES))
-        rows = arrays.shape(0, 1)
-        f16, i16 = _vec(_F32, TILE), _vec(_I32, TILE)
-        zero = ir.Constant(i16, None)
-
-        def quad(base, g):
-            """The 64 bytes of value quad g: 16 rows x 4 values, q in 0..63."""
-            low = v.load(base, Q6_K_LOW + 64 * (g % 32), _vec(_I8, 64))
-            nibble = b.and_(low, v.splat_const(_I8, 15, 64)) if g < 32 else b.lshr(low, v.splat_const(_I8, 4, 64))
-            high = v.load(base, Q6_K_HIGH + 64 * (g % 16), _vec(_I8, 64))
-            shift = 2 * (g // 16)  # the pair's bits to bits 4..5
-            high = b.shl(high, v.splat_const(_I8, 4 - shift, 64)) if shift < 4 else b.lshr(high, v.splat_const(_I8, shift - 4, 64))
-            return b.or_(nibble, b.and_(high, v.splat_const(_I8, 0x30, 64)))
-
-        def emit(tile, i, T, first):
-            inputs = [[arrays.row_pointer(k, b.add(first, _I64(t))) for k in (2, 3, 4)] for t in range(T)]
-            accs = [cgutils.alloca_once_value(b, ir.Constant(f16, None)) for _ in range(T)]
-            with cgutils.for_range(b, supers) as loop:
-                s = loop.index
-                base = v.at(tile, b.mul(s, _I64(Q6_K_TILE_BYTES)))
-                d = b.fpext(v.load(base, 0, _vec(_F16, TILE)), f16)
-                x_at = b.mul(s, _I64(256))
-                pairs = [b.bitcast(b.sext(v.load(base, Q6_K_SC + 32 * k, _vec(_I8, 32)), _vec(_I16, 32)), i16)
-                         for k in range(8)]
-                offsets = []  # sum_k sc_k * sum(x_k), per input
-                for xq, xd, xsum in inputs:
-                    total = zero
-                    for k in range(8):
-                        sums = v.splat(v.load(xsum, b.add(b.mul(s, _I64(32)), _I64(4 * k)), _I32), TILE)
-                        total = v.dpwssd(total, pairs[k], sums)
-                    offsets.append(total)
-                main = [zero] * T
-                for k in range(16):
-                    pair_k = pairs[k // 2]
-                    sc = b.ashr(pair_k if k % 2 else b.shl(pair_k, v.splat_const(_I32, 16, TILE)), v.splat_const(_I32, 16, TILE))
-                    part = [zero] * T
-                    for g in range(4 * k, 4 * k + 4):
-                        w = quad(base, g)
-                        for t, (xq, _, _) in enumerate(inputs):
-                            x4 = v.splat(v.load(xq, b.add(x_at, _I64(4 * g)), _I32), TILE)
-                            part[t] = v.dpbusd(part[t], w, x4)
-                    for t in range(T):
-                        main[t] = b.add(main[t], b.mul(part[t], sc))
-                for t, (xq, xd, xsum) in enumerate(inputs):
-                    exact = b.sub(main[t], b.shl(offsets[t], v.splat_const(_I32, 5, TILE)))
-                    scale = b.fmul(d, v.splat(v.load(xd, b.mul(s, _I64(4)), _F32), TILE), flags=_CONTRACT)
-                    b.store(v.scaled(b.load(accs[t]), exact, scale), accs[t])
-            _store_tile(b, arrays, accs, i, T, first, rows)
-
-        _each_pass(builder, arrays, t0, t1, pair, emit, tokens_at_once=Q6_K_TOKENS)
-        return context.get_dummy_value()
-
-    return typer
+    d = b.fpext(v.load(base, 0, _vec(_F16, TILE)), f16)
+    x_at = b.mul(s, _I64(256))
+    pairs = [b.bitcast(b.sext(v.load(base, Q6_K_SC + 32 * k, _vec(_I8, 32)), _vec(_I16, 32)), i16) for k in range(8)]
+    offsets = []  # sum_k sc_k * sum(x_k), per input
+    for xq, xd, xsum in inputs:
+        total = zero
+        for k in range(8):
+            sums = v.splat(v.load(xsum, b.add(b.mul(s, _I64(32)), _I64(4 * k)), _I32), TILE)
+            total = v.dpwssd(total, pairs[k], sums)
+        offsets.append(total)
+    main = [zero] * T
+    for k in range(16):
+        pair_k = pairs[k // 2]
+        sc = b.ashr(pair_k if k % 2 else b.shl(pair_k, v.splat_const(_I32, 16, TILE)), v.splat_const(_I32, 16, TILE))
+        part = [zero] * T
+        for g in range(4 * k, 4 * k + 4):
+            w = quad(g)
+            for t, (xq, _, _) in enumerate(inputs):
+                x4 = v.splat(v.load(xq, b.add(x_at, _I64(4 * g)), _I32), TILE)
+                part[t] = v.dpbusd(part[t], w, x4)
+        for t in range(T):
+            main[t] = b.add(main[t], b.mul(part[t], sc))
+    for t, (xq, xd, xsum) in enumerate(inputs):
+        exact = b.sub(main[t], b.shl(offsets[t], v.splat_const(_I32, 5, TILE)))
+        scale = b.fmul(d, v.splat(v.load(xd, b.mul(s, _I64(4)), _F32), TILE), flags=_CONTRACT)
+        b.store(v.scaled(b.load(accs[t]), exact, scale), accs[t])
 
 
-q6_k_tiles = _named(_q6_k_tiles_intrinsic(), "q6_k_tiles")
+q6_k_tiles = _named(_k_tiles_intrinsic(Q6_K_TILE_BYTES, _q6_k_super_block), "q6_k_tiles")
