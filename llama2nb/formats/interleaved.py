@@ -412,7 +412,7 @@ def legacy_tiles(out, x, w, stamp, nibbles):
     for c in prange(row_chunks(x.shape[0], tiles)):
         t0, t1, pair = chunk_rows(c, x.shape[0], tiles)
         if not VNNI512:
-            rows_tiles(out, w.w, xq, xd, xsum, t0, t1, pair, nibbles)
+            rows_tiles(out, w.w, xq, xd, t0, t1, pair, Q4_0_TILES if nibbles else Q8_0_TILES)
         elif nibbles:
             vnni_tiles.q4_0_tiles(out, w.w, xq, xd, x8, t0, t1, pair)
         else:
@@ -450,7 +450,7 @@ def k_quant_tiles(out, x, w, stamp, six):
     for c in prange(row_chunks(B, tiles)):
         t0, t1, pair = chunk_rows(c, B, tiles)
         if not VNNI512:
-            rows_k_tiles(out, w.w, xq, xd, t0, t1, pair, six)
+            rows_tiles(out, w.w, xq, xd, t0, t1, pair, Q6_K_TILES if six else Q4_K_TILES)
         elif six:
             vnni_tiles.q6_k_tiles(out, w.w, xq, xd, xsum, t0, t1, pair)
         else:
@@ -525,51 +525,42 @@ def q6_k_tile_dot(tile, s, r, x):
 
 
 @kernel
-def rows_k_tiles(out, w, xq, xd, t0, t1, pair, six):
-    """Q4_K or Q6_K (six) tiles' rows in portable loops (tests): super-block by super-block,
-    q4_k_tile_dot or q6_k_tile_dot times x's scale.  out (B, d), w the tiles, xq (B, n) int8,
-    xd (B, n / 256)"""
-    B, d = out.shape
-    supers = w.shape[1] // (Q6_K_TILE_BYTES if six else Q4_K_TILE_BYTES)
-    for i in range(t0, t1):
-        for second in range(1 + (pair > 0)):
-            t = i + second * pair
-            tile = w[t]
-            for r in range(min(TILE, d - t * TILE)):
-                for b in range(B):
-                    acc = ZERO
-                    for s in range(supers):
-                        x = xq[b, s * QK_K:(s + 1) * QK_K]
-                        acc += xd[b, s] * (q6_k_tile_dot(tile, s, r, x) if six else q4_k_tile_dot(tile, s, r, x))
-                    out[b, t * TILE + r] = acc
-
-
-@kernel
 def embed_q4_k_tiles(out, table, tokens):
     """out[b] = row tokens[b] of a Q4_K tiled table.  out (B, n), table: (rows, n) Q4_K tiles"""
-    embed_k_tiles(out, table.w, tokens, False)
+    embed_tiles(out, table.w, tokens, Q4_K_TILES)
 
 
 @kernel
 def embed_q6_k_tiles(out, table, tokens):
     """out[b] = row tokens[b] of a Q6_K tiled table.  out (B, n), table: (rows, n) Q6_K tiles"""
-    embed_k_tiles(out, table.w, tokens, True)
+    embed_tiles(out, table.w, tokens, Q6_K_TILES)
+
+
+# The four kinds of tiles, for the portable loops and the embeddings
+Q4_0_TILES, Q8_0_TILES, Q4_K_TILES, Q6_K_TILES = 0, 1, 2, 3
 
 
 @kernel
-def embed_k_tiles(out, w, tokens, six):
-    """out[b] = the values of row tokens[b] of Q4_K or Q6_K (six) tiles: scale * q - offset."""
-    supers = w.shape[1] // (Q6_K_TILE_BYTES if six else Q4_K_TILE_BYTES)
-    if out.shape[0] != tokens.shape[0] or out.shape[1] != supers * QK_K:
-        raise ValueError("embed: out (B, n) does not fit the tokens and the table")
-    for b in range(tokens.shape[0]):
-        if tokens[b] < 0 or tokens[b] >= w.shape[0] * TILE:
-            raise ValueError("embed: a token is outside the table")
-        tile, r = w[tokens[b] // TILE], tokens[b] % TILE
-        for s in range(supers):
-            for v in range(QK_K):
-                q, scale, offset = q6_k_tile_value(tile, s, r, v) if six else q4_k_tile_value(tile, s, r, v)
-                out[b, s * QK_K + v] = scale * np.float32(q) - offset
+def tile_block(kind):
+    """(bytes, values) of a block of a tile of `kind`: 32 values of Q4_0 or Q8_0, a 256-value
+    super-block of Q4_K or Q6_K."""
+    if kind == Q4_K_TILES:
+        return Q4_K_TILE_BYTES, QK_K
+    if kind == Q6_K_TILES:
+        return Q6_K_TILE_BYTES, QK_K
+    return TILE_HEADER + TILE * (16 if kind == Q4_0_TILES else 32), QK
+
+
+@kernel
+def tile_row_value(tile, k, r, j, kind):
+    """Value j of row r in block k of a tile of `kind`: (q, scale, offset), the value being
+    scale * q - offset."""
+    if kind == Q4_K_TILES:
+        return q4_k_tile_value(tile, k, r, j)
+    if kind == Q6_K_TILES:
+        return q6_k_tile_value(tile, k, r, j)
+    size, _ = tile_block(kind)
+    return tile_value(tile, k, r, j, kind == Q4_0_TILES), half_float(tile[k * size + 2 * r], tile[k * size + 2 * r + 1]), ZERO
 
 
 @kernel
@@ -583,12 +574,27 @@ def tile_value(tile, k, r, j, nibbles):
 
 
 @kernel
-def rows_tiles(out, w, xq, xd, xsum, t0, t1, pair, nibbles):
-    """The tiles' rows in portable loops (tests; a CPU without AVX-512 VNNI never repacks):
-    each block's exact int32 sum((q - zero) * x), then scales in float.  out (B, d), w the
-    tiles, xq (B, n) int8, xd, xsum (B, n / 32)"""
+def tile_dot(tile, k, r, x, kind):
+    """Row r of block k of a tile of `kind` . x (the block's int8 inputs), without x's scale:
+    exact int32 sums, then the block's scales in float."""
+    if kind == Q4_K_TILES:
+        return q4_k_tile_dot(tile, k, r, x)
+    if kind == Q6_K_TILES:
+        return q6_k_tile_dot(tile, k, r, x)
+    size, values = tile_block(kind)
+    dot = I32(0)
+    for j in range(values):
+        dot += tile_value(tile, k, r, j, kind == Q4_0_TILES) * I32(x[j])
+    return half_float(tile[k * size + 2 * r], tile[k * size + 2 * r + 1]) * np.float32(dot)
+
+
+@kernel
+def rows_tiles(out, w, xq, xd, t0, t1, pair, kind):
+    """The tiles' rows in portable loops (tests; a CPU without AVX-512 VNNI never repacks): block
+    by block, tile_dot times x's scale.  out (B, d), w the tiles of `kind`, xq (B, n) int8, xd
+    (B, n / values a block)"""
     B, d = out.shape
-    size = TILE_HEADER + TILE * (16 if nibbles else 32)
+    size, values = tile_block(kind)
     blocks = w.shape[1] // size
     for i in range(t0, t1):
         for second in range(1 + (pair > 0)):
@@ -598,39 +604,36 @@ def rows_tiles(out, w, xq, xd, xsum, t0, t1, pair, nibbles):
                 for b in range(B):
                     acc = ZERO
                     for k in range(blocks):
-                        dot = I32(0)
-                        for j in range(QK):
-                            dot += tile_value(tile, k, r, j, nibbles) * I32(xq[b, k * QK + j])
-                        scale = half_float(tile[k * size + 2 * r], tile[k * size + 2 * r + 1])
-                        acc += xd[b, k] * (scale * np.float32(dot))
+                        acc += xd[b, k] * tile_dot(tile, k, r, xq[b, k * values:(k + 1) * values], kind)
                     out[b, t * TILE + r] = acc
 
 
 @kernel
 def embed_q4_0_tiles(out, table, tokens):
     """out[b] = row tokens[b] of a Q4_0 tiled table.  out (B, n), table: (rows, n) Q4_0 tiles"""
-    embed_tiles(out, table.w, tokens, True)
+    embed_tiles(out, table.w, tokens, Q4_0_TILES)
 
 
 @kernel
 def embed_q8_0_tiles(out, table, tokens):
     """out[b] = row tokens[b] of a Q8_0 tiled table.  out (B, n), table: (rows, n) Q8_0 tiles"""
-    embed_tiles(out, table.w, tokens, False)
+    embed_tiles(out, table.w, tokens, Q8_0_TILES)
 
 
 @kernel
-def embed_tiles(out, w, tokens, nibbles):
-    """out[b] = the values of row tokens[b] (the table's rows padded to whole tiles: a token
-    must name a real row, which the caller checks against the vocabulary)."""
-    size = TILE_HEADER + TILE * (16 if nibbles else 32)
+def embed_tiles(out, w, tokens, kind):
+    """out[b] = the values of row tokens[b] of tiles of `kind`, scale * q - offset (the table's
+    rows padded to whole tiles: a token must name a real row, which the caller checks against
+    the vocabulary)."""
+    size, values = tile_block(kind)
     blocks = w.shape[1] // size
-    if out.shape[0] != tokens.shape[0] or out.shape[1] != blocks * QK:
+    if out.shape[0] != tokens.shape[0] or out.shape[1] != blocks * values:
         raise ValueError("embed: out (B, n) does not fit the tokens and the table")
     for b in range(tokens.shape[0]):
         if tokens[b] < 0 or tokens[b] >= w.shape[0] * TILE:
             raise ValueError("embed: a token is outside the table")
         tile, r = w[tokens[b] // TILE], tokens[b] % TILE
         for k in range(blocks):
-            scale = half_float(tile[k * size + 2 * r], tile[k * size + 2 * r + 1])
-            for j in range(QK):
-                out[b, k * QK + j] = scale * np.float32(tile_value(tile, k, r, j, nibbles))
+            for j in range(values):
+                q, scale, offset = tile_row_value(tile, k, r, j, kind)
+                out[b, k * values + j] = scale * np.float32(q) - offset
