@@ -75,18 +75,33 @@ def _gemm_intrinsic():
 
 
 def _pack(b, arrays, panel, i, rows, k0, width):
-    """panel[k * 32 + r] = w[i + r, k0 + k] for r < rows, 0 for the rows past the matrix."""
-    with cgutils.for_range(b, _I64(PANEL_ROWS)) as r:
-        inside = b.icmp_signed("<", r.index, rows)
-        with b.if_else(inside) as (copy, zero):
-            with copy:
-                row = b.bitcast(arrays.row_pointer(2, b.add(i, r.index)), _F32.as_pointer())
-                with cgutils.for_range(b, width) as k:
-                    value = b.load(b.gep(row, [b.add(k0, k.index)]))
-                    b.store(value, b.gep(panel, [b.add(b.mul(k.index, _I64(PANEL_ROWS)), r.index)]))
-            with zero:
-                with cgutils.for_range(b, width) as k:
-                    b.store(ir.Constant(_F32, 0.0), b.gep(panel, [b.add(b.mul(k.index, _I64(PANEL_ROWS)), r.index)]))
+    """panel[k * 32 + r] = w[i + r, k0 + k] for k < width, r < rows; 0 for the rows past the
+    matrix (and for the columns past width up to a multiple of 16, which no pass reads): 16 x 16
+    blocks, each 16 masked row loads, a transpose in 64 two-vector shuffles and 16 stores."""
+    v = _IR(b)
+    f16 = _vec(_F32, 16)
+    lanes = v.const(_I32, range(16))
+    with cgutils.for_range(b, b.sdiv(b.add(width, _I64(15)), _I64(16))) as blocks:
+        kk = b.mul(blocks.index, _I64(16))
+        columns = b.icmp_signed("<", lanes, v.splat(b.trunc(b.sub(width, kk), _I32), 16))
+        for g in range(PANEL_ROWS // 16):
+            vectors = []
+            for r in range(16):
+                row = b.add(i, _I64(16 * g + r))
+                inside = b.icmp_signed("<", _I64(16 * g + r), rows)
+                mask = b.and_(columns, v.splat(inside, 16))
+                at = b.bitcast(arrays.row_pointer(2, b.select(inside, row, i)), _F32.as_pointer())
+                vectors.append(_masked_load(v, b.bitcast(b.gep(at, [b.add(k0, kk)]), f16.as_pointer()), mask))
+            for h in (8, 4, 2, 1):  # swap the off-diagonal h x h blocks of every 2h x 2h block
+                for r in range(16):
+                    if r & h:
+                        continue
+                    low, high = vectors[r], vectors[r + h]
+                    vectors[r] = b.shuffle_vector(low, high, v.const(_I32, [c if not c & h else 16 + c - h for c in range(16)]))
+                    vectors[r + h] = b.shuffle_vector(low, high, v.const(_I32, [c + h if not c & h else 16 + c for c in range(16)]))
+            for c in range(16):
+                at = b.gep(panel, [b.add(b.mul(b.add(kk, _I64(c)), _I64(PANEL_ROWS)), _I64(16 * g))])
+                b.store(vectors[c], b.bitcast(at, f16.as_pointer()), align=64)
 
 
 def _each_group(b, tokens, emit):
