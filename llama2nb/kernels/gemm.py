@@ -44,7 +44,9 @@ def _gemm_intrinsic():
         arrays = _Arrays(context, builder, signature.args[:3], args[:3])
         i0, i1 = (context.cast(builder, a, t, types.int64) for a, t in zip(args[3:], signature.args[3:]))
         tokens, n = arrays.shape(1, 0), arrays.shape(1, 1)
-        panel = cgutils.alloca_once(b, ir.ArrayType(_F32, PANEL_K * PANEL_ROWS))
+        # an array of 512 vectors, not of 8,192 floats: LLVM's passes over a stack array take
+        # time by its element count (a fp32 family compiled 5 s longer; as bytes, 2 minutes)
+        panel = cgutils.alloca_once(b, ir.ArrayType(_vec(_F32, 16), PANEL_K * PANEL_ROWS // 16))
         panel.align = 64
         panel = b.bitcast(panel, _F32.as_pointer())
         lanes = [v.const(_I32, range(16)), v.const(_I32, range(16, 32))]
