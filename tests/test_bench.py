@@ -11,10 +11,12 @@ from dataclasses import replace
 import pytest
 from click.testing import CliRunner
 
+import llama2nb.bench as bench
 from llama2nb.bench import families as bench_families
 from llama2nb.bench import llamacpp
 from llama2nb.bench import measure as bench_measure
 from llama2nb.bench import models, probes, roofs
+from llama2nb.bench import rows as bench_rows
 from llama2nb.bench.report import markdown_table, shown_generation
 from llama2nb.bench.rows import GENERATION, PREFILL, Row
 from llama2nb.cli import main
@@ -30,20 +32,31 @@ FAKE_RUNC = """#!/bin/sh
 echo "once upon a time"
 echo "achieved tok/s: 123.456000" >&2
 """
-TINY_LLAMA = replace(TINY, dim=64, hidden_dim=128, vocab_size=32000, seq_len=256)  # the Llama 2 vocabulary size
+# The Llama 2 vocabulary size; rows of 64 and 96: Q8_0 in groups of 32, the kernel family the tiny
+# Q8_0 models of the other tests use too (conftest.TINY_MODELS)
+TINY_LLAMA = replace(TINY, dim=64, hidden_dim=96, vocab_size=32000, seq_len=256)
 
 
 def test_bench_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setitem(models.SHAPES, "15M", TINY_LLAMA)  # the dict the CLI checks names against, too
     monkeypatch.setattr(models, "BUNDLED", tmp_path / "no-bundled-model.bin")
-    monkeypatch.setattr(probes, "last_level_cache_bytes", lambda: 0)  # every fp32 row gets a roof
     monkeypatch.setattr(probes, "PROBE_GIB", 0.125)  # a quicker bandwidth probe
+    # Both ways a row is measured: the models rows as beyond the cache (a roof: each run in a
+    # process of its own right after its own bandwidth probe), the flag and GGUF rows as in
+    # cache (all their runs in one process, no probe)
+    measure_row = bench.measure_row
+    monkeypatch.setattr(bench, "measure_row", lambda row, files, cache_dir, cache_bytes: measure_row(
+        row, files, cache_dir, 0 if row.section == "models" else 2**62))
     runc = tmp_path / "run"
     runc.write_text(FAKE_RUNC)
     runc.chmod(runc.stat().st_mode | stat.S_IEXEC)
-    every_family = bench_families.family_rows  # one cold compile (a mixed-type GGUF's family) stands for all
+    # one of the portable types stands for both (test_bench_rows.py checks that both get rows): a
+    # portable row compiles a kernel family for another CPU that no other test needs
+    monkeypatch.setattr(bench, "PORTABLE_TYPES", ("Q4_0",))
+    monkeypatch.setattr(bench_rows, "PORTABLE_TYPES", ("Q4_0",))
+    every_family = bench_families.family_rows  # one cold compile (fp32 with full fastmath) stands for all
     monkeypatch.setattr(bench_families, "family_rows", lambda rows: {
-        key: row for key, row in every_family(rows).items() if "q4_0" in key[0] and not key[1]})
+        key: row for key, row in every_family(rows).items() if key == ("f32, fastmath full", "")})
     out = tmp_path / "results"
     versus = ["--llamacpp"] if llamacpp.available() else []  # llama.cpp beside it where it is installed
     result = CliRunner().invoke(main, ["bench", "--models", "15M", "--runs", "2", "--runc", str(runc), "--gguf", "F32",
@@ -55,13 +68,15 @@ def test_bench_end_to_end(tmp_path, monkeypatch):
     for label in ("NUMBA_OPT=0, no fastmath", "opt 3, no fastmath (≈ -O3)", "full fastmath (≈ -Ofast)",
                   "int8 Q8_0, full fastmath"):
         assert len(rows[label]["tg128"]) == 2 and min(rows[label]["tg128"]) > 0 and rows[label]["pp128"]
+        assert rows[label]["roof"] == roofs.IN_CACHE and "bandwidth_gbs" not in rows[label]  # runs in one process
     model_row = rows["stories15M shape, fp32"]
     assert {"tg128", "tg256", "pp128", "pp256", "compile_s", "peak_rss_mb", "roof"} <= set(model_row)
     # a row with a roof: one process per run, each after its own bandwidth probe, the ratio per pair
     assert len(model_row["tg128"]) == len(model_row["bandwidth_gbs"]) == len(model_row["pp256"]) == 2
     assert set(model_row["roof"]) == {"tg128", "tg256"} and min(model_row["roof"].values()) > 0
-    int8_row = rows["int8 Q8_0, full fastmath"]  # a roof from its own bytes: a quarter of fp32's and a bit
+    int8_row = rows["stories15M shape, int8"]  # a roof from its own bytes: a quarter of fp32's and a bit
     assert 0.25 < int8_row["bytes_per_token"] / model_row["bytes_per_token"] < 0.4 and int8_row["roof"]["tg128"] > 0
+    assert len(int8_row["bandwidth_gbs"]) == 2 and "q8_0(group_size=32)" in int8_row["family"]
     assert rows["run.c (run)"]["tg128"] == [123.456, 123.456]
     assert min(report["bandwidth_gbs"]) > 0 and report["startup"][0]["ttft_warm_s"] > 0
     assert (out / "latest.png").stat().st_size > 1000 and "| stories15M shape, fp32 |" in (out / "latest.md").read_text()
@@ -72,12 +87,12 @@ def test_bench_end_to_end(tmp_path, monkeypatch):
     assert set(model_row["bandwidth_by_streams"][0]) == {"1", "2", "4", "8"}
     gguf_row = rows["stories15M shape, F32 GGUF"]  # the same weights through the GGUF reader
     assert gguf_row["bytes_per_token"] == model_row["bytes_per_token"] and min(gguf_row["tg128"]) > 0
-    for type_ in ("Q8_0", "Q4_0"):  # the portable path, on by default for the first shape
-        portable = rows[f"stories15M shape, {type_} GGUF, portable (AVX2, no VNNI)"]
-        assert min(portable["tg128"]) > 0 and "VNNI" not in portable["family"]
-        assert "VNNI" in rows[f"stories15M shape, {type_} GGUF"]["family"] or not simd.VNNI
+    assert len(gguf_row["tg128"]) == 2 and gguf_row["roof"] == roofs.IN_CACHE
+    portable = rows["stories15M shape, Q4_0 GGUF, portable (AVX2, no VNNI)"]  # on by default for the first shape
+    assert min(portable["tg128"]) > 0 and "VNNI" not in portable["family"]
+    assert "VNNI" in rows["stories15M shape, Q4_0 GGUF"]["family"] or not simd.VNNI
     [compiled] = report["compile_families"]  # the one family left to compile cold (see above)
-    assert compiled["family"] == rows["stories15M shape, Q4_0 GGUF"]["family"] and compiled["compile_s"] > 0
+    assert compiled["family"] == rows["stories15M shape, fp32"]["family"] and compiled["compile_s"] > 0
     assert "**Compile seconds per kernel family, cold cache**" in result.output
     if versus:
         assert min(rows["stories15M shape, F32 GGUF, llama.cpp"]["tg128"]) > 0

@@ -80,10 +80,19 @@ def start(args: list[str], cwd: Path, **pause: str) -> subprocess.Popen:
 
 
 def run_through(args: list[str], cwd: Path) -> None:
-    """Run the command to its end, unpaused."""
-    proc = start(args, cwd)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
+    """Run the command to its end, unpaused: in this process, as test_training.py and
+    test_export.py run theirs (a process of its own only matters to a run that is killed)."""
+    from click.testing import CliRunner
+
+    from llama2nb.cli import main
+
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(main, args)
+    finally:
+        os.chdir(previous)
+    assert result.exit_code == 0, result.output + repr(result.exception)
 
 
 def wait_for_pause(proc: subprocess.Popen) -> tuple[str, Path]:

@@ -481,11 +481,17 @@ def test_tiles_hold_the_source_blocks_bit_for_bit(name):
         fmt.view(np.zeros(64, np.uint8), 0, (1, 32))
 
 
-@pytest.mark.parametrize("fastmath,vnni", [(f, False) for f in SETTINGS] + [(f, True) for f in SETTINGS if f != "off"])
+# Tiles are made only where their VNNI kernel runs (_Tiles.usable: fastmath reassoc or full), so
+# that kernel is checked under both; their portable loops serve tests alone (and CPUs without
+# AVX-512 VNNI, where the VNNI variants below run them too), checked beside it with IEEE arithmetic.
+TILE_VARIANTS = [("off", False)] + [(f, True) for f in SETTINGS if f != "off"]
+
+
+@pytest.mark.parametrize("fastmath,vnni", TILE_VARIANTS)
 @pytest.mark.parametrize("name", TILES)
 def test_tiles_matmul_matches_exact_integer_arithmetic(name, fastmath, vnni):
-    """The VNNI intrinsic under every fastmath setting that runs it, the portable loops under
-    every setting; partial last tiles, one input (pairs of tiles), 8 inputs a pass and the rest."""
+    """The VNNI intrinsic under every fastmath setting that runs it, the portable loops beside
+    it; partial last tiles, one input (pairs of tiles), 8 inputs a pass and the rest."""
     assert tiles_error(name, fastmath, vnni) <= TOLERANCE["legacy"]
 
 
@@ -675,8 +681,17 @@ def mixed_checkpoints():
     quantized["wcls"] = encode("q6_k", weights["wcls"])
     norms = {k: weights[k] for k in ("rms_att_weight", "rms_ffn_weight", "rms_final_weight")}
     dequantized = {k: [m.dequantize() for m in v] if isinstance(v, list) else v.dequantize() for k, v in quantized.items()}
-    return [Checkpoint(Path(f"mixed-{kind}"), config, TransformerWeights(**norms, **tensors), np.zeros(1, np.uint8))
-            for kind, tensors in (("gguf", quantized), ("f32", dequantized))]
+    # the twin read-only, as a mapped fp32 file is: the fp32 kernels the other tests compile (same types)
+    twin = {k: [read_only(m) for m in v] if isinstance(v, list) else read_only(v)
+            for k, v in {**norms, **dequantized}.items()}
+    return [Checkpoint(Path("mixed-gguf"), config, TransformerWeights(**norms, **quantized), np.zeros(1, np.uint8)),
+            Checkpoint(Path("mixed-f32"), config, TransformerWeights(**twin), np.zeros(1, np.uint8))]
+
+
+def read_only(array: np.ndarray) -> np.ndarray:
+    array = np.array(array)
+    array.flags.writeable = False
+    return array
 
 
 @pytest.mark.parametrize("fastmath", ["off", "full"])

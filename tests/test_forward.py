@@ -114,16 +114,16 @@ def test_one_model_mixes_weight_formats_per_tensor(tiny_models, fastmath):
     path = tiny_models["v1-unshared-gqa"]
     checkpoint = read_checkpoint(path)
     oracle = Reference(path)
-    oracle.h["gs"] = 16
+    oracle.h["gs"] = 32  # the tiny Q8_0 models' group size: the same kernel family
     w = checkpoint.weights
     for name in ("wq", "w2"):  # layer 0 in Q8_0, layer 1 fp32
-        q8 = Q8_0(16).quantize(getattr(w, name)[0])
+        q8 = Q8_0(32).quantize(getattr(w, name)[0])
         setattr(w, name, [q8, getattr(w, name)[1]])
         oracle.w[name] = [(q8.q, q8.s), oracle.w[name][1]]
-    q8 = Q8_0(16).quantize(w.wcls)
+    q8 = Q8_0(32).quantize(w.wcls)
     w.wcls, oracle.w["cls"] = q8, (q8.q, q8.s)
     model = Transformer(checkpoint, fastmath=fastmath)
-    assert {repr(f) for f in model.weight_formats} == {"f32", "q8_0(group_size=16)"}
+    assert {repr(f) for f in model.weight_formats} == {"f32", "q8_0(group_size=32)"}
     for pos, token in enumerate(np.random.default_rng(3).integers(0, 67, 40)):
         diff = np.max(np.abs(model.forward(int(token), pos) - oracle.forward(int(token), pos)))
         assert diff <= TOLERANCE["q8", fastmath]
@@ -146,10 +146,18 @@ def test_families_loaded_from_the_disk_cache_keep_their_own_kernels(tiny_models,
     """A process that loads one family from Numba's disk cache and compiles another must link
     each to its own kernels (the overload's implementations once shared a name across families:
     a group-size-32 model then ran group size 16's kernel and refused its own data)."""
+    from dataclasses import replace
+
+    from llama2nb.files.llama2c import write_checkpoint
+    from llama2nb.testmodels import random_weights
+
+    config = replace(TINY_MODELS["v2-shared"], group_size=16)  # the tiny models' Q8_0 are all in groups of 32
+    group16 = tmp_path / "v2-group-size-16.bin"
+    write_checkpoint(group16, config, random_weights(config, seed=5, scale=0.1))
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
     script = ("import sys\nfrom llama2nb import Transformer\nfor path in sys.argv[1:]:\n"
               "    Transformer.load(path, fastmath='full').prefill([1, 2, 3])\nprint('ok')")
-    for paths in ([tiny_models["v2-shared"]], [tiny_models["v2-shared"], tiny_models["v2-unshared-gqa"]]):
+    for paths in ([group16], [group16, tiny_models["v2-unshared-gqa"]]):
         done = subprocess.run([sys.executable, "-c", script, *map(str, paths)], capture_output=True, text=True,
                               env=env, cwd=Path(__file__).parent.parent)
         assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
@@ -207,7 +215,7 @@ def test_forward_returns_float32_logits_and_reports_compile_time(tiny_models):
     logits = model.forward(1, 0)
     assert logits.dtype == np.float32 and logits.shape == (67,)
     assert model.compile_seconds >= 0.0 and model.fastmath == "full"
-    assert model.config.version == 2 and model.config.group_size == 16
+    assert model.config.version == 2 and model.config.group_size == 32
 
 
 if __name__ == "__main__":  # the table for the closing note: python -m tests.test_forward

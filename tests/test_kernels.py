@@ -26,6 +26,9 @@ from . import naive
 SETTINGS = list(FASTMATH)
 GROUP_SIZES = [8, 16, 32, 48, 64, 96, 128]
 Q8_VARIANTS = [(f, False) for f in SETTINGS] + [(f, True) for f in ("reassoc", "full")]  # (fastmath, vnni)
+# (group size, fastmath, vnni): a group size with no VNNI split (vnni_chunk 0) compiles the portable
+# loops for vnni=True too, so it is checked once, as portable
+Q8_CASES = [(gs, f, v) for gs in GROUP_SIZES for f, v in Q8_VARIANTS if not (v and simd.vnni_chunk(gs) == 0)]
 
 # max abs error allowed (relative to the largest |reference| value for the matmuls), per kernel
 # and fastmath setting: about 10x the largest observed (see the module docstring).
@@ -158,6 +161,7 @@ def matmul_f32_error(fastmath):
     for B, n in ((1, 37), (3, 37), (4, 37), (9, 37), (29, 37), (17, 300), (12, 513)):
         for d in (1, 2, 7, 64, 71):
             x, w = rand(rng, B, n), rand(rng, d, n)
+            w.flags.writeable = False  # as a mapped file's: the kernels the engine's fp32 models compile
             out = np.full((B, d), np.nan, np.float32)
             kernels.linear_f32(out, x, w, 0)
             worst = max(worst, rel_err(out, naive.matmul(x, w)))
@@ -214,8 +218,7 @@ def matmul_q8_0_error(gs, fastmath, vnni):
     return worst
 
 
-@pytest.mark.parametrize("fastmath,vnni", Q8_VARIANTS)
-@pytest.mark.parametrize("gs", GROUP_SIZES)
+@pytest.mark.parametrize("gs,fastmath,vnni", Q8_CASES)
 def test_matmul_q8_0_matches_exact_arithmetic(gs, fastmath, vnni):
     if vnni and not simd.VNNI:
         pytest.skip("the CPU has no VNNI")
