@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,6 +35,13 @@ TINY_MODELS = {
     "v2-shared": replace(TINY, version=2, group_size=32),
     "v2-unshared-gqa": replace(TINY, version=2, group_size=32, shared_classifier=False, n_kv_heads=2),
 }
+
+
+def default_ctrl_c() -> None:
+    """preexec_fn for a child the test sends SIGINT: a runner started in the background by a
+    script (`make test &`) ignores SIGINT, children inherit that, and Python then installs no
+    KeyboardInterrupt handler; restore the default first."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def requires(path: Path):

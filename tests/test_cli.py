@@ -23,7 +23,7 @@ from llama2nb.testmodels import random_weights
 from llama2nb.tokenizer import write_bin
 from llama2nb.testmodels import byte_vocab
 
-from .conftest import LLAMA2_BIN, LLAMA2_MODEL, REPO, requires
+from .conftest import LLAMA2_BIN, LLAMA2_MODEL, REPO, default_ctrl_c, requires
 from .sampling_fixtures import tiny_config, tiny_vocab, write_tiny_model
 
 CLI = [sys.executable, "-c", "from llama2nb.cli import main; main(prog_name='llama2nb')"]
@@ -308,7 +308,7 @@ def test_ctrl_c_prints_the_summary_and_exits_130(tmp_path):
     folder = tmp_path / "long"
     model = write_tiny_model(folder, seq_len=200_000)
     proc = subprocess.Popen([*CLI, "sample", str(model), "-n", "0", "-s", LONG_STORY_SEED], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=REPO)
+                            stderr=subprocess.PIPE, cwd=REPO, preexec_fn=default_ctrl_c)
     try:
         assert proc.stdout.read(20)  # sampling has started
         proc.send_signal(signal.SIGINT)
@@ -354,7 +354,7 @@ def interrupted_on_a_terminal(args: list[str], on_pty: set[str], ready) -> tuple
     streams = {name: slave if name in on_pty else default
                for name, default in (("stdin", subprocess.DEVNULL), ("stdout", subprocess.PIPE),
                                      ("stderr", subprocess.PIPE))}
-    proc = subprocess.Popen([*CLI, *args], cwd=REPO, **streams)
+    proc = subprocess.Popen([*CLI, *args], cwd=REPO, preexec_fn=default_ctrl_c, **streams)
     os.close(slave)
     try:
         ready(proc, master)

@@ -22,6 +22,7 @@ import torch
 
 from llama2nb.files.llama2c import read_checkpoint
 from llama2nb.training.model import ModelArgs, Transformer
+from tests.conftest import default_ctrl_c
 from tests.test_training_helpers import prepare_data
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,7 +77,7 @@ runpy.run_module("llama2nb.training", run_name="__main__")
 def start(args: list[str], cwd: Path, **pause: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **pause)
     return subprocess.Popen([sys.executable, "-c", DRIVER, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_ctrl_c)
 
 
 def run_through(args: list[str], cwd: Path) -> None:
