@@ -239,17 +239,24 @@ if __name__ == "__main__":  # the table for the closing note: python -m tests.te
             print(f"| {name} | " + " | ".join(f"{max_logit_diff(path, f):.2e}" for f in FASTMATH) + " |")
 
 
+# fp32: last-bit differences only. Q8_0: an activation whose last bit differs can round to the
+# other int8 (observed 6.8e-5 once in the full suite, in prefill)
+THREAD_TOLERANCE = {"v1-unshared-gqa": 1e-5, "v2-shared": 5e-4}
+
+
 @pytest.mark.parametrize("name", ["v1-unshared-gqa", "v2-shared"])
 def test_threads_give_the_single_thread_logits(tiny_models, name, monkeypatch):
     """--threads splits matmul rows across threads. Each row is still one sum, but the parallel
-    loop body is compiled apart and may vectorise it in another order: last-bit differences."""
+    loop body is compiled apart and may vectorise it in another order: last-bit differences
+    (THREAD_TOLERANCE)."""
     monkeypatch.setattr(forward_module, "MIN_PARALLEL_BYTES", 0)  # split even these tiny matrices
     single = Transformer.load(tiny_models[name], fastmath="full")
     threaded = Transformer.load(tiny_models[name], fastmath="full", threads=2)
     assert threaded.threads == 2 and numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
     for pos, token in enumerate([1, 5, 9, 33, 2, 60] * 12):
-        np.testing.assert_allclose(single.forward(token, pos), threaded.forward(token, pos), atol=1e-5)
-    np.testing.assert_allclose(single.prefill(list(range(40))), threaded.prefill(list(range(40))), atol=1e-5)
+        np.testing.assert_allclose(single.forward(token, pos), threaded.forward(token, pos), atol=THREAD_TOLERANCE[name])
+    np.testing.assert_allclose(single.prefill(list(range(40))), threaded.prefill(list(range(40))),
+                               atol=THREAD_TOLERANCE[name])
 
 
 def test_small_models_stay_on_one_thread_and_say_so(tiny_models):
