@@ -458,14 +458,20 @@ def k_quant_tiles(out, x, w, stamp, six):
 
 
 @kernel
+def tile_half(tile, at, r):
+    """Row r's fp16 in the 16 rows' halves that lie side by side from byte `at` of a tile (a
+    block's scales d, Q4_K's dmin), as float32."""
+    return half_float(tile[at + 2 * r], tile[at + 2 * r + 1])
+
+
+@kernel
 def q6_k_tile_value(tile, s, r, v):
     """Value v (0..255) of row r in super-block s of a Q6_K tile: (q - 32, d * sc, 0)."""
     at = s * Q6_K_TILE_BYTES
     g, i = v // 4, v % 4
     low = I32(tile[at + Q6_K_LOW + 64 * (g % 32) + 4 * r + i]) >> I32(4 * (g // 32)) & I32(15)
     high = I32(tile[at + Q6_K_HIGH + 64 * (g % 16) + 4 * r + i]) >> I32(2 * (g // 16)) & I32(3)
-    return (low | high << I32(4)) - I32(32), half_float(tile[at + 2 * r], tile[at + 2 * r + 1]) * np.float32(
-        q6_k_scale(tile, s, r, v // 16)), ZERO
+    return (low | high << I32(4)) - I32(32), tile_half(tile, at, r) * np.float32(q6_k_scale(tile, s, r, v // 16)), ZERO
 
 
 @kernel
@@ -483,8 +489,8 @@ def q4_k_tile_value(tile, s, r, v):
     q = I32(tile[at + Q4_K_QS + 512 * c + 64 * (l // 4) + 4 * r + l % 4]) >> I32(4 * high) & I32(15)
     sc = np.float32(tile[at + Q4_K_SC + 32 * c + 2 * r + high])
     m = np.float32(tile[at + Q4_K_M + 32 * c + 2 * r + high])
-    d = half_float(tile[at + 2 * r], tile[at + 2 * r + 1])
-    dmin = half_float(tile[at + TILE_HEADER + 2 * r], tile[at + TILE_HEADER + 2 * r + 1])
+    d = tile_half(tile, at, r)
+    dmin = tile_half(tile, at + TILE_HEADER, r)
     return q, d * sc, dmin * m
 
 
@@ -504,8 +510,8 @@ def q4_k_tile_dot(tile, s, r, x):
             total += I32(x[v])
         main += I32(tile[at + Q4_K_SC + 32 * (j // 2) + 2 * r + j % 2]) * dot
         mins += I32(tile[at + Q4_K_M + 32 * (j // 2) + 2 * r + j % 2]) * total
-    scale = half_float(tile[at + 2 * r], tile[at + 2 * r + 1])
-    dmin = half_float(tile[at + TILE_HEADER + 2 * r], tile[at + TILE_HEADER + 2 * r + 1])
+    scale = tile_half(tile, at, r)
+    dmin = tile_half(tile, at + TILE_HEADER, r)
     return scale * np.float32(main) - dmin * np.float32(mins)
 
 
@@ -521,7 +527,7 @@ def q6_k_tile_dot(tile, s, r, x):
             q, _, _ = q6_k_tile_value(tile, s, r, v)
             dot += q * I32(x[v])
         main += q6_k_scale(tile, s, r, k) * dot
-    return half_float(tile[at + 2 * r], tile[at + 2 * r + 1]) * np.float32(main)
+    return tile_half(tile, at, r) * np.float32(main)
 
 
 @kernel
@@ -560,7 +566,7 @@ def tile_row_value(tile, k, r, j, kind):
     if kind == Q6_K_TILES:
         return q6_k_tile_value(tile, k, r, j)
     size, _ = tile_block(kind)
-    return tile_value(tile, k, r, j, kind == Q4_0_TILES), half_float(tile[k * size + 2 * r], tile[k * size + 2 * r + 1]), ZERO
+    return tile_value(tile, k, r, j, kind == Q4_0_TILES), tile_half(tile, k * size, r), ZERO
 
 
 @kernel
@@ -585,7 +591,7 @@ def tile_dot(tile, k, r, x, kind):
     dot = I32(0)
     for j in range(values):
         dot += tile_value(tile, k, r, j, kind == Q4_0_TILES) * I32(x[j])
-    return half_float(tile[k * size + 2 * r], tile[k * size + 2 * r + 1]) * np.float32(dot)
+    return tile_half(tile, k * size, r) * np.float32(dot)
 
 
 @kernel

@@ -64,7 +64,7 @@ def _gemm_intrinsic():
                 k0 = b.mul(chunks.index, _I64(PANEL_K))
                 width = b.sub(n, k0)
                 width = b.select(b.icmp_signed("<", width, _I64(PANEL_K)), width, _I64(PANEL_K))
-                _pack(b, arrays, panel, i, rows, k0, width)
+                _pack(b, v, arrays, panel, i, rows, k0, width)
                 first = b.icmp_signed("==", chunks.index, _I64(0))
 
                 def emit(T, start):
@@ -76,11 +76,10 @@ def _gemm_intrinsic():
     return typer
 
 
-def _pack(b, arrays, panel, i, rows, k0, width):
+def _pack(b, v, arrays, panel, i, rows, k0, width):
     """panel[k * 32 + r] = w[i + r, k0 + k] for k < width, r < rows; 0 for the rows past the
     matrix (and for the columns past width up to a multiple of 16, which no pass reads): 16 x 16
     blocks, each 16 masked row loads, a transpose in 64 two-vector shuffles and 16 stores."""
-    v = _IR(b)
     f16 = _vec(_F32, 16)
     lanes = v.const(_I32, range(16))
     with cgutils.for_range(b, b.sdiv(b.add(width, _I64(15)), _I64(16))) as blocks:

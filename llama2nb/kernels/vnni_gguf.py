@@ -106,9 +106,11 @@ class _IR:
         """The fp16 at byte offset of base, as float."""
         return self.b.fpext(self.b.bitcast(self.load(base, offset, _I16), _F16), _F32)
 
-    def prefetch(self, base, offset):
-        """A hint to bring the cache line at byte base + offset in (never faults)."""
-        self.call("llvm.prefetch.p0", ir.VoidType(), self.at(base, offset), _I32(0), _I32(3), _I32(1))
+    def prefetch(self, base, offset, nbytes):
+        """Hints to bring the nbytes from byte base + offset into the cache, a line at a time
+        (never faults)."""
+        for line in range(0, nbytes, 64):
+            self.call("llvm.prefetch.p0", ir.VoidType(), self.at(base, offset + line), _I32(0), _I32(3), _I32(1))
 
     def dpbusd(self, acc, unsigned, signed):
         """acc + the sums of 4 products unsigned byte x signed byte, per int32 lane."""
@@ -510,8 +512,7 @@ def _kquant_intrinsic(fmt: KQuant):
                 s = loop.index
                 sb = v.at(row, builder.mul(s, _I64(fmt.size)))
                 if T == 1:  # one token streams the rows from DRAM: ask for them ahead
-                    for line in range(0, fmt.size, 64):
-                        v.prefetch(sb, KQ_AHEAD + line)
+                    v.prefetch(sb, KQ_AHEAD, fmt.size)
                 weights, scales, starts, mins, d, dmin = _kquant_pieces(v, fmt, sb)
                 for t, (x, xd, sums) in enumerate(tokens):
                     chains = [ir.Constant(int_lanes, None)] * 2  # two chains of vpdpwssd: latency

@@ -139,8 +139,7 @@ def _k_tiles_intrinsic(tile_bytes: int, super_block, ahead: int = 0):
             with cgutils.for_range(b, supers) as loop:
                 base = v.at(tile, b.mul(loop.index, _I64(tile_bytes)))
                 if T == 1 and ahead:
-                    for line in range(0, tile_bytes, 64):
-                        v.prefetch(base, ahead * tile_bytes + line)
+                    v.prefetch(base, ahead * tile_bytes, tile_bytes)
                 super_block(v, base, loop.index, inputs, accs)
             _store_tile(b, arrays, accs, i, T, first, rows)
 
