@@ -169,9 +169,11 @@ def matmul_f32_error(fastmath):
 
 
 def test_prompts_use_the_avx512_panels_with_fastmath_where_the_cpu_has_them():
-    assert F32().constants("full")["F32_GEMM"] == simd.AVX512
-    assert not F32().constants("off")["F32_GEMM"]
-    assert not compiled("full", frozenset({F32()}), vnni=False).matmul.py_func.__globals__["F32_GEMM"]
+    def uses_panels(fastmath, **options):
+        return compiled(fastmath, frozenset({F32()}), **options).matmul.py_func.__globals__["F32_GEMM"]
+
+    assert uses_panels("full") == uses_panels("reassoc") == simd.AVX512
+    assert not uses_panels("off") and not uses_panels("full", vnni=False)
 
 
 @pytest.mark.parametrize("fastmath", SETTINGS)
