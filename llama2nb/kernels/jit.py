@@ -13,7 +13,10 @@ the caller (an `overload`), so the layer code is written once and specialised pe
 branch at run time; from Python, and under NUMBA_DISABLE_JIT, it is made per call.
 
 Every variant is cached on disk (`cache=True`, where numba_cache finds a writable folder) under
-its own name, and that name carries a hash of the sources of every kernel file, because Numba's
+its own name. The name carries the fastmath setting and the constants the kernel's code reads,
+its callees' included, and no others: families that agree on those share the compiled code
+(the attention compiled for one model's family serves the next model's, of other formats).
+It also carries a hash of the sources of every kernel file, because Numba's
 cache checks only the file of the function itself: an edit to a callee would otherwise leave a
 stale compiled caller in place. The hash also covers the target CPU (NUMBA_CPU_NAME and
 NUMBA_CPU_FEATURES: a portable build for AVX2, say): Numba keys its index on the target too, but
@@ -124,49 +127,86 @@ def compile_family(fastmath: str, constants: dict[str, Any], parallel: bool = Fa
     """Every registered kernel and generic, compiled (lazily, at first call) as @njit with the
     named fastmath setting and `constants` in place of module globals of the same names."""
     flags = FASTMATH[fastmath_name(fastmath)]
-    suffix = "".join(f"_{name}{int(value)}" for name, value in sorted(constants.items()))
-    tag = f"{fastmath}{'_par' if parallel else ''}{suffix}_{_sources_hash()}"
+    sources = _sources_hash()
+
+    def tag(name: str) -> str:  # the family as far as kernel `name` can tell: what its code depends on
+        used = sorted((key, value) for key, value in constants.items() if key in _names_used(name))
+        return f"{fastmath}{'_par' if parallel else ''}{''.join(f'_{key}{int(value)}' for key, value in used)}_{sources}"
+
     compiled: dict[str, Callable] = {}
     namespaces: list[dict] = []
+    options = {"fastmath": set(flags) if isinstance(flags, frozenset) else flags, "error_model": "numpy"}
 
     for name, fn in KERNELS.items():
         namespace = {**fn.__globals__, **constants}
         namespaces.append(namespace)
         clone = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
-        clone.__qualname__ = f"{fn.__name__}__{tag}"
+        clone.__qualname__ = f"{fn.__name__}__{tag(name)}"
         clone.__module__ = fn.__module__
         # only the functions with a prange loop are compiled parallel (the others would only warn)
         threaded = parallel and "prange" in fn.__code__.co_names
-        compiled[name] = numba.njit(cache=cache_enabled(inspect.getsourcefile(fn)), fastmath=set(flags) if isinstance(flags, frozenset) else flags,
-                                    error_model="numpy", parallel=threaded)(clone)
+        compiled[name] = numba.njit(cache=cache_enabled(inspect.getsourcefile(fn)), parallel=threaded, **options)(clone)
         load_without_refresh(compiled[name])  # a warm start loads without Numba's registry refresh
     for name, g in GENERICS.items():
-        compiled[name] = _family_generic(g, compiled, tag)
+        compiled[name] = _family_generic(g, compiled, tag, options, parallel)
     for namespace in namespaces:  # callees resolve to this family's compiled copies
         namespace.update(compiled)
     return types.SimpleNamespace(**compiled)
 
 
-def _family_generic(g: Generic, compiled: dict[str, Callable], tag: str) -> Callable:
+def _names_used(name: str) -> set[str]:
+    """Every global name kernel (or generic) `name` reads, its callees' included: the constants
+    among them are all that its compiled code depends on, so families that agree on those share
+    its compiled code (on disk: a model of another format reuses the attention a first one
+    compiled). A generic may call any format's kernel: it reads every name."""
+    if name in GENERICS:
+        return {"*"} | set().union(*(_code_names(fn.__code__) for fn in KERNELS.values()))
+    seen, todo, names = {name}, [name], set()
+    while todo:
+        own = _code_names(KERNELS[todo.pop()].__code__)
+        names |= own
+        if own & GENERICS.keys():
+            return _names_used(next(iter(own & GENERICS.keys())))
+        for callee in own & KERNELS.keys() - seen:
+            seen.add(callee)
+            todo.append(callee)
+    return names
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    """The global (and attribute) names a code object and the code nested in it read."""
+    return set(code.co_names).union(*(_code_names(c) for c in code.co_consts if isinstance(c, types.CodeType)))
+
+
+def _family_generic(g: Generic, compiled: dict[str, Callable], tag: Callable[[str], str],
+                    options: dict[str, Any], parallel: bool) -> Callable:
     """g for one family: from Python it dispatches per call to the family's kernels; in
     compiled callers an overload resolves it by type, at compile time, to the same kernels.
-    The overload's implementation is named after the family and the kernel it calls: Numba
-    names compiled code by qualified name and a per-process counter, so with one name for every
-    family, code loaded from the disk cache (named in another process) and code compiled now
-    could share a symbol, and a caller be linked to another family's kernel."""
+    The overload's implementation is the chosen kernel's own code, not a function calling it:
+    each level of calls compiles the callee's code again, into the caller's module (a threaded
+    family's kernels with a prange loop excepted: only their own dispatchers compile parallel).
+    It is cached, under a name of its own, after the kernel and the constants its code reads:
+    Numba names compiled code by qualified name and a per-process counter, so with one name for
+    code that differs, code loaded from the disk cache (named in another process) and code
+    compiled now could share a symbol, and a caller be linked to the wrong kernel."""
     function = g.bind(compiled)
 
-    @overload(function)
+    @overload(function, jit_options={**options, "cache": cache_enabled()}, strict=False)
     def typed(*args):
         name = g.choose_type(args[g.arg])
         if name is None:
             return None
         implementation = compiled[name]
+        if parallel and "prange" in implementation.py_func.__code__.co_names:
 
-        def call(*args):
-            return implementation(*args)
-
-        call.__qualname__ = call.__name__ = f"{g.name}__{name}__{tag}"
-        return call
+            def body(*args):  # compiled parallel, as only the kernel's own dispatcher is
+                return implementation(*args)
+        else:
+            kernel = implementation.py_func
+            body = types.FunctionType(kernel.__code__, kernel.__globals__, kernel.__name__, kernel.__defaults__,
+                                      kernel.__closure__)
+            body.__module__ = kernel.__module__
+        body.__qualname__ = body.__name__ = f"{g.name}__{name}__{tag(name)}"
+        return body
 
     return function
