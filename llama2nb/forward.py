@@ -22,40 +22,53 @@ from typing import Any
 
 import numba
 import numpy as np
+from numba.core.dispatcher import Dispatcher
 
 
 from .config import ModelConfig
 from .files import bytes_per_token, open_model, read_model
 from .files.llama2c import Checkpoint, TransformerWeights, available_memory, require_memory
-from .formats import Format, for_engine, format_of, linear, new_input, repacked_layout
-from .kernels.common import add, rmsnorm, rope, swiglu
+from .formats import Format, for_engine, format_of, linear, new_input, repacked_layout, stacked_for_engine
+from .kernels.common import add, rmsnorm, rope, split, swiglu
 from .kernels.jit import DEFAULT_FASTMATH, compile_family, fastmath_name, kernel
 from .mapping import Progress, fault_in
 
 
 @kernel
-def attention_input(x, xb, q, k, v, cos, sin, tick, eps, rms_att, wq, wk, wv):
+def attention_input(x, xb, q, k, v, qkv, cos, sin, tick, eps, rms_att, wq, wk, wv):
     """Attention's input: rmsnorm, the q k v projections, RoPE, for a block of B tokens. k and v
-    are these positions' rows of the KV cache, written in place.
-    x, xb, q (B, dim), k, v (B, kv_dim), cos, sin (B, head_size // 2), tick (1,) int64"""
+    are these positions' rows of the KV cache, written in place. wk None: wq is q, k and v's
+    matrices stacked (STACKS), multiplied into qkv and split from there.
+    x, xb, q (B, dim), k, v (B, kv_dim), qkv (B, dim + 2 kv_dim), cos, sin (B, head_size // 2),
+    tick (1,) int64"""
     rmsnorm(xb, x, rms_att, eps)  # xb (B, dim)
     stamp = new_input(tick)  # q, k and v share their input (and its quantized copies)
-    linear(q, xb, wq, stamp)  # q (B, dim)
-    linear(k, xb, wk, stamp)  # k (B, kv_dim)
-    linear(v, xb, wv, stamp)  # v (B, kv_dim)
+    if wk is None:
+        linear(qkv, xb, wq, stamp)  # qkv (B, dim + 2 kv_dim)
+        split(qkv, q, k, v)
+    else:
+        linear(q, xb, wq, stamp)  # q (B, dim)
+        linear(k, xb, wk, stamp)  # k (B, kv_dim)
+        linear(v, xb, wv, stamp)  # v (B, kv_dim)
     rope(q, k, cos, sin)
 
 
 @kernel
-def attention_output_and_ffn(x, xb, xb2, hb, hb2, tick, eps, wo, rms_ffn, w1, w2, w3):
+def attention_output_and_ffn(x, xb, xb2, hb, hb2, h13, tick, eps, wo, rms_ffn, w1, w2, w3):
     """Attention's output projection and residual, then the SwiGLU feed-forward and residual.
-    x (B, dim) the residual stream, xb (B, dim) the attention output, hb, hb2 (B, hidden_dim)"""
+    w3 None: w1 is w1's and w3's matrices stacked (STACKS), multiplied into h13.
+    x (B, dim) the residual stream, xb (B, dim) the attention output, hb, hb2 (B, hidden_dim),
+    h13 (B, 2 hidden_dim)"""
     linear(xb2, xb, wo, new_input(tick))  # xb2 (B, dim)
     add(x, xb2)
     rmsnorm(xb, x, rms_ffn, eps)  # xb (B, dim)
     stamp = new_input(tick)
-    linear(hb, xb, w1, stamp)  # hb (B, hidden_dim)
-    linear(hb2, xb, w3, stamp)  # hb2 (B, hidden_dim)
+    if w3 is None:
+        linear(h13, xb, w1, stamp)  # h13 (B, 2 hidden_dim)
+        split(h13, hb, hb2, None)
+    else:
+        linear(hb, xb, w1, stamp)  # hb (B, hidden_dim)
+        linear(hb2, xb, w3, stamp)  # hb2 (B, hidden_dim)
     swiglu(hb, hb2)  # hb (B, hidden_dim)
     linear(xb, hb, w2, new_input(tick))  # xb (B, dim)
     add(x, xb)
@@ -130,6 +143,8 @@ class RunState:
     q: np.ndarray  # (block, dim)
     hb: np.ndarray  # (block, hidden_dim)
     hb2: np.ndarray  # (block, hidden_dim)
+    qkv: np.ndarray  # (block, dim + 2 kv_dim) q, k and v from their stacked matrix (STACKS)
+    h13: np.ndarray  # (block, 2 hidden_dim) hb and hb2 from w1 and w3 stacked
     att: np.ndarray  # (n_heads, seq_len) one token's attention scores
     att_block: np.ndarray  # (block, seq_len) a block's attention scores, one head at a time
     transposed: np.ndarray  # (2, head_size, seq_len) a head's cached keys and values, transposed (attention_block)
@@ -146,7 +161,8 @@ class RunState:
         """Every float32 buffer's shape (the formats' scratch apart: a few MB at most)."""
         block, half = min(PREFILL_BLOCK, c.seq_len), c.head_size // 2
         return {"x": (block, c.dim), "xb": (block, c.dim), "xb2": (block, c.dim), "q": (block, c.dim),
-                "hb": (block, c.hidden_dim), "hb2": (block, c.hidden_dim), "att": (c.n_heads, c.seq_len),
+                "hb": (block, c.hidden_dim), "hb2": (block, c.hidden_dim), "qkv": (block, c.dim + 2 * c.kv_dim),
+                "h13": (block, 2 * c.hidden_dim), "att": (c.n_heads, c.seq_len),
                 "att_block": (block, c.seq_len), "transposed": (2, c.head_size, c.seq_len), "logits": (1, c.vocab_size),
                 "key_cache": (c.n_layers, c.seq_len, c.kv_dim), "value_cache": (c.n_layers, c.seq_len, c.kv_dim),
                 "cos": (c.seq_len, half), "sin": (c.seq_len, half)}
@@ -168,19 +184,35 @@ class RunState:
 
 LINEAR_FIELDS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
+# Matrices that multiply the same input, packed at load as one where their repacked layout
+# stacks them (formats.stacked_for_engine): one stream of weights instead of two or three, which
+# DRAM serves faster (benchmarks/performance.md). By the name of the whole, its parts in order.
+STACKS = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
 
-def engine_weights(weights: TransformerWeights, fastmath: str, memory: int | None = None) -> tuple[TransformerWeights, int]:
+
+def engine_weights(weights: TransformerWeights, fastmath: str,
+                   memory: int | None = None) -> tuple[TransformerWeights, dict[str, list], int]:
     """The weights with every matrix the layers and the classifier multiply by in the form the
-    engine multiplies by (formats.for_engine: as mapped, or repacked into new memory), and the
+    engine multiplies by (formats.for_engine: as mapped, or repacked into new memory), each
+    layer's STACKS (by name, a whole per layer, or None where its parts stay apart) and the
     bytes the repacked copies take (0: none to make). The embedding table stays as it is: it is
     only read a row at a time. Nothing is repacked when the copies would need more than `memory`
     bytes (None: no bound): the weights come back unchanged, with the bytes they would take."""
     matrices = [m for name in LINEAR_FIELDS for m in getattr(weights, name)] + [weights.wcls]
     needed = sum(layout.nbytes(m.shape) for m in matrices if (layout := repacked_layout(m, fastmath)) is not None)
+    stacks: dict[str, list] = {name: [None] * len(weights.wq) for name in STACKS}
     if not needed or (memory is not None and needed > memory):
-        return weights, needed
-    fields = {name: [for_engine(m, fastmath) for m in getattr(weights, name)] for name in LINEAR_FIELDS}
-    return replace(weights, wcls=for_engine(weights.wcls, fastmath), **fields), needed
+        return weights, stacks, needed
+    stacked = {part for parts in STACKS.values() for part in parts}
+    fields: dict[str, list] = {name: [] for name in LINEAR_FIELDS}
+    for layer in range(len(weights.wq)):
+        for whole, parts in STACKS.items():
+            views, stacks[whole][layer] = stacked_for_engine([getattr(weights, part)[layer] for part in parts], fastmath)
+            for part, view in zip(parts, views):
+                fields[part].append(view)
+        for name in (name for name in LINEAR_FIELDS if name not in stacked):
+            fields[name].append(for_engine(getattr(weights, name)[layer], fastmath))
+    return replace(weights, wcls=for_engine(weights.wcls, fastmath), **fields), stacks, needed
 
 
 def kv_cache_detail(c: ModelConfig) -> str:
@@ -219,11 +251,12 @@ class Transformer:
             raise ValueError(f"threads: expected 1 or more, found {threads}")
         self.notes: list[str] = []  # what a user should know about how the model runs
         self.weights, self.repacked_bytes, self.repack_seconds = checkpoint.weights, 0, 0.0
+        self.stacks: dict[str, list] = {name: [None] * checkpoint.config.n_layers for name in STACKS}
         if repack:
             started = time.perf_counter()
             available = available_memory()  # what the copies may take, beside the run state
             room = None if available is None else available - RunState.nbytes(self.config)
-            self.weights, needed = engine_weights(checkpoint.weights, self.fastmath, room)
+            self.weights, self.stacks, needed = engine_weights(checkpoint.weights, self.fastmath, room)
             self.repack_seconds = time.perf_counter() - started
             if self.weights is not checkpoint.weights:
                 self.repacked_bytes = needed
@@ -248,6 +281,7 @@ class Transformer:
         self.eps = np.float32(c.norm_eps)
         self._bind_weights()
         self._one_token = np.zeros(1, np.int64)
+        self._entries: dict[tuple, Any] = {}  # call site -> compiled code (_call)
         self.compile_seconds = self._warm_up() if warm_up else 0.0
 
     @classmethod
@@ -287,12 +321,17 @@ class Transformer:
         return fmt.operand(matrix, self.state.scratch[fmt.scratch_key()])
 
     def _bind_weights(self) -> None:
-        """Each layer's arguments gathered once (matrices as their formats' operands), so the
-        token loop only indexes lists."""
+        """Each layer's arguments gathered once (matrices as their formats' operands; a stack
+        in its first part's place and None in the others'), so the token loop only indexes lists."""
         w, op = self.weights, self._operand
         layers = range(self.config.n_layers)
-        self._attention_input = [(w.rms_att_weight[l], op(w.wq[l]), op(w.wk[l]), op(w.wv[l])) for l in layers]
-        self._ffn = [(op(w.wo[l]), w.rms_ffn_weight[l], op(w.w1[l]), op(w.w2[l]), op(w.w3[l])) for l in layers]
+        matrices = [{name: op(getattr(w, name)[l]) for name in LINEAR_FIELDS} for l in layers]
+        for l, named in enumerate(matrices):
+            for whole, parts in STACKS.items():
+                if self.stacks[whole][l] is not None:
+                    named.update({parts[0]: op(self.stacks[whole][l])}, **{part: None for part in parts[1:]})
+        self._attention_input = [(w.rms_att_weight[l], m["wq"], m["wk"], m["wv"]) for l, m in zip(layers, matrices)]
+        self._ffn = [(m["wo"], w.rms_ffn_weight[l], m["w1"], m["w2"], m["w3"]) for l, m in zip(layers, matrices)]
         self._classifier = (w.rms_final_weight, op(w.wcls))
         self._embedding = op(w.token_embedding_table)
 
@@ -344,7 +383,7 @@ class Transformer:
     def _checked(self, tokens, pos: int) -> np.ndarray:
         """tokens as int64 (n,), checked against the vocabulary and the context."""
         c = self.config
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)  # (as entry() expects)
         if tokens.size == 0:
             raise ValueError("tokens: expected at least one token, found none")
         if tokens.min() < 0 or tokens.max() >= c.vocab_size:
@@ -368,24 +407,44 @@ class Transformer:
         finally:
             numba.set_num_threads(caller_threads)
 
+    def _call(self, site: tuple, kernel: Any, *args: Any) -> None:
+        """kernel(*args) through the compiled code found for this call site at its first call
+        (entry): every call at a site passes arguments of the same types."""
+        code = self._entries.get(site)
+        if code is None:
+            code = self._entries[site] = entry(kernel, args)
+        code(*args)
+
     def _layers(self, tokens: np.ndarray, pos: int, logits: np.ndarray | None) -> None:
-        c, s, k, eps = self.config, self.state, self.kernels, self.eps
+        c, s, k, eps, call = self.config, self.state, self.kernels, self.eps, self._call
         B = tokens.shape[0]
         x, xb, xb2, q, hb, hb2 = s.x[:B], s.xb[:B], s.xb2[:B], s.q[:B], s.hb[:B], s.hb2[:B]  # (B, ...)
         cos, sin = s.cos[pos:pos + B], s.sin[pos:pos + B]  # (B, head_size // 2) these positions' angles
-        k.embed(x, self._embedding, tokens)  # the tokens' embeddings -> x (B, dim)
+        call(("embed",), k.embed, x, self._embedding, tokens)  # the tokens' embeddings -> x (B, dim)
         for l in range(c.n_layers):
             key_cache, value_cache = s.key_cache[l], s.value_cache[l]  # (seq_len, kv_dim) each
             # rmsnorm, q k v (k and v straight into these positions' cache rows), RoPE
-            k.attention_input(x, xb, q, key_cache[pos:pos + B], value_cache[pos:pos + B], cos, sin, s.tick, eps,
-                              *self._attention_input[l])
+            call(("input", l), k.attention_input, x, xb, q, key_cache[pos:pos + B], value_cache[pos:pos + B], s.qkv[:B],
+                 cos, sin, s.tick, eps, *self._attention_input[l])
             # causal attention over positions 0..pos(+b) -> xb (B, dim)
             if B == 1:
-                k.attention(xb[0], q[0], key_cache, value_cache, s.att, pos, c.n_kv_heads)
+                call(("attention",), k.attention, xb[0], q[0], key_cache, value_cache, s.att, pos, c.n_kv_heads)
             else:
-                k.attention_block(xb, q, key_cache, value_cache, s.att_block[:B], s.transposed, pos, c.n_kv_heads)
+                call(("attention_block",), k.attention_block, xb, q, key_cache, value_cache, s.att_block[:B],
+                     s.transposed, pos, c.n_kv_heads)
             # output projection, residual, SwiGLU feed-forward, residual -> x (B, dim)
-            k.attention_output_and_ffn(x, xb, xb2, hb, hb2, s.tick, eps, *self._ffn[l])
+            call(("ffn", l), k.attention_output_and_ffn, x, xb, xb2, hb, hb2, s.h13[:B], s.tick, eps, *self._ffn[l])
         # final rmsnorm and classifier, for the last token or all -> logits (1 or B, vocab_size)
         if logits is not None:
-            k.classifier(logits, x[B - logits.shape[0]:], s.tick, eps, *self._classifier)
+            call(("classifier",), k.classifier, logits, x[B - logits.shape[0]:], s.tick, eps, *self._classifier)
+
+
+def entry(kernel: Any, args: tuple) -> Any:
+    """The compiled code behind a kernel's dispatcher for these arguments' types (compiled or
+    loaded from the cache now if need be), to call directly with any arguments of the same
+    types. A dispatcher call first works out every argument's type, which for the layers'
+    weights (named tuples of arrays) takes several times as long as the unboxing itself
+    (benchmarks/performance.md). Without Numba (NUMBA_DISABLE_JIT): the kernel itself."""
+    if not isinstance(kernel, Dispatcher):
+        return kernel
+    return kernel.compile(tuple(kernel.typeof_pyval(arg) for arg in args))

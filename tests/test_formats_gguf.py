@@ -481,6 +481,38 @@ def test_tiles_hold_the_source_blocks_bit_for_bit(name):
         fmt.view(np.zeros(64, np.uint8), 0, (1, 32))
 
 
+@pytest.mark.parametrize("name", TILES)
+def test_tiles_stack_matrices_that_share_an_input(name):
+    """stack: the matrices' tiles in order in one buffer, each a view of its rows there, bit
+    for bit its own pack; the whole's product is the parts' side by side, bit for bit. Not
+    Q6_K (generation reads each matrix's mapped blocks), nor rows short of whole tiles before
+    the last matrix, nor matrices of other widths."""
+    fmt = REGISTRY[name]()
+    rng = np.random.default_rng(4)
+    cols = 2 * fmt.block_size
+    matrices = [random_matrix(fmt.source.name, rows, cols, rng) for rows in (32, 16, 37)]
+    stacked = fmt.stack(matrices)
+    if name == "q6_k_tiles":
+        assert stacked is None
+        return
+    parts, whole = stacked
+    assert whole.shape == (85, cols) and whole.data.shape[0] == 2 + 1 + 3
+    kernels, scratch = family("full", True), fmt.scratch(3, cols)
+    x = rng.standard_normal((3, cols)).astype(np.float32)
+    products = np.empty((3, 85), np.float32)
+    kernels.linear(products, x, fmt.operand(whole, scratch), 1)
+    at = 0
+    for matrix, part in zip(matrices, parts):
+        assert np.shares_memory(part.data, whole.data) and part.shape == matrix.shape
+        np.testing.assert_array_equal(part.data, fmt.pack(matrix).data)
+        out = np.empty((3, matrix.shape[0]), np.float32)
+        kernels.linear(out, x, fmt.operand(part, scratch), 2)
+        np.testing.assert_array_equal(out, products[:, at:at + matrix.shape[0]])
+        at += matrix.shape[0]
+    assert fmt.stack([matrices[2], matrices[0]]) is None
+    assert fmt.stack([matrices[0], random_matrix(fmt.source.name, 16, 2 * cols, rng)]) is None
+
+
 # Tiles are made only where their VNNI kernel runs (_Tiles.usable: fastmath reassoc or full), so
 # that kernel is checked under both; their portable loops serve tests alone (and CPUs without
 # AVX-512 VNNI, where the VNNI variants below run them too), checked beside it with IEEE arithmetic.
@@ -532,6 +564,25 @@ def test_a_model_repacked_at_load_runs_as_mapped(file_name):
         ours, theirs = packed.forward(token, pos).copy(), mapped.forward(token, pos)
         assert rel_err(ours, theirs.astype(np.float64)) <= 3e-6  # observed 3e-7
     assert rel_err(packed.prefill(tokens), mapped.prefill(tokens).astype(np.float64)) <= 3e-6
+
+
+@requires(GGUF_DIR)
+def test_stacked_matrices_give_the_logits_of_separate_ones(monkeypatch):
+    """q, k and v (and w1 and w3) stacked at load (forward.STACKS) run as one matmul each: the
+    same rows, the same sums, so the logits are bit for bit those of the matrices apart."""
+    from llama2nb import Transformer, forward
+
+    path = GGUF_DIR / "bundled-Q4_0.gguf"
+    stacked = Transformer.load(path, ctx=32)
+    made = [whole is not None for wholes in stacked.stacks.values() for whole in wholes]
+    assert made == [simd.VNNI512] * 2 * stacked.config.n_layers
+    monkeypatch.setattr(forward, "STACKS", {})
+    apart = Transformer.load(path, ctx=32)
+    assert apart.repacked_bytes == stacked.repacked_bytes
+    tokens = [1, 403, 2501, 3989, 727, 471, 263, 2217]
+    for pos, token in enumerate(tokens):
+        np.testing.assert_array_equal(stacked.forward(token, pos), apart.forward(token, pos))
+    np.testing.assert_array_equal(stacked.prefill(tokens), apart.prefill(tokens))
 
 
 @pytest.mark.parametrize("fastmath", ["off", "full"])

@@ -96,11 +96,31 @@ class _Tiles(QuantizedFormat):
         """The source matrix as tiles (the layout: kernels/vnni_tiles.py), in new memory, by a
         compiled pass (_pack_into) that makes no temporary the size of the matrix (save
         _extend's few bytes a block)."""
-        rows, cols = matrix.shape
-        size, blocks, tiles = self.source.block_bytes, cols // self.block_size, -(-rows // TILE)
-        packed = anonymous(self.nbytes(matrix.shape)).reshape(tiles, blocks, self.tile_bytes)
-        self._pack_into(matrix.data.reshape(rows, blocks, size), packed)
-        return BlockMatrix(self, packed.reshape(tiles, -1), matrix.shape, matrix.data)
+        return self._pack_rows([matrix])[0][0]
+
+    def stack(self, matrices: list[BlockMatrix]) -> tuple[list[BlockMatrix], BlockMatrix] | None:
+        """Source matrices that multiply the same input (q, k and v), packed as one matrix of
+        their rows stacked in order, and each as a view of its rows in it: one stream of
+        weights for their products instead of one each (benchmarks/performance.md). None where
+        the rows cannot stack (a matrix but the last short of whole tiles, or other columns)."""
+        if any(m.shape[0] % TILE for m in matrices[:-1]) or len({m.shape[1] for m in matrices}) != 1:
+            return None
+        return self._pack_rows(matrices)
+
+    def _pack_rows(self, matrices: list[BlockMatrix]) -> tuple[list[BlockMatrix], BlockMatrix]:
+        """The matrices (same columns) packed into one buffer of tiles, in order: each one's
+        view, and the whole."""
+        cols = matrices[0].shape[1]
+        size, blocks = self.source.block_bytes, cols // self.block_size
+        tiles = [-(-m.shape[0] // TILE) for m in matrices]
+        packed = anonymous(sum(tiles) * blocks * self.tile_bytes).reshape(sum(tiles), blocks, self.tile_bytes)
+        parts, at = [], 0
+        for matrix, count in zip(matrices, tiles):
+            self._pack_into(matrix.data.reshape(matrix.shape[0], blocks, size), packed[at:at + count])
+            parts.append(BlockMatrix(self, packed[at:at + count].reshape(count, -1), matrix.shape, matrix.data))
+            at += count
+        rows = sum(m.shape[0] for m in matrices)
+        return parts, BlockMatrix(self, packed.reshape(at, -1), (rows, cols))
 
     def _pack_into(self, source: np.ndarray, packed: np.ndarray) -> None:
         """packed (tiles, blocks, tile_bytes) from source (rows, blocks, source block bytes): a
@@ -288,6 +308,9 @@ class Q6_KTiles(_Q6_KLayout):
     operand_class = Q6_KTilesOperand
     linear_kernel = "linear_q6_k_tiles"
     embed_kernel = "embed_q6_k_tiles"
+
+    def stack(self, matrices):
+        return None  # generation reads each matrix's mapped blocks, which a stack would not have
 
     def operand(self, matrix, scratch):
         if not isinstance(matrix, BlockMatrix) or matrix.format != self or matrix.mapped is None:

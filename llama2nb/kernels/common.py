@@ -355,6 +355,21 @@ def swiglu(hb, hb2):
 
 
 @kernel
+def split(whole, first, second, third):
+    """first, second and third (unless None) = whole's columns in turn (a stacked matrix's
+    product, forward.STACKS).  whole (B, n1 + n2 [+ n3]), the parts (B, n_i)"""
+    n1, n2 = first.shape[1], second.shape[1]
+    for b in range(whole.shape[0]):
+        for i in range(n1):
+            first[b, i] = whole[b, i]
+        for i in range(n2):
+            second[b, i] = whole[b, n1 + i]
+        if third is not None:
+            for i in range(third.shape[1]):
+                third[b, i] = whole[b, n1 + n2 + i]
+
+
+@kernel
 def add(x, y):
     """x += y (the residual connection).  x, y (B, n)"""
     for b in range(x.shape[0]):
