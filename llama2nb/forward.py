@@ -31,7 +31,7 @@ from .files.llama2c import Checkpoint, TransformerWeights, available_memory, req
 from .formats import Format, for_engine, format_of, linear, new_input, repacked_layout, stacked_for_engine
 from .kernels.common import add, rmsnorm, rope, split, swiglu
 from .kernels.jit import DEFAULT_FASTMATH, compile_family, fastmath_name, kernel
-from .mapping import Progress, fault_in
+from .mapping import Arena, Progress, fault_in
 
 
 @kernel
@@ -205,14 +205,16 @@ def engine_weights(weights: TransformerWeights, fastmath: str,
         return weights, stacks, needed
     stacked = {part for parts in STACKS.values() for part in parts}
     fields: dict[str, list] = {name: [] for name in LINEAR_FIELDS}
+    arena = Arena(needed + 64 * (len(matrices) + 1))  # one mapping: 2 MB pages throughout
     for layer in range(len(weights.wq)):
         for whole, parts in STACKS.items():
-            views, stacks[whole][layer] = stacked_for_engine([getattr(weights, part)[layer] for part in parts], fastmath)
+            views, stacks[whole][layer] = stacked_for_engine([getattr(weights, part)[layer] for part in parts],
+                                                             fastmath, arena)
             for part, view in zip(parts, views):
                 fields[part].append(view)
         for name in (name for name in LINEAR_FIELDS if name not in stacked):
-            fields[name].append(for_engine(getattr(weights, name)[layer], fastmath))
-    return replace(weights, wcls=for_engine(weights.wcls, fastmath), **fields), stacks, needed
+            fields[name].append(for_engine(getattr(weights, name)[layer], fastmath, arena))
+    return replace(weights, wcls=for_engine(weights.wcls, fastmath, arena), **fields), stacks, needed
 
 
 def kv_cache_detail(c: ModelConfig) -> str:

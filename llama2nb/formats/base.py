@@ -33,6 +33,7 @@ import numpy as np
 from numba.core import types
 
 from ..kernels.jit import generic, kernel
+from ..mapping import anonymous
 
 
 class Format:
@@ -79,9 +80,10 @@ class Format:
     def operand(self, matrix: Any, scratch: Any) -> Any:
         raise NotImplementedError
 
-    def stack(self, matrices: list[Any]) -> tuple[list[Any], Any] | None:
+    def stack(self, matrices: list[Any], allocate: Any = None) -> tuple[list[Any], Any] | None:
         """A layout for_engine repacks into may pack matrices that share an input as one
-        (stacked_for_engine): (each one's view, the whole), or None where it does not."""
+        (stacked_for_engine), in memory from allocate(nbytes): (each one's view, the whole), or
+        None where it does not."""
         return None
 
     def __eq__(self, other: object) -> bool:
@@ -132,23 +134,24 @@ def repacked_layout(matrix: Any, fastmath: str) -> Format | None:
     return layout() if layout is not None and layout().usable(fastmath) else None
 
 
-def for_engine(matrix: Any, fastmath: str) -> Any:
+def for_engine(matrix: Any, fastmath: str, allocate: Any = anonymous) -> Any:
     """The matrix in the form the engine multiplies by: as mapped, or repacked into a faster
     layout of the same bits where its format has one this CPU and fastmath setting use (see
-    formats/interleaved.py). A repacked matrix is new memory: the caller counts it."""
+    formats/interleaved.py). A repacked matrix is new memory, from allocate(nbytes) (a
+    mapping.Arena, say): the caller counts it."""
     layout = repacked_layout(matrix, fastmath)
-    return matrix if layout is None else layout.pack(matrix)
+    return matrix if layout is None else layout.pack(matrix, allocate)
 
 
-def stacked_for_engine(matrices: list[Any], fastmath: str) -> tuple[list[Any], Any | None]:
+def stacked_for_engine(matrices: list[Any], fastmath: str, allocate: Any = anonymous) -> tuple[list[Any], Any | None]:
     """for_engine of matrices that multiply the same input (q, k and v; w1 and w3), and the
     whole they form where all are repacked into one layout that stacks them (a layout's
     `stack`): then each is a view of its rows in the whole, which the engine multiplies by
     instead, one stream of weights for all (None: no whole, multiply by each)."""
     layouts = {repacked_layout(m, fastmath) for m in matrices}
     layout = layouts.pop() if len(layouts) == 1 else None
-    stacked = None if layout is None or len(matrices) < 2 else layout.stack(matrices)
-    return stacked if stacked is not None else ([for_engine(m, fastmath) for m in matrices], None)
+    stacked = None if layout is None or len(matrices) < 2 else layout.stack(matrices, allocate)
+    return stacked if stacked is not None else ([for_engine(m, fastmath, allocate) for m in matrices], None)
 
 
 def by_ggml_type(type_id: int) -> Format:

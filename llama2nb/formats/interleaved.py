@@ -92,28 +92,28 @@ class _Tiles(QuantizedFormat):
             raise ValueError(f"operand: expected a 2-D {self!r} matrix, found {matrix!r}")
         return self.operand_class(matrix.data, *scratch)
 
-    def pack(self, matrix: BlockMatrix) -> BlockMatrix:
-        """The source matrix as tiles (the layout: kernels/vnni_tiles.py), in new memory, by a
-        compiled pass (_pack_into) that makes no temporary the size of the matrix (save
-        _extend's few bytes a block)."""
-        return self._pack_rows([matrix])[0][0]
+    def pack(self, matrix: BlockMatrix, allocate=anonymous) -> BlockMatrix:
+        """The source matrix as tiles (the layout: kernels/vnni_tiles.py), in new memory (from
+        `allocate(nbytes)`), by a compiled pass (_pack_into) that makes no temporary the size of
+        the matrix (save _extend's few bytes a block)."""
+        return self._pack_rows([matrix], allocate)[0][0]
 
-    def stack(self, matrices: list[BlockMatrix]) -> tuple[list[BlockMatrix], BlockMatrix] | None:
+    def stack(self, matrices: list[BlockMatrix], allocate=anonymous) -> tuple[list[BlockMatrix], BlockMatrix] | None:
         """Source matrices that multiply the same input (q, k and v), packed as one matrix of
         their rows stacked in order, and each as a view of its rows in it: one stream of
         weights for their products instead of one each (benchmarks/performance.md). None where
         the rows cannot stack (a matrix but the last short of whole tiles, or other columns)."""
         if any(m.shape[0] % TILE for m in matrices[:-1]) or len({m.shape[1] for m in matrices}) != 1:
             return None
-        return self._pack_rows(matrices)
+        return self._pack_rows(matrices, allocate)
 
-    def _pack_rows(self, matrices: list[BlockMatrix]) -> tuple[list[BlockMatrix], BlockMatrix]:
+    def _pack_rows(self, matrices: list[BlockMatrix], allocate) -> tuple[list[BlockMatrix], BlockMatrix]:
         """The matrices (same columns) packed into one buffer of tiles, in order: each one's
         view, and the whole."""
         cols = matrices[0].shape[1]
         size, blocks = self.source.block_bytes, cols // self.block_size
         tiles = [-(-m.shape[0] // TILE) for m in matrices]
-        packed = anonymous(sum(tiles) * blocks * self.tile_bytes).reshape(sum(tiles), blocks, self.tile_bytes)
+        packed = allocate(sum(tiles) * blocks * self.tile_bytes).reshape(sum(tiles), blocks, self.tile_bytes)
         parts, at = [], 0
         for matrix, count in zip(matrices, tiles):
             self._pack_into(matrix.data.reshape(matrix.shape[0], blocks, size), packed[at:at + count])
@@ -309,7 +309,7 @@ class Q6_KTiles(_Q6_KLayout):
     linear_kernel = "linear_q6_k_tiles"
     embed_kernel = "embed_q6_k_tiles"
 
-    def stack(self, matrices):
+    def stack(self, matrices, allocate=anonymous):
         return None  # generation reads each matrix's mapped blocks, which a stack would not have
 
     def operand(self, matrix, scratch):
