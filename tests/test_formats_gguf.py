@@ -566,6 +566,24 @@ def test_a_model_repacked_at_load_runs_as_mapped(file_name):
     assert rel_err(packed.prefill(tokens), mapped.prefill(tokens).astype(np.float64)) <= 3e-6
 
 
+def _mapping_of(array: np.ndarray):
+    """The buffer an array's data lies in, past every view."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array.base
+
+
+def test_an_arena_hands_out_aligned_pieces_until_full():
+    from llama2nb.mapping import Arena
+
+    arena = Arena(200)
+    first, second = arena(10), arena(64)
+    assert first.size == 10 and second.size == 64 and second.ctypes.data - first.ctypes.data == 64
+    assert not np.shares_memory(first, second) and _mapping_of(first) is _mapping_of(second)
+    with pytest.raises(MemoryError, match="arena: 100 bytes asked for, 72 left"):
+        arena(100)
+
+
 @requires(GGUF_DIR)
 def test_stacked_matrices_give_the_logits_of_separate_ones(monkeypatch):
     """q, k and v (and w1 and w3) stacked at load (forward.STACKS) run as one matmul each: the
@@ -576,6 +594,8 @@ def test_stacked_matrices_give_the_logits_of_separate_ones(monkeypatch):
     stacked = Transformer.load(path, ctx=32)
     made = [whole is not None for wholes in stacked.stacks.values() for whole in wholes]
     assert made == [simd.VNNI512] * 2 * stacked.config.n_layers
+    mappings = {id(_mapping_of(m.data)) for name in forward.LINEAR_FIELDS for m in getattr(stacked.weights, name)}
+    assert len(mappings) == 1  # one arena (mapping.Arena): 2 MB pages throughout
     monkeypatch.setattr(forward, "STACKS", {})
     apart = Transformer.load(path, ctx=32)
     assert apart.repacked_bytes == stacked.repacked_bytes

@@ -218,6 +218,18 @@ def test_forward_returns_float32_logits_and_reports_compile_time(tiny_models):
     assert model.config.version == 2 and model.config.group_size == 32
 
 
+def test_each_call_site_calls_its_compiled_code_directly(tiny_models):
+    """forward.entry: after a token and a block, every call site of the layer loop holds the
+    compiled code its first call found, not the dispatcher (under Numba)."""
+    model = Transformer.load(tiny_models["v2-shared"], fastmath=True, warm_up=False)
+    model.forward(1, 0)
+    model.prefill([1, 2, 3], pos=1)
+    sites = {("embed",), ("attention",), ("attention_block",), ("classifier",)}
+    sites |= {(kind, l) for kind in ("input", "ffn") for l in range(model.config.n_layers)}
+    assert set(model._entries) == sites
+    assert not any(isinstance(code, numba.core.dispatcher.Dispatcher) for code in model._entries.values())
+
+
 if __name__ == "__main__":  # the table for the closing note: python -m tests.test_forward
     import tempfile
     from pathlib import Path

@@ -259,10 +259,11 @@ class _Arrays:
 
 
 def _each_pass(builder, arrays, k0, k1, pair, emit, tokens_at_once=TOKENS):
-    """emit(row pointer, i, T, first) for every row i of the range (rows k0..k1-1, each followed
-    by row i + pair when pair > 0: formats/blocks.chunk_rows) and every input: TOKENS inputs at
-    a time, then one at a time. Inputs outside, rows inside: a group's inputs stay in L1 while
-    the range's rows (a few KB) pass over them."""
+    """emit(row pointer, i, T, first, after) for every row i of the range (rows k0..k1-1, each
+    followed by row i + pair when pair > 0: formats/blocks.chunk_rows) and every input: TOKENS
+    inputs at a time, then one at a time; `after` points at the row the pass takes next (for a
+    prefetch: it may lie past the last row). Inputs outside, rows inside: a group's inputs stay
+    in L1 while the range's rows (a few KB) pass over them."""
     tokens = arrays.shape(0)
     per_k = builder.add(_I64(1), builder.zext(builder.icmp_signed(">", pair, _I64(0)), _I64))
 
@@ -270,7 +271,10 @@ def _each_pass(builder, arrays, k0, k1, pair, emit, tokens_at_once=TOKENS):
         with cgutils.for_range(builder, builder.sub(k1, k0)) as loop:
             with cgutils.for_range(builder, per_k) as second:
                 i = builder.add(builder.add(k0, loop.index), builder.mul(second.index, pair))
-                emit(arrays.row_pointer(1, i), i, T, first)
+                paired = builder.and_(builder.icmp_signed("==", second.index, _I64(0)),
+                                      builder.icmp_signed(">", pair, _I64(0)))
+                after = builder.select(paired, builder.add(i, pair), builder.add(builder.add(k0, loop.index), _I64(1)))
+                emit(arrays.row_pointer(1, i), i, T, first, arrays.row_pointer(1, after))
 
     groups = builder.sdiv(tokens, _I64(tokens_at_once))
     with cgutils.for_range(builder, groups) as loop:
@@ -353,7 +357,7 @@ def _legacy_intrinsic(fmt: Legacy):
             values = v.load(base, builder.mul(block, _I64(4)), _vec(_F32, count))
             return v.pick(values, [k % count for k in range(n)]) if spread else v.widen(values, n)
 
-        def emit(row, i, T, first):
+        def emit(row, i, T, first, after):
             rows = [[arrays.row_pointer(k, builder.add(first, _I64(t))) for k in range(2, 7)] for t in range(T)]
             # accumulators per input: one pass over the row makes a chain of float adds, so one
             # input alone alternates between two (latency), several inputs have one each
@@ -504,7 +508,7 @@ def _kquant_intrinsic(fmt: KQuant):
         supers = builder.sdiv(arrays.shape(1, 1), _I64(fmt.size))
         f16, f8, int_lanes = _vec(_F32, 16), _vec(_F32, 8), _vec(_I32, 16)
 
-        def emit(row, i, T, first):
+        def emit(row, i, T, first, after):
             tokens = [[arrays.row_pointer(k, builder.add(first, _I64(t))) for k in (2, 3, 4)] for t in range(T)]
             accs = [cgutils.alloca_once_value(builder, ir.Constant(f16, None)) for _ in range(T)]
             min_accs = [cgutils.alloca_once_value(builder, ir.Constant(f8, None)) for _ in range(T)]

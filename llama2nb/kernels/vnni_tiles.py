@@ -23,8 +23,11 @@ vpdpbusd multiplies unsigned by signed bytes: the weights are the unsigned side 
 the signed, so each block's int32 lanes start at -8 * sum(x) (Q4_0's q - 8) or -128 * sum(x)
 and end exact: sum over the block of (q - zero) * x. Per input and block, in float:
 acc += float(lanes) * (d * d_x). Inputs go TOKENS at a time (their accumulators and the decoded
-weights fill the 32 vector registers), the rest one at a time. Only kernels compiled with
-fastmath use this: the float sums run in another order than the portable loops'.
+weights fill the 32 vector registers), the rest one at a time. One input streams the tiles
+from DRAM, a tile and its pair in turn (formats/blocks.chunk_rows): each block is read with a
+prefetch of the same block of the tile the pass takes next, so both streams stay in flight
+(benchmarks/performance.md). Only kernels compiled with fastmath use this: the float sums run
+in another order than the portable loops'.
 """
 
 from __future__ import annotations
@@ -65,12 +68,14 @@ def _tiles_intrinsic(nibbles: bool):
         rows = arrays.shape(0, 1)
         f16 = _vec(_F32, TILE)
 
-        def emit(tile, i, T, first):
+        def emit(tile, i, T, first, after):
             inputs = [[arrays.row_pointer(k, b.add(first, _I64(t))) for k in (2, 3, 4)] for t in range(T)]
             accs = [cgutils.alloca_once_value(b, ir.Constant(f16, None)) for _ in range(T)]
             with cgutils.for_range(b, blocks) as loop:
                 k = loop.index
                 base = v.at(tile, b.mul(k, _I64(size)))
+                if T == 1:  # one token streams the tiles: the next one's block meanwhile
+                    v.prefetch(v.at(after, b.mul(k, _I64(size))), 0, size)
                 d = b.fpext(v.load(base, 0, _vec(_F16, TILE)), f16)
                 starts = []
                 for xq, xd, x8 in inputs:
@@ -120,8 +125,9 @@ def _k_tiles_intrinsic(tile_bytes: int, super_block, ahead: int = 0):
     """The frame of a K-quant tiles intrinsic, (out, w, xq, xd, xsum, t0, t1, pair) as tiles()
     above with the K-quants' input (gguf_kquants: xq (B, n) int8, xd (B, n / 256) float32, xsum
     (B, n / 16) int16): the passes over tiles and inputs (4 inputs a pass), the loop over
-    super-blocks of `tile_bytes`, prefetching `ahead` of them for one input (it streams the
-    tiles from DRAM: benchmarks/performance.md), and the stores. super_block(v, base, s, inputs,
+    super-blocks of `tile_bytes`, prefetching `ahead` of them and the same super-block of the
+    tile the pass takes next for one input (it streams the tiles from DRAM:
+    benchmarks/performance.md), and the stores. super_block(v, base, s, inputs,
     accs) adds super-block s (at byte pointer base) times every input into its accumulator."""
 
     def typer(typingctx, out, w, xq, xd, xsum, t0, t1, pair):
@@ -133,13 +139,15 @@ def _k_tiles_intrinsic(tile_bytes: int, super_block, ahead: int = 0):
         supers = b.sdiv(arrays.shape(1, 1), _I64(tile_bytes))
         rows = arrays.shape(0, 1)
 
-        def emit(tile, i, T, first):
+        def emit(tile, i, T, first, after):
             inputs = [[arrays.row_pointer(k, b.add(first, _I64(t))) for k in (2, 3, 4)] for t in range(T)]
             accs = [cgutils.alloca_once_value(b, ir.Constant(_vec(_F32, TILE), None)) for _ in range(T)]
             with cgutils.for_range(b, supers) as loop:
                 base = v.at(tile, b.mul(loop.index, _I64(tile_bytes)))
-                if T == 1 and ahead:
-                    v.prefetch(base, ahead * tile_bytes, tile_bytes)
+                if T == 1:  # one token streams the tiles: this one's ahead, and the next one's
+                    if ahead:
+                        v.prefetch(base, ahead * tile_bytes, tile_bytes)
+                    v.prefetch(v.at(after, b.mul(loop.index, _I64(tile_bytes))), 0, tile_bytes)
                 super_block(v, base, loop.index, inputs, accs)
             _store_tile(b, arrays, accs, i, T, first, rows)
 
