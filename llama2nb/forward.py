@@ -30,7 +30,7 @@ from .files import bytes_per_token, open_model, read_model
 from .files.llama2c import Checkpoint, TransformerWeights, available_memory, require_memory
 from .formats import Format, for_engine, format_of, linear, new_input, repacked_layout, stacked_for_engine
 from .kernels.common import add, rmsnorm, rope, split, swiglu
-from .kernels.jit import DEFAULT_FASTMATH, compile_family, fastmath_name, kernel
+from .kernels.jit import DEFAULT_FASTMATH, compile_ahead, compile_family, fastmath_name, kernel
 from .mapping import Arena, Progress, fault_in
 
 
@@ -338,15 +338,31 @@ class Transformer:
         self._embedding = op(w.token_embedding_table)
 
     def _warm_up(self) -> float:
-        """Run a 2-token prefill and a token twice: the first time compiles (or loads from Numba's
-        cache), the second is pure run time, and the difference is what compiling cost."""
+        """Compile what a prompt block and a token call, in parallel processes where there are
+        several CPUs (jit.compile_ahead), then run a 2-token prefill and a token twice: the first
+        time compiles the rest (or loads from Numba's cache), the second is pure run time, and
+        the difference is what compiling cost."""
+        started = time.perf_counter()
+        ahead = time.perf_counter() - started if compile_ahead(self._entry_points()) else 0.0
         times = []
         for _ in range(2):
             started = time.perf_counter()
             self.prefill([0, 0])
             self.forward(0, 0)
             times.append(time.perf_counter() - started)
-        return max(times[0] - times[1], 0.0)
+        return ahead + max(times[0] - times[1], 0.0)
+
+    def _entry_points(self) -> list[tuple[Any, tuple]]:
+        """(kernel, argument types) of every call a prompt block and a token make."""
+        found = []
+
+        def record(site: tuple, kernel: Any, *args: Any) -> None:
+            if isinstance(kernel, Dispatcher):
+                found.append((kernel, tuple(kernel.typeof_pyval(arg) for arg in args)))
+
+        for tokens in (np.zeros(2, np.int64), self._one_token):
+            self._layers(tokens, 0, self.state.logits, record)
+        return found
 
     def forward(self, token: int, pos: int) -> np.ndarray:
         """Logits for `token` at position `pos`, attending over positions 0..pos of the cache.
@@ -417,8 +433,8 @@ class Transformer:
             code = self._entries[site] = entry(kernel, args)
         code(*args)
 
-    def _layers(self, tokens: np.ndarray, pos: int, logits: np.ndarray | None) -> None:
-        c, s, k, eps, call = self.config, self.state, self.kernels, self.eps, self._call
+    def _layers(self, tokens: np.ndarray, pos: int, logits: np.ndarray | None, call=None) -> None:
+        c, s, k, eps, call = self.config, self.state, self.kernels, self.eps, call or self._call
         B = tokens.shape[0]
         x, xb, xb2, q, hb, hb2 = s.x[:B], s.xb[:B], s.xb2[:B], s.q[:B], s.hb[:B], s.hb2[:B]  # (B, ...)
         cos, sin = s.cos[pos:pos + B], s.sin[pos:pos + B]  # (B, head_size // 2) these positions' angles

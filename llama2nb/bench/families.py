@@ -6,12 +6,15 @@ CPU; forward.family_name names it and the row worker reports its row's. The rows
 column is mostly loading kernels from the Numba cache the earlier runs filled, so each family the
 rows used is compiled once more here, from nothing: a fresh process with an empty Numba cache
 folder, the environment of a row that used it (a portable row's target CPU, NUMBA_OPT), on the
-smallest file among those rows, and Transformer.compile_seconds is the measurement.
+smallest file among those rows, and Transformer.compile_seconds is the measurement: once on one
+core, and once on every core the bench may use (a first run compiles its kernels in parallel
+processes, jit.compile_ahead).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 
 from .measure import row_spec
@@ -48,12 +51,18 @@ def cold_compile_spec(row: Row) -> dict:
     return {**row_spec(row, 0), "tg": [], "pp": [], "pure_python": False, "in_memory": False}
 
 
-def measure_families(rows: list[Row], log=print) -> list[dict]:
-    """Each family's compile seconds from an empty Numba cache: [{family, env, file, compile_s}]."""
+def measure_families(rows: list[Row], log=print, cores: int | None = None) -> list[dict]:
+    """Each family's compile seconds from an empty Numba cache, on one core and on `cores` (every
+    core the bench may use: jit.compile_ahead compiles a model's kernels in that many processes):
+    [{family, env, file, compile_s, cores, compile_s_cores}], the last two where cores > 1."""
+    cores = len(os.sched_getaffinity(0)) if cores is None and hasattr(os, "sched_getaffinity") else cores or 1
     measured = []
     for (family, env), row in family_rows(rows).items():
         log(f"  compiling from a cold cache: {family}" + (f" ({env})" if env else ""))
-        with tempfile.TemporaryDirectory() as cold:
-            result = run_worker(["row", json.dumps(cold_compile_spec(row))], {**row.env, "NUMBA_CACHE_DIR": cold})
-        measured.append({"family": family, "env": env, "file": row.path.name, "compile_s": result["compile_s"]})
+        found = {"family": family, "env": env, "file": row.path.name}
+        for n, key in ((1, "compile_s"), (cores, "compile_s_cores"))[:2 if cores > 1 else 1]:
+            with tempfile.TemporaryDirectory() as cold:
+                spec = {**cold_compile_spec(row), "compile_cores": n}
+                found[key] = run_worker(["row", json.dumps(spec)], {**row.env, "NUMBA_CACHE_DIR": cold})["compile_s"]
+        measured.append({**found, "cores": cores} if cores > 1 else found)
     return measured

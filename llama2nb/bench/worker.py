@@ -101,14 +101,15 @@ def prefill_flops_per_token(config) -> int:
 
 def measure_in_process(spec: dict) -> dict:
     """The `row` worker: spec has path, fastmath, threads, runs, tg and pp (lists of lengths),
-    pure_python and in_memory. Lengths beyond the model's context are skipped."""
+    pure_python, in_memory and compile_cores (the cores loading may compile on; 1 by default). Lengths beyond the model's context are skipped."""
     from llama2nb import Transformer
 
     threads = spec.get("threads", 1)
-    pin_to_cores(threads)
+    pin_to_cores(max(threads, spec.get("compile_cores", 1)))  # the cores compiling may use (jit.compile_ahead)
     started = time.perf_counter()
     model = Transformer.load(spec["path"], fastmath=spec["fastmath"], threads=threads,
                              warm_up=not spec.get("pure_python"), in_memory=spec.get("in_memory", False))
+    pin_to_cores(threads)
     result: dict = {"load_s": time.perf_counter() - started, "compile_s": model.compile_seconds,
                     "family": model.family, "threads_used": model.threads,  # fewer than asked for a small model
                     "flops_per_token": prefill_flops_per_token(model.config),

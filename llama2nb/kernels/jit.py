@@ -22,12 +22,20 @@ stale compiled caller in place. The hash also covers the target CPU (NUMBA_CPU_N
 NUMBA_CPU_FEATURES: a portable build for AVX2, say): Numba keys its index on the target too, but
 in one index file shared with the native build, and the compile-time constants taken from the
 target (VNNI, F16C) are not part of the name of every kernel.
+
+`compile_ahead(jobs)` compiles the entry points a model will call, those not in the disk cache,
+in forked processes, one per CPU the process may use, each saving what it compiles to the cache
+(under a lock: Numba's index of a function is read, changed and written back); the caller then
+loads them. Numba compiles on one thread, so a first run that compiles several kernels waits
+for the longest share instead of the sum.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import multiprocessing
+import os
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,3 +218,86 @@ def _family_generic(g: Generic, compiled: dict[str, Callable], tag: Callable[[st
         return body
 
     return function
+
+
+COMPILE_JOBS_VARIABLE = "LLAMA2NB_COMPILE_JOBS"  # processes compile_ahead may use (1: compile in-process)
+_JOBS: list[tuple[Any, tuple]] = []  # compile_ahead's jobs, as its forked processes inherit them
+
+
+def compile_workers() -> int:
+    """How many processes compile_ahead uses: LLAMA2NB_COMPILE_JOBS, else the CPUs this process
+    may run on."""
+    value = os.environ.get(COMPILE_JOBS_VARIABLE, "")
+    if value.strip():
+        try:
+            return max(int(value), 1)
+        except ValueError:
+            raise ValueError(f"{COMPILE_JOBS_VARIABLE}: expected a number of processes, found {value!r}") from None
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def compile_ahead(jobs: list[tuple[Any, tuple]], workers: int | None = None) -> int:
+    """Compile each (dispatcher, argument types) of `jobs` that is neither compiled in this process
+    nor in the disk cache, in up to `workers` (compile_workers()) forked processes that save it
+    to the cache, so that dispatcher.compile(types) here then loads it. Returns how many were
+    compiled so. Nothing is done (0) with one worker or one job, without a disk cache, without
+    fork, or once Numba's threads have started (forking them is unsafe): the caller's first calls
+    compile as usual, and so does any job a process failed."""
+    workers = compile_workers() if workers is None else workers
+    todo = [(d, sig) for d, sig in dict.fromkeys(jobs) if not _compiled_or_cached(d, sig)]
+    if workers < 2 or len(todo) < 2 or "fork" not in multiprocessing.get_all_start_methods() or _threads_started():
+        return 0
+    _JOBS[:] = todo
+    context = multiprocessing.get_context("fork")
+    try:
+        with context.Pool(min(workers, len(todo)), _lock_cache_saves, (context.Lock(),)) as pool:
+            done = pool.map(_compile_job, range(len(todo)), chunksize=1)
+    finally:
+        _JOBS.clear()
+    return done.count(True)
+
+
+def _compiled_or_cached(dispatcher: Any, sig: tuple) -> bool:
+    """True where dispatcher.compile(sig) would not compile: done in this process, or in the
+    disk cache's index (or where this Numba's cache cannot be asked: the caller compiles)."""
+    if not isinstance(dispatcher, numba.core.dispatcher.Dispatcher) or sig in dispatcher.overloads:
+        return True
+    cache = dispatcher._cache
+    try:
+        if not cache._enabled:
+            return True
+        return cache._index_key(sig, dispatcher.targetctx.codegen()) in cache._cache_file._load_index()
+    except (AttributeError, OSError):
+        return True
+
+
+def _threads_started() -> bool:
+    try:
+        from numba.np.ufunc import parallel
+        return bool(parallel._is_initialized)
+    except (ImportError, AttributeError):
+        return True
+
+
+def _lock_cache_saves(lock) -> None:
+    """In a compiling process: every save to Numba's disk cache under `lock`, shared by all of
+    them, so that two saves to one function's index do not lose one (or name two entries' data
+    files alike)."""
+    from numba.core.caching import IndexDataCacheFile
+
+    save = IndexDataCacheFile.save
+
+    def locked(self, key, data):
+        with lock:
+            save(self, key, data)
+
+    IndexDataCacheFile.save = locked
+
+
+def _compile_job(index: int) -> bool:
+    dispatcher, sig = _JOBS[index]
+    try:
+        dispatcher.compile(sig)
+    except Exception:  # the caller compiles it again, and reports what goes wrong
+        return False
+    return True
