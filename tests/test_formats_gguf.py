@@ -44,12 +44,13 @@ def family(fastmath: str, vnni: bool, f16c: bool = True):
     """Every kernel compiled for one fastmath setting, with (vnni) or without the VNNI paths
     (which, as in the engine, need fastmath and the CPU), with the CPU's half-to-float
     conversion (f16c, where it has one) or the integer one."""
-    return _family(fastmath, vnni and simd.VNNI512 and fastmath != "off", f16c and simd.F16C)
+    return _family(fastmath, vnni and simd.VNNI512 and fastmath != "off", f16c and simd.F16C,
+                   vnni and simd.TILE_SIMD and fastmath != "off")
 
 
 @functools.cache
-def _family(fastmath: str, vnni: bool, f16c: bool):
-    return compile_family(fastmath, {"FAST_EXP": fastmath == "full", "VNNI512": vnni, "F16C": f16c})
+def _family(fastmath: str, vnni: bool, f16c: bool, tiles: bool):
+    return compile_family(fastmath, {"FAST_EXP": fastmath == "full", "VNNI512": vnni, "F16C": f16c, "TILES": tiles})
 
 
 def rel_err(ours, reference) -> float:
@@ -557,7 +558,7 @@ def test_a_model_repacked_at_load_runs_as_mapped(file_name):
     path = GGUF_DIR / file_name
     packed, mapped = Transformer.load(path, ctx=32), Transformer.load(path, ctx=32, repack=False)
     assert not {f.name for f in mapped.weight_formats} & set(TILES) and mapped.repacked_bytes == 0
-    if simd.VNNI512:
+    if simd.TILE_SIMD:
         assert {f.name for f in packed.weight_formats} & set(TILES) and packed.repacked_bytes > 0
     tokens = [1, 403, 2501, 3989, 727, 471, 263, 2217]
     for pos, token in enumerate(tokens):
@@ -593,7 +594,7 @@ def test_stacked_matrices_give_the_logits_of_separate_ones(monkeypatch):
     path = GGUF_DIR / "bundled-Q4_0.gguf"
     stacked = Transformer.load(path, ctx=32)
     made = [whole is not None for wholes in stacked.stacks.values() for whole in wholes]
-    assert made == [simd.VNNI512] * 2 * stacked.config.n_layers
+    assert made == [simd.TILE_SIMD] * 2 * stacked.config.n_layers
     mappings = {id(_mapping_of(m.data)) for name in forward.LINEAR_FIELDS for m in getattr(stacked.weights, name)}
     assert len(mappings) == 1  # one arena (mapping.Arena): 2 MB pages throughout
     monkeypatch.setattr(forward, "STACKS", {})
@@ -811,4 +812,4 @@ def test_no_repack_when_the_copies_would_not_fit(monkeypatch):
     monkeypatch.setattr(forward, "available_memory", lambda: state + 1000)
     model = forward.Transformer.load(GGUF_DIR / "bundled-Q4_0.gguf")
     assert model.repacked_bytes == 0 and not {f.name for f in model.weight_formats} & set(TILES)
-    assert any(note.startswith("not repacked") for note in model.notes) or not simd.VNNI512
+    assert any(note.startswith("not repacked") for note in model.notes) or not simd.TILE_SIMD

@@ -39,6 +39,7 @@ from .blocks import QuantizedFormat, check_embed, check_linear, chunk_rows, half
 I32 = np.int32
 QK = 32  # values per block
 VNNI512 = False  # compile-time constant: the AVX-512 VNNI paths (blocks.QuantizedFormat.constants)
+TILES = False  # compile-time constant: the 16-row tiles' intrinsics run (interleaved._Tiles.constants)
 
 
 def round_half_away(v: np.ndarray) -> np.ndarray:
@@ -253,7 +254,7 @@ def q8_32_quantized(x, xq, xd, xsum, xu, xs, xds, x8, last, stamp):
 def quantize_q8_32(x, xq, xd, xsum, xu, xs, xds, x8):
     """Per block of 32: xd = max|x| / 127, xq = round(x * (1 / xd)) (llama.cpp's
     quantize_row_q8_0: C's roundf, half away from zero; an all-zero block gets 0s), xsum = the
-    sum of xq. With VNNI512, also what the intrinsics read: xds = xd * xsum, x8 = -8 * xsum
+    sum of xq. With VNNI512 (or TILES), also what the intrinsics read: xds = xd * xsum, x8 = -8 * xsum
     (Q4_0's offset term, which one input's pass starts from), and xs = xq and
     xu = xq + 128 with each pair of blocks a, b (64 values) in their order (kernels/vnni_gguf.py):
     4-byte lanes alternating a, b, lane 2m holding a's values 4m..4m+3 for m < 4 and
@@ -278,7 +279,7 @@ def quantize_q8_32(x, xq, xd, xsum, xu, xs, xds, x8):
                 total += int(q)
             xd[b, k] = d
             xsum[b, k] = total
-        if VNNI512:
+        if VNNI512 or TILES:
             for k in range(blocks):
                 xds[b, k] = xd[b, k] * np.float32(xsum[b, k])
                 x8[b, k] = -8 * xsum[b, k]

@@ -31,7 +31,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from ..kernels import vnni_tiles
+from ..kernels import simd, vnni_tiles
 from ..kernels.common import ZERO
 from ..kernels.jit import kernel
 from ..kernels.vnni_tiles import (Q4_K_M, Q4_K_QS, Q4_K_SC, Q4_K_TILE_BYTES, Q6_K_HIGH, Q6_K_LOW, Q6_K_SC,
@@ -45,6 +45,7 @@ from .gguf_legacy import QK, LegacyOperand, Q4_0, Q8_0Block, q8_32_quantized
 
 I32 = np.int32
 VNNI512 = False  # compile-time constant (blocks.QuantizedFormat.constants)
+TILES = False  # compile-time constant: the tiles' intrinsics build for this CPU, with fastmath (_Tiles.constants)
 
 
 class _Tiles(QuantizedFormat):
@@ -56,14 +57,17 @@ class _Tiles(QuantizedFormat):
     tile_bytes: ClassVar[int]  # bytes of a tile's block (or super-block): 16 rows' worth
     unit = "blocks"
 
+    def constants(self, fastmath: str) -> dict:
+        return {**super().constants(fastmath), "TILES": simd.TILE_SIMD and fastmath != "off"}
+
     def usable(self, fastmath: str) -> bool:
-        """Whether this CPU and fastmath setting run the tiles' VNNI kernel (else repacking
-        would not pay: the portable loops exist for tests)."""
-        return self.constants(fastmath)["VNNI512"]
+        """Whether this CPU and fastmath setting run the tiles' intrinsic, in AVX-512 VNNI or
+        AVX2 (else repacking would not pay: the portable loops exist for tests)."""
+        return self.constants(fastmath)["TILES"]
 
     def kernel_description(self, fastmath="full"):
         return (f"{self.source.name} {self.source.unit} repacked at load into tiles of {TILE} interleaved rows, "
-                "AVX-512 VNNI against int8 inputs (with fastmath)")
+                f"{'AVX-512 VNNI' if simd.VNNI512 else 'AVX2'} against int8 inputs (with fastmath)")
 
     def nbytes(self, shape):
         rows, cols = shape
@@ -428,13 +432,13 @@ def linear_q8_0_tiles(out, x, w, stamp):
 @kernel
 def legacy_tiles(out, x, w, stamp, nibbles):
     """The Q4_0 (nibbles) or Q8_0 tiles' matmul: x quantized per 32 values once per stamp, then
-    the tiles in ranges (blocks.chunk_rows over tiles), by the VNNI intrinsic or the portable loops"""
+    the tiles in ranges (blocks.chunk_rows over tiles), by the intrinsic or the portable loops"""
     xq, xd, xsum, xu, xs, xds, x8 = tiles_input(out, x, w.w, w.xq, w.xd, w.xsum, w.xu, w.xs, w.xds, w.x8, w.stamp,
                                                 stamp, TILE_HEADER + TILE * (16 if nibbles else 32))
     tiles = w.w.shape[0]
     for c in prange(row_chunks(x.shape[0], tiles)):
         t0, t1, pair = chunk_rows(c, x.shape[0], tiles)
-        if not VNNI512:
+        if not TILES:
             rows_tiles(out, w.w, xq, xd, t0, t1, pair, Q4_0_TILES if nibbles else Q8_0_TILES)
         elif nibbles:
             vnni_tiles.q4_0_tiles(out, w.w, xq, xd, x8, t0, t1, pair)
@@ -472,7 +476,7 @@ def k_quant_tiles(out, x, w, stamp, six):
     xq, xd, xsum, xu = q8_k_quantized(x, w.xq, w.xd, w.xsum, w.xu, w.stamp, stamp)
     for c in prange(row_chunks(B, tiles)):
         t0, t1, pair = chunk_rows(c, B, tiles)
-        if not VNNI512:
+        if not TILES:
             rows_tiles(out, w.w, xq, xd, t0, t1, pair, Q6_K_TILES if six else Q4_K_TILES)
         elif six:
             vnni_tiles.q6_k_tiles(out, w.w, xq, xd, xsum, t0, t1, pair)

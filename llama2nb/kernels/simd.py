@@ -159,6 +159,10 @@ def float32_from_bits(typingctx, bits):
 # F16C (vcvtph2ps: 8 or 16 halves to floats in one instruction): Intel since Ivy Bridge, AMD
 # since Piledriver; elsewhere LLVM would call a runtime function for the same conversion
 F16C = "f16c" in target_features()
+# The 16-row tiles' intrinsics (kernels/vnni_tiles.py) build for AVX-512 VNNI, or for AVX2 (with
+# FMA and F16C: Intel since Haswell, AMD since Excavator) in vpmaddubsw and vpmaddwd
+TILES_AVX2 = {"avx2", "fma", "f16c"} <= target_features() and not VNNI512
+TILE_SIMD = VNNI512 or TILES_AVX2
 
 
 @intrinsic

@@ -45,6 +45,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import simd
 from .simd import VNNI512
 
 TOKENS = 8  # tokens per decoded piece of a row (formats/blocks.TOKENS)
@@ -113,15 +114,57 @@ class _IR:
             self.call("llvm.prefetch.p0", ir.VoidType(), self.at(base, offset + line), _I32(0), _I32(3), _I32(1))
 
     def dpbusd(self, acc, unsigned, signed):
-        """acc + the sums of 4 products unsigned byte x signed byte, per int32 lane."""
+        """acc + the sums of 4 products unsigned byte x signed byte, per int32 lane. Without
+        AVX-512 VNNI (the tiles on AVX2): vpmaddubsw, whose int16 sums of 2 products saturate,
+        so the caller keeps 2 x unsigned x |signed| below 32768 (4-bit or 6-bit weights), then
+        vpmaddwd, 8 lanes at a time."""
         lanes = acc.type
+        if not simd.VNNI512:
+            return self.b.add(acc, self._pairs_then_quads(unsigned, signed, lanes))
         name = f"llvm.x86.avx512.vpdpbusd.{lanes.count * 32}"
         return self.call(name, lanes, acc, self.b.bitcast(unsigned, lanes), self.b.bitcast(signed, lanes))
 
+    def dpbssd_biased(self, acc, biased, signed):
+        """acc + the sums of 4 products (biased - 128) x signed byte, per int32 lane, on AVX2
+        (Q8_0 tiles: their bytes are q + 128, whose products with x would saturate vpmaddubsw):
+        |q| times x with q's sign (vpsignb), exact for x > -128."""
+        n = acc.type.count * 4
+        q = self.b.xor(self.b.bitcast(biased, _vec(_I8, n)), self.splat_const(_I8, 128, n))
+        x = self.b.bitcast(signed, _vec(_I8, n))
+        magnitude = self.call(f"llvm.abs.v{n}i8", _vec(_I8, n), q, ir.Constant(ir.IntType(1), 0))
+        signs = [self.call("llvm.x86.avx2.psign.b", _vec(_I8, 32), self.pick(x, range(h, h + 32)),
+                           self.pick(q, range(h, h + 32))) for h in range(0, n, 32)]
+        return self.b.add(acc, self._pairs_then_quads(magnitude, self._joined(signs), acc.type))
+
     def dpwssd(self, acc, a, b):
-        """acc + the sums of 2 products of int16 pairs, per int32 lane."""
+        """acc + the sums of 2 products of int16 pairs, per int32 lane (AVX2: vpmaddwd)."""
+        if not simd.VNNI512:
+            n = acc.type.count * 2
+            a, b = self.b.bitcast(a, _vec(_I16, n)), self.b.bitcast(b, _vec(_I16, n))
+            sums = [self.call("llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), self.pick(a, range(h, h + 16)),
+                              self.pick(b, range(h, h + 16))) for h in range(0, n, 16)]
+            return self.b.add(acc, self._joined(sums))
         return self.call(f"llvm.x86.avx512.vpdpwssd.{acc.type.count * 32}", acc.type, acc,
                          self.b.bitcast(a, acc.type), self.b.bitcast(b, acc.type))
+
+    def _pairs_then_quads(self, unsigned, signed, lanes):
+        """The sums of 4 products unsigned x signed byte per int32 lane, in AVX2's vpmaddubsw
+        (int16 sums of pairs, saturating) and vpmaddwd (pairs of those)."""
+        n = lanes.count * 4
+        unsigned, signed = self.b.bitcast(unsigned, _vec(_I8, n)), self.b.bitcast(signed, _vec(_I8, n))
+        ones = self.splat_const(_I16, 1, 16)
+        quads = []
+        for h in range(0, n, 32):
+            pairs = self.call("llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), self.pick(unsigned, range(h, h + 32)),
+                              self.pick(signed, range(h, h + 32)))
+            quads.append(self.call("llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), pairs, ones))
+        return self._joined(quads)
+
+    def _joined(self, parts):
+        """Equal vectors joined into one, in order (a count of parts that is a power of two)."""
+        while len(parts) > 1:
+            parts = [self.join(parts[k], parts[k + 1]) for k in range(0, len(parts), 2)]
+        return parts[0]
 
     def minus_128_sums(self, w):
         """-128 * (the sum of each lane's 4 signed bytes of w): vpdpbusd's start value that
@@ -289,12 +332,13 @@ def _is_array(ty, dtype, ndim, contiguous=True) -> bool:
             and (ty.layout == "C" or not contiguous))
 
 
-def _signature(codegen, args, inputs):
+def _signature(codegen, args, inputs, tiles=False):
     """The typing of rows(out, w, *inputs, k0, k1, pair): out (B, d) float32, w (d, row bytes)
     uint8, inputs 2-D C arrays of the dtypes `inputs`, k0, k1, pair integers; None (no match)
-    for anything else. Only a target with AVX-512 VNNI compiles these."""
-    if not VNNI512:
-        raise numba.core.errors.TypingError("the GGUF VNNI rows need a target CPU with AVX-512 VNNI")
+    for anything else. Only a target with AVX-512 VNNI compiles these (the tiles: or AVX2)."""
+    if not (simd.TILE_SIMD if tiles else VNNI512):
+        raise numba.core.errors.TypingError("the GGUF VNNI rows need a target CPU with AVX-512 VNNI"
+                                            + (" or AVX2" if tiles else ""))
     out, w, *arrays, k0, k1, pair = args
     if not (_is_array(out, types.float32, 2, contiguous=False) and _is_array(w, types.uint8, 2)
             and len(arrays) == len(inputs) and all(_is_array(a, t, 2) for a, t in zip(arrays, inputs))

@@ -1,4 +1,4 @@
-"""Matmuls over 16 rows at once, on weights interleaved for AVX-512 VNNI, in LLVM IR (a Numba intrinsic).
+"""Matmuls over 16 rows at once, on weights interleaved for AVX-512 VNNI (or AVX2), in LLVM IR (a Numba intrinsic).
 
 Why a second layout: kernels/vnni_gguf.py reads GGUF blocks as they lie, one row at a time, so
 each vpdpbusd (64 byte products) is followed by float work per block and token (convert, scale,
@@ -28,6 +28,11 @@ from DRAM, a tile and its pair in turn (formats/blocks.chunk_rows): each block i
 prefetch of the same block of the tile the pass takes next, so both streams stay in flight
 (benchmarks/performance.md). Only kernels compiled with fastmath use this: the float sums run
 in another order than the portable loops'.
+
+Without AVX-512 VNNI, on AVX2 (simd.TILES_AVX2), the same IR builds with each vpdpbusd done by
+vpmaddubsw and vpmaddwd on 256-bit halves (_IR.dpbusd): exact while the int16 sums of two
+products stay below 32768, as for 4- and 6-bit weights; Q8_0's q + 128 would not, so there
+q's magnitude multiplies x with q's sign (_IR.dpbssd_biased), and its lanes start from 0.
 """
 
 from __future__ import annotations
@@ -36,11 +41,12 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 
+from . import simd
 from .vnni_gguf import _CONTRACT, _F16, _F32, _I8, _I16, _I32, _I64, _IR, _arguments, _each_pass, _named, _signature, _vec
 
 TILE = 16  # rows a tile
 TILE_HEADER = 2 * TILE  # bytes of the 16 fp16 scales that start each block of a tile
-TOKENS = 8  # inputs a pass over a tile
+TOKENS = 8 if simd.VNNI512 else 4  # inputs a pass over a tile (AVX2 has 16 vector registers, not 32)
 
 
 def tile_block_bytes(nibbles: bool) -> int:
@@ -58,7 +64,7 @@ def _tiles_intrinsic(nibbles: bool):
     pieces = 4 if nibbles else 8  # 64-byte loads a block
 
     def typer(typingctx, out, w, xq, xd, x8, t0, t1, pair):
-        return _signature(codegen, (out, w, xq, xd, x8, t0, t1, pair), (types.int8, types.float32, types.int32))
+        return _signature(codegen, (out, w, xq, xd, x8, t0, t1, pair), (types.int8, types.float32, types.int32), tiles=True)
 
     def codegen(context, builder, signature, args):
         v = _IR(builder)
@@ -80,6 +86,8 @@ def _tiles_intrinsic(nibbles: bool):
                 starts = []
                 for xq, xd, x8 in inputs:
                     start = v.load(x8, b.mul(k, _I64(4)), _I32)
+                    if not (nibbles or simd.VNNI512):  # AVX2 multiplies Q8_0's q itself (dpbssd_biased)
+                        start = _I32(0)
                     starts.append(v.splat(start if nibbles else b.shl(start, _I32(4)), TILE))
                 lanes = starts
                 x_at = b.mul(k, _I64(32))
@@ -93,7 +101,10 @@ def _tiles_intrinsic(nibbles: bool):
                     for values, offset in parts:
                         for t, (xq, _, _) in enumerate(inputs):
                             x4 = v.splat(v.load(xq, b.add(x_at, _I64(offset)), _I32), TILE)
-                            lanes[t] = v.dpbusd(lanes[t], values, x4)
+                            if nibbles or simd.VNNI512:
+                                lanes[t] = v.dpbusd(lanes[t], values, x4)
+                            else:
+                                lanes[t] = v.dpbssd_biased(lanes[t], values, x4)
                 for t, (_, xd, _) in enumerate(inputs):
                     scale = b.fmul(d, v.splat(v.load(xd, b.mul(k, _I64(4)), _F32), TILE), flags=_CONTRACT)
                     b.store(v.scaled(b.load(accs[t]), lanes[t], scale), accs[t])
@@ -112,7 +123,7 @@ q8_0_tiles = _named(_tiles_intrinsic(False), "q8_0_tiles")
 # ----------------------------------------------------------------------------------------------
 # The K-quants in tiles: super-blocks of 256 values
 
-K_TOKENS = 4  # inputs a pass: each holds a few int32 accumulators besides its float one
+K_TOKENS = 4 if simd.VNNI512 else 2  # inputs a pass: each holds a few int32 accumulators besides its float one
 
 # Q4_K: 8 sub-blocks of 32 with 6-bit scales and mins
 
@@ -131,7 +142,7 @@ def _k_tiles_intrinsic(tile_bytes: int, super_block, ahead: int = 0):
     accs) adds super-block s (at byte pointer base) times every input into its accumulator."""
 
     def typer(typingctx, out, w, xq, xd, xsum, t0, t1, pair):
-        return _signature(codegen, (out, w, xq, xd, xsum, t0, t1, pair), (types.int8, types.float32, types.int16))
+        return _signature(codegen, (out, w, xq, xd, xsum, t0, t1, pair), (types.int8, types.float32, types.int16), tiles=True)
 
     def codegen(context, builder, signature, args):
         v, b = _IR(builder), builder
