@@ -550,9 +550,11 @@ def test_tiles_embed_rows_as_the_source_does(name):
 def test_a_model_repacked_at_load_runs_as_mapped(file_name):
     """repack (the default) against repack=False, token by token and in a block: the same
     integer sums, the float sums in another order; the mapped path keeps the file's formats.
-    (Not on gqa256's random weights: there a last-bit difference in an activation flips its
-    int8 rounding in the next matmul's input, and the logits move by a percent; its tiles are
-    checked matrix by matrix, with the other K-quant tests.)"""
+    A last-bit difference in an activation can flip its int8 rounding in the next matmul's
+    input, and the logits then move by a fraction of a percent: on an AVX2 Zen 3, bundled-Q8_0
+    agreed to 3e-7 for four tokens, then to 3.7e-3 (on AVX-512, 3e-7 throughout). The tiles are
+    checked exactly, matrix by matrix, in the tests above; this checks the model's wiring.
+    (Not on gqa256's random weights, where a flip moves the logits by a percent.)"""
     from llama2nb import Transformer
 
     path = GGUF_DIR / file_name
@@ -563,8 +565,8 @@ def test_a_model_repacked_at_load_runs_as_mapped(file_name):
     tokens = [1, 403, 2501, 3989, 727, 471, 263, 2217]
     for pos, token in enumerate(tokens):
         ours, theirs = packed.forward(token, pos).copy(), mapped.forward(token, pos)
-        assert rel_err(ours, theirs.astype(np.float64)) <= 3e-6  # observed 3e-7
-    assert rel_err(packed.prefill(tokens), mapped.prefill(tokens).astype(np.float64)) <= 3e-6
+        assert rel_err(ours, theirs.astype(np.float64)) <= 3e-2
+    assert rel_err(packed.prefill(tokens), mapped.prefill(tokens).astype(np.float64)) <= 3e-2
 
 
 def _mapping_of(array: np.ndarray):
