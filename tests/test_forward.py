@@ -206,6 +206,37 @@ def test_a_first_load_compiles_its_kernels_in_parallel_processes(tiny_models, tm
     assert np.array_equal(np.float32(found["logits"]), ours)
 
 
+def _die(index: int) -> None:
+    os._exit(1)
+
+
+def test_a_compiling_process_that_dies_leaves_its_jobs_to_the_caller(monkeypatch):
+    """compile_ahead never hangs on a process that died (a crash in the compiler): it returns,
+    having compiled nothing, and the caller's first calls compile as usual."""
+    from llama2nb.kernels import jit
+
+    monkeypatch.setattr(jit, "_compiled_or_cached", lambda dispatcher, sig: False)
+    monkeypatch.setattr(jit, "_threads_started", lambda: False)  # (these processes compile nothing)
+    monkeypatch.setattr(jit, "_compile_job", _die)
+    assert jit.compile_ahead([("a", (1,)), ("b", (2,)), ("c", (3,))], workers=2) == 0
+    assert jit.compile_ahead([("a", (1,)), ("b", (2,))], workers=1) == 0  # one worker: in-process
+
+
+def test_the_compile_processes_are_the_usable_cpus_unless_set(monkeypatch):
+    from llama2nb.errors import UsageError
+    from llama2nb.kernels import jit
+
+    monkeypatch.delenv("LLAMA2NB_COMPILE_JOBS", raising=False)
+    assert jit.compile_workers() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LLAMA2NB_COMPILE_JOBS", "3")
+    assert jit.compile_workers() == 3
+    monkeypatch.setenv("LLAMA2NB_COMPILE_JOBS", "0")
+    assert jit.compile_workers() == 1
+    monkeypatch.setenv("LLAMA2NB_COMPILE_JOBS", "two")
+    with pytest.raises(UsageError, match="LLAMA2NB_COMPILE_JOBS: expected a number of processes, found 'two'"):
+        jit.compile_workers()
+
+
 def test_two_group_sizes_in_one_model_are_refused():
     from llama2nb.formats import Q8_0
 

@@ -36,7 +36,10 @@ import hashlib
 import inspect
 import multiprocessing
 import os
+import sys
 import types
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -44,6 +47,7 @@ from typing import Any, Callable
 import numba
 from numba.extending import overload
 
+from ..errors import UsageError
 from ..numba_cache import cache_enabled, load_without_refresh
 
 # off: IEEE semantics, as gcc -O3. reassoc: reassociate and contract into FMAs, which is what lets
@@ -232,7 +236,7 @@ def compile_workers() -> int:
         try:
             return max(int(value), 1)
         except ValueError:
-            raise ValueError(f"{COMPILE_JOBS_VARIABLE}: expected a number of processes, found {value!r}") from None
+            raise UsageError(f"{COMPILE_JOBS_VARIABLE}: expected a number of processes, found {value!r}") from None
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -250,8 +254,11 @@ def compile_ahead(jobs: list[tuple[Any, tuple]], workers: int | None = None) -> 
     _JOBS[:] = todo
     context = multiprocessing.get_context("fork")
     try:
-        with context.Pool(min(workers, len(todo)), _lock_cache_saves, (context.Lock(),)) as pool:
-            done = pool.map(_compile_job, range(len(todo)), chunksize=1)
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_compiling_process,
+                                 initargs=(context.Lock(),)) as pool:
+            done = list(pool.map(_compile_job, range(len(todo))))
+    except BrokenProcessPool:  # a process died: what it did not save, the caller compiles
+        return 0
     finally:
         _JOBS.clear()
     return done.count(True)
@@ -279,11 +286,14 @@ def _threads_started() -> bool:
         return True
 
 
-def _lock_cache_saves(lock) -> None:
-    """In a compiling process: every save to Numba's disk cache under `lock`, shared by all of
-    them, so that two saves to one function's index do not lose one (or name two entries' data
-    files alike)."""
+def _compiling_process(lock) -> None:
+    """A compiling process's set-up. Every save to Numba's disk cache goes under `lock`, shared
+    by all of them, so that two saves to one function's index do not lose one (or name two
+    entries' data files alike). Its output goes nowhere: forked while another thread of the
+    parent (a progress display) may have held the lock of sys.stderr, it must not write there."""
     from numba.core.caching import IndexDataCacheFile
+
+    sys.stdout = sys.stderr = open(os.devnull, "w")
 
     save = IndexDataCacheFile.save
 
