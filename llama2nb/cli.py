@@ -27,6 +27,7 @@ from typing import Iterator, TextIO
 import click
 
 from .errors import Llama2nbError, UsageError
+from .kernels.jit import usable_cores
 from .sampler import FLOAT32_MAX
 from .training.commands import CTX_OPTION, TRAINING_COMMANDS
 
@@ -65,14 +66,6 @@ class FiniteFloat(click.FloatRange):
         if abs(number) > FLOAT32_MAX:
             self.fail(f"{value!r} is beyond float32's largest value ({FLOAT32_MAX:.8g}).", param, ctx)
         return number
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - macOS, Windows
-        return os.cpu_count() or 1
 
 
 # ----------------------------------------------------------------------------------------------

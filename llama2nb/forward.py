@@ -358,7 +358,7 @@ class Transformer:
 
         def record(site: tuple, kernel: Any, *args: Any) -> None:
             if isinstance(kernel, Dispatcher):
-                found.append((kernel, tuple(kernel.typeof_pyval(arg) for arg in args)))
+                found.append((kernel, argument_types(kernel, args)))
 
         for tokens in (np.zeros(2, np.int64), self._one_token):
             self._layers(tokens, 0, self.state.logits, record)
@@ -465,4 +465,9 @@ def entry(kernel: Any, args: tuple) -> Any:
     (benchmarks/performance.md). Without Numba (NUMBA_DISABLE_JIT): the kernel itself."""
     if not isinstance(kernel, Dispatcher):
         return kernel
-    return kernel.compile(tuple(kernel.typeof_pyval(arg) for arg in args))
+    return kernel.compile(argument_types(kernel, args))
+
+
+def argument_types(kernel: Dispatcher, args: tuple) -> tuple:
+    """The Numba types of a call's arguments: the signature a dispatcher compiles for them."""
+    return tuple(kernel.typeof_pyval(arg) for arg in args)

@@ -14,9 +14,9 @@ processes, jit.compile_ahead).
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 
+from ..kernels.jit import usable_cores
 from .measure import row_spec
 from .rows import Row
 from .worker import run_worker
@@ -55,7 +55,7 @@ def measure_families(rows: list[Row], log=print, cores: int | None = None) -> li
     """Each family's compile seconds from an empty Numba cache, on one core and on `cores` (every
     core the bench may use: jit.compile_ahead compiles a model's kernels in that many processes):
     [{family, env, file, compile_s, cores, compile_s_cores}], the last two where cores > 1."""
-    cores = len(os.sched_getaffinity(0)) if cores is None and hasattr(os, "sched_getaffinity") else cores or 1
+    cores = usable_cores() if cores is None else cores
     measured = []
     for (family, env), row in family_rows(rows).items():
         log(f"  compiling from a cold cache: {family}" + (f" ({env})" if env else ""))

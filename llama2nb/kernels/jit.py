@@ -228,6 +228,14 @@ COMPILE_JOBS_VARIABLE = "LLAMA2NB_COMPILE_JOBS"  # processes compile_ahead may u
 _JOBS: list[tuple[Any, tuple]] = []  # compile_ahead's jobs, as its forked processes inherit them
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
 def compile_workers() -> int:
     """How many processes compile_ahead uses: LLAMA2NB_COMPILE_JOBS, else the CPUs this process
     may run on."""
@@ -237,7 +245,7 @@ def compile_workers() -> int:
             return max(int(value), 1)
         except ValueError:
             raise UsageError(f"{COMPILE_JOBS_VARIABLE}: expected a number of processes, found {value!r}") from None
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return usable_cores()
 
 
 def compile_ahead(jobs: list[tuple[Any, tuple]], workers: int | None = None) -> int:

@@ -139,11 +139,7 @@ class _IR:
     def dpwssd(self, acc, a, b):
         """acc + the sums of 2 products of int16 pairs, per int32 lane (AVX2: vpmaddwd)."""
         if not simd.VNNI512:
-            n = acc.type.count * 2
-            a, b = self.b.bitcast(a, _vec(_I16, n)), self.b.bitcast(b, _vec(_I16, n))
-            sums = [self.call("llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), self.pick(a, range(h, h + 16)),
-                              self.pick(b, range(h, h + 16))) for h in range(0, n, 16)]
-            return self.b.add(acc, self._joined(sums))
+            return self.b.add(acc, self._madd_words(a, b, acc.type))
         return self.call(f"llvm.x86.avx512.vpdpwssd.{acc.type.count * 32}", acc.type, acc,
                          self.b.bitcast(a, acc.type), self.b.bitcast(b, acc.type))
 
@@ -152,13 +148,17 @@ class _IR:
         (int16 sums of pairs, saturating) and vpmaddwd (pairs of those)."""
         n = lanes.count * 4
         unsigned, signed = self.b.bitcast(unsigned, _vec(_I8, n)), self.b.bitcast(signed, _vec(_I8, n))
-        ones = self.splat_const(_I16, 1, 16)
-        quads = []
-        for h in range(0, n, 32):
-            pairs = self.call("llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), self.pick(unsigned, range(h, h + 32)),
-                              self.pick(signed, range(h, h + 32)))
-            quads.append(self.call("llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), pairs, ones))
-        return self._joined(quads)
+        pairs = [self.call("llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), self.pick(unsigned, range(h, h + 32)),
+                           self.pick(signed, range(h, h + 32))) for h in range(0, n, 32)]
+        return self._madd_words(self._joined(pairs), self.splat_const(_I16, 1, n // 2), lanes)
+
+    def _madd_words(self, a, b, lanes):
+        """The sums of 2 products of int16 pairs of a and b per int32 lane (AVX2's vpmaddwd, 8
+        lanes at a time)."""
+        n = lanes.count * 2
+        a, b = self.b.bitcast(a, _vec(_I16, n)), self.b.bitcast(b, _vec(_I16, n))
+        return self._joined([self.call("llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), self.pick(a, range(h, h + 16)),
+                                       self.pick(b, range(h, h + 16))) for h in range(0, n, 16)])
 
     def _joined(self, parts):
         """Equal vectors joined into one, in order (a count of parts that is a power of two)."""

@@ -73,6 +73,8 @@ def _tiles_intrinsic(nibbles: bool):
         blocks = b.sdiv(arrays.shape(1, 1), _I64(size))
         rows = arrays.shape(0, 1)
         f16 = _vec(_F32, TILE)
+        biased = not (nibbles or simd.VNNI512)  # AVX2 multiplies Q8_0's q itself (dpbssd_biased), from 0
+        dot = v.dpbssd_biased if biased else v.dpbusd
 
         def emit(tile, i, T, first, after):
             inputs = [[arrays.row_pointer(k, b.add(first, _I64(t))) for k in (2, 3, 4)] for t in range(T)]
@@ -85,9 +87,7 @@ def _tiles_intrinsic(nibbles: bool):
                 d = b.fpext(v.load(base, 0, _vec(_F16, TILE)), f16)
                 starts = []
                 for xq, xd, x8 in inputs:
-                    start = v.load(x8, b.mul(k, _I64(4)), _I32)
-                    if not (nibbles or simd.VNNI512):  # AVX2 multiplies Q8_0's q itself (dpbssd_biased)
-                        start = _I32(0)
+                    start = _I32(0) if biased else v.load(x8, b.mul(k, _I64(4)), _I32)
                     starts.append(v.splat(start if nibbles else b.shl(start, _I32(4)), TILE))
                 lanes = starts
                 x_at = b.mul(k, _I64(32))
@@ -101,10 +101,7 @@ def _tiles_intrinsic(nibbles: bool):
                     for values, offset in parts:
                         for t, (xq, _, _) in enumerate(inputs):
                             x4 = v.splat(v.load(xq, b.add(x_at, _I64(offset)), _I32), TILE)
-                            if nibbles or simd.VNNI512:
-                                lanes[t] = v.dpbusd(lanes[t], values, x4)
-                            else:
-                                lanes[t] = v.dpbssd_biased(lanes[t], values, x4)
+                            lanes[t] = dot(lanes[t], values, x4)
                 for t, (_, xd, _) in enumerate(inputs):
                     scale = b.fmul(d, v.splat(v.load(xd, b.mul(k, _I64(4)), _F32), TILE), flags=_CONTRACT)
                     b.store(v.scaled(b.load(accs[t]), lanes[t], scale), accs[t])
@@ -135,7 +132,7 @@ Q4_K_AHEAD = 2  # super-blocks ahead that one token's pass prefetches (benchmark
 def _k_tiles_intrinsic(tile_bytes: int, super_block, ahead: int = 0):
     """The frame of a K-quant tiles intrinsic, (out, w, xq, xd, xsum, t0, t1, pair) as tiles()
     above with the K-quants' input (gguf_kquants: xq (B, n) int8, xd (B, n / 256) float32, xsum
-    (B, n / 16) int16): the passes over tiles and inputs (4 inputs a pass), the loop over
+    (B, n / 16) int16): the passes over tiles and inputs (K_TOKENS inputs a pass), the loop over
     super-blocks of `tile_bytes`, prefetching `ahead` of them and the same super-block of the
     tile the pass takes next for one input (it streams the tiles from DRAM:
     benchmarks/performance.md), and the stores. super_block(v, base, s, inputs,
