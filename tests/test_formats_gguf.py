@@ -446,7 +446,7 @@ def test_block_matmul_on_real_tensors(file_name, fastmath, vnni):
 # ----------------------------------------------------------------------------------------------
 # Q4_0 and Q8_0 repacked into tiles of 16 interleaved rows (formats/interleaved.py)
 
-TILES = ["q4_0_tiles", "q8_0_tiles", "q4_k_tiles", "q6_k_tiles"]
+TILES = ["q4_0_tiles", "q4_1_tiles", "q5_0_tiles", "q5_1_tiles", "q8_0_tiles", "q4_k_tiles", "q6_k_tiles"]
 TILE_SHAPES = SHAPES + [(19, 40, 3), (1, 64, 3)]  # 8 inputs a pass twice and 3 more; whole tiles
 
 

@@ -31,17 +31,17 @@ import numba
 import numpy as np
 from numba import prange
 
-from ..kernels import simd, vnni_tiles
+from ..kernels import simd, vnni_gguf, vnni_tiles
 from ..kernels.common import ZERO
 from ..kernels.jit import kernel
 from ..kernels.vnni_tiles import (Q4_K_M, Q4_K_QS, Q4_K_SC, Q4_K_TILE_BYTES, Q6_K_HIGH, Q6_K_LOW, Q6_K_SC,
-                                  Q6_K_TILE_BYTES, TILE, TILE_HEADER, tile_block_bytes)
+                                  Q6_K_TILE_BYTES, TILE, TILE_HEADER, tile_block_bytes, tile_fields)
 from ..mapping import anonymous
 from ..numba_cache import cache_enabled
 from .base import register, repacks
 from .blocks import BlockMatrix, QuantizedFormat, chunk_rows, half_float, row_chunks
 from .gguf_kquants import QK_K, KQuantOperand, Q4_K, Q6_K, Q6_KOperand, linear_q6_k, q8_k_quantized, scales_and_mins
-from .gguf_legacy import QK, LegacyOperand, Q4_0, Q8_0Block, q8_32_quantized
+from .gguf_legacy import QK, LegacyOperand, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0Block, q8_32_quantized
 
 I32 = np.int32
 VNNI512 = False  # compile-time constant (blocks.QuantizedFormat.constants)
@@ -164,29 +164,59 @@ class _Tiles(QuantizedFormat):
 
 
 class _LegacyTiles(_Tiles):
-    """Q4_0 or Q8_0: per block the 16 fp16 d, then the values in 4-byte groups, row by row."""
+    """A 32-value format (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): per block the 16 rows' fp16 d (and m),
+    the values in 4-byte groups row by row, then the fifth bits in value quads
+    (kernels/vnni_tiles.py)."""
 
-    nibbles: ClassVar[bool]
     block_size = QK
 
+    @classmethod
+    def _fields(cls):
+        """(values' bytes in a source block, the tile's values offset, its fifth bits' offset)"""
+        values_at, fifth_at = tile_fields(cls.operand_class.layout)
+        return (32 if cls.source.levels == 256 else 16), values_at, fifth_at
+
+    def _extend(self, source):
+        """The fifth bits in value quads after the block (4 bytes: bit g of byte i = value
+        4 g + i's), where the source has fifth bits."""
+        if self.source.qh is None:
+            return source
+        bits = np.unpackbits(source[:, :, self.source.qh:self.source.qh + 4], axis=2, bitorder="little")
+        quads = np.packbits(bits.reshape(*source.shape[:2], 8, 4).transpose(0, 1, 3, 2), axis=3, bitorder="little")
+        return np.concatenate([source, quads.reshape(*source.shape[:2], 4)], axis=2)
+
     def _arrange(self, part):
-        blocks, size = part.shape[1], part.shape[2]
-        values = part[:, :, 2:].reshape(TILE, blocks, (size - 2) // 4, 4).transpose(1, 2, 0, 3).reshape(blocks, -1)
-        scales = part[:, :, :2].transpose(1, 0, 2).reshape(blocks, TILE_HEADER)
-        return np.concatenate([scales, values], axis=1)
+        blocks = part.shape[1]
+        count, _, fifth_at = self._fields()
+        halves = [part[:, :, at:at + 2].transpose(1, 0, 2).reshape(blocks, TILE_HEADER)
+                  for at in (0, self.source.m) if at is not None]
+        qs = self.source.qs
+        values = part[:, :, qs:qs + count].reshape(TILE, blocks, count // 4, 4).transpose(1, 2, 0, 3).reshape(blocks, -1)
+        quads = [] if fifth_at is None else [part[:, :, -4:].transpose(1, 0, 2).reshape(blocks, 4 * TILE)]
+        return np.concatenate([*halves, values, *quads], axis=1)
 
     def _flip(self):
         flip = np.zeros(self.tile_bytes, np.uint8)
-        if not self.nibbles:  # Q8_0's q + 128: unsigned
-            flip[TILE_HEADER:] = 0x80
+        if self.source.levels == 256:  # Q8_0's q + 128: unsigned
+            count, values_at, _ = self._fields()
+            flip[values_at:values_at + TILE * count] = 0x80
         return flip
 
     def _untile(self, tile):
         blocks, size = tile.shape[0], self.source.block_bytes
-        values = tile[:, TILE_HEADER:] if self.nibbles else tile[:, TILE_HEADER:] ^ np.uint8(0x80)
+        count, values_at, fifth_at = self._fields()
         part = np.empty((TILE, blocks, size), np.uint8)
-        part[:, :, :2] = tile[:, :TILE_HEADER].reshape(blocks, TILE, 2).transpose(1, 0, 2)
-        part[:, :, 2:] = values.reshape(blocks, -1, TILE, 4).transpose(2, 0, 1, 3).reshape(TILE, blocks, size - 2)
+        for at, start in ((0, 0), (self.source.m, TILE_HEADER)):
+            if at is not None:
+                part[:, :, at:at + 2] = tile[:, start:start + TILE_HEADER].reshape(blocks, TILE, 2).transpose(1, 0, 2)
+        values = tile[:, values_at:values_at + TILE * count] ^ self._flip()[values_at:values_at + TILE * count]
+        qs = self.source.qs
+        part[:, :, qs:qs + count] = values.reshape(blocks, -1, TILE, 4).transpose(2, 0, 1, 3).reshape(TILE, blocks, count)
+        if fifth_at is not None:
+            quads = tile[:, fifth_at:fifth_at + 4 * TILE].reshape(blocks, TILE, 4, 1).transpose(1, 0, 2, 3)
+            bits = np.unpackbits(quads, axis=3, bitorder="little").transpose(0, 1, 3, 2)  # (rows, blocks, g, i)
+            part[:, :, self.source.qh:self.source.qh + 4] = np.packbits(
+                bits.reshape(TILE, blocks, 32), axis=2, bitorder="little")
         return part
 
 
@@ -228,11 +258,7 @@ class _Q4_KLayout(_Tiles):
 
 
 class Q4_0TilesOperand(LegacyOperand):
-    pass
-
-
-class Q8_0TilesOperand(LegacyOperand):
-    pass
+    layout = vnni_gguf.Q4_0  # what legacy_tiles compiles for
 
 
 @repacks(Q4_0)
@@ -240,12 +266,15 @@ class Q8_0TilesOperand(LegacyOperand):
 class Q4_0Tiles(_LegacyTiles):
     name = "q4_0_tiles"
     source = Q4_0
-    nibbles = True
     block_bytes = Q4_0.block_bytes
-    tile_bytes = tile_block_bytes(True)
+    tile_bytes = tile_block_bytes(vnni_gguf.Q4_0)
     operand_class = Q4_0TilesOperand
     linear_kernel = "linear_q4_0_tiles"
     embed_kernel = "embed_q4_0_tiles"
+
+
+class Q8_0TilesOperand(LegacyOperand):
+    layout = vnni_gguf.Q8_0  # what legacy_tiles compiles for
 
 
 @repacks(Q8_0Block)
@@ -253,12 +282,59 @@ class Q4_0Tiles(_LegacyTiles):
 class Q8_0Tiles(_LegacyTiles):
     name = "q8_0_tiles"
     source = Q8_0Block
-    nibbles = False
     block_bytes = Q8_0Block.block_bytes
-    tile_bytes = tile_block_bytes(False)
+    tile_bytes = tile_block_bytes(vnni_gguf.Q8_0)
     operand_class = Q8_0TilesOperand
     linear_kernel = "linear_q8_0_tiles"
     embed_kernel = "embed_q8_0_tiles"
+
+
+class Q5_0TilesOperand(LegacyOperand):
+    layout = vnni_gguf.Q5_0  # what legacy_tiles compiles for
+
+
+@repacks(Q5_0)
+@register
+class Q5_0Tiles(_LegacyTiles):
+    name = "q5_0_tiles"
+    source = Q5_0
+    block_bytes = Q5_0.block_bytes
+    tile_bytes = tile_block_bytes(vnni_gguf.Q5_0)
+    operand_class = Q5_0TilesOperand
+    linear_kernel = "linear_q5_0_tiles"
+    embed_kernel = "embed_q5_0_tiles"
+
+
+class Q4_1TilesOperand(LegacyOperand):
+    layout = vnni_gguf.Q4_1  # what legacy_tiles compiles for
+
+
+@repacks(Q4_1)
+@register
+class Q4_1Tiles(_LegacyTiles):
+    name = "q4_1_tiles"
+    source = Q4_1
+    block_bytes = Q4_1.block_bytes
+    tile_bytes = tile_block_bytes(vnni_gguf.Q4_1)
+    operand_class = Q4_1TilesOperand
+    linear_kernel = "linear_q4_1_tiles"
+    embed_kernel = "embed_q4_1_tiles"
+
+
+class Q5_1TilesOperand(LegacyOperand):
+    layout = vnni_gguf.Q5_1  # what legacy_tiles compiles for
+
+
+@repacks(Q5_1)
+@register
+class Q5_1Tiles(_LegacyTiles):
+    name = "q5_1_tiles"
+    source = Q5_1
+    block_bytes = Q5_1.block_bytes
+    tile_bytes = tile_block_bytes(vnni_gguf.Q5_1)
+    operand_class = Q5_1TilesOperand
+    linear_kernel = "linear_q5_1_tiles"
+    embed_kernel = "embed_q5_1_tiles"
 
 
 class _Q6_KLayout(_Tiles):
@@ -420,30 +496,47 @@ def tiles_input(out, x, w, xq, xd, xsum, xu, xs, xds, x8, last, stamp, size):
 @kernel
 def linear_q4_0_tiles(out, x, w, stamp):
     """out = x @ W.T for Q4_0 W in tiles.  out (B, d), x (B, n) float32, w: (d, n) Q4_0 tiles"""
-    legacy_tiles(out, x, w, stamp, True)
+    legacy_tiles(out, x, w, stamp, Q4_0_TILES)
+
+
+@kernel
+def linear_q4_1_tiles(out, x, w, stamp):
+    """out = x @ W.T for Q4_1 W in tiles.  out (B, d), x (B, n) float32, w: (d, n) Q4_1 tiles"""
+    legacy_tiles(out, x, w, stamp, Q4_1_TILES)
+
+
+@kernel
+def linear_q5_0_tiles(out, x, w, stamp):
+    """out = x @ W.T for Q5_0 W in tiles.  out (B, d), x (B, n) float32, w: (d, n) Q5_0 tiles"""
+    legacy_tiles(out, x, w, stamp, Q5_0_TILES)
+
+
+@kernel
+def linear_q5_1_tiles(out, x, w, stamp):
+    """out = x @ W.T for Q5_1 W in tiles.  out (B, d), x (B, n) float32, w: (d, n) Q5_1 tiles"""
+    legacy_tiles(out, x, w, stamp, Q5_1_TILES)
 
 
 @kernel
 def linear_q8_0_tiles(out, x, w, stamp):
     """out = x @ W.T for Q8_0 W in tiles.  out (B, d), x (B, n) float32, w: (d, n) Q8_0 tiles"""
-    legacy_tiles(out, x, w, stamp, False)
+    legacy_tiles(out, x, w, stamp, Q8_0_TILES)
 
 
 @kernel
-def legacy_tiles(out, x, w, stamp, nibbles):
-    """The Q4_0 (nibbles) or Q8_0 tiles' matmul: x quantized per 32 values once per stamp, then
-    the tiles in ranges (blocks.chunk_rows over tiles), by the intrinsic or the portable loops"""
+def legacy_tiles(out, x, w, stamp, kind):
+    """The matmul of tiles of a 32-value format (`kind`: its block bytes): x quantized per 32
+    values once per stamp, then the tiles in ranges (blocks.chunk_rows over tiles), by the
+    intrinsic (which w's type chooses) or the portable loops"""
     xq, xd, xsum, xu, xs, xds, x8 = tiles_input(out, x, w.w, w.xq, w.xd, w.xsum, w.xu, w.xs, w.xds, w.x8, w.stamp,
-                                                stamp, TILE_HEADER + TILE * (16 if nibbles else 32))
+                                                stamp, TILE * kind)
     tiles = w.w.shape[0]
     for c in prange(row_chunks(x.shape[0], tiles)):
         t0, t1, pair = chunk_rows(c, x.shape[0], tiles)
-        if not TILES:
-            rows_tiles(out, w.w, xq, xd, t0, t1, pair, Q4_0_TILES if nibbles else Q8_0_TILES)
-        elif nibbles:
-            vnni_tiles.q4_0_tiles(out, w.w, xq, xd, x8, t0, t1, pair)
+        if TILES:
+            vnni_tiles.legacy_tiles(w, out, w.w, xq, xd, x8, xds, t0, t1, pair)
         else:
-            vnni_tiles.q8_0_tiles(out, w.w, xq, xd, x8, t0, t1, pair)
+            rows_tiles(out, w.w, xq, xd, t0, t1, pair, kind)
 
 
 @kernel
@@ -569,19 +662,31 @@ def embed_q6_k_tiles(out, table, tokens):
     embed_tiles(out, table.w, tokens, Q6_K_TILES)
 
 
-# The four kinds of tiles, for the portable loops and the embeddings
-Q4_0_TILES, Q8_0_TILES, Q4_K_TILES, Q6_K_TILES = 0, 1, 2, 3
+# The kinds of tiles, for the portable loops and the embeddings: their source's block bytes
+Q4_0_TILES, Q4_1_TILES, Q5_0_TILES, Q5_1_TILES, Q8_0_TILES = 18, 20, 22, 24, 34
+Q4_K_TILES, Q6_K_TILES = 144, 210
 
 
 @kernel
 def tile_block(kind):
-    """(bytes, values) of a block of a tile of `kind`: 32 values of Q4_0 or Q8_0, a 256-value
-    super-block of Q4_K or Q6_K."""
+    """(bytes, values) of a block of a tile of `kind`: 32 values of a 32-value format, a
+    256-value super-block of Q4_K or Q6_K."""
     if kind == Q4_K_TILES:
         return Q4_K_TILE_BYTES, QK_K
     if kind == Q6_K_TILES:
         return Q6_K_TILE_BYTES, QK_K
-    return TILE_HEADER + TILE * (16 if kind == Q4_0_TILES else 32), QK
+    return TILE * kind, QK
+
+
+@kernel
+def legacy_tile_fields(kind):
+    """(values offset, fifth bits' offset or -1, zero, has a min) in a block of a 32-value
+    format's tile (kernels/vnni_tiles.tile_fields)."""
+    mins = kind == Q4_1_TILES or kind == Q5_1_TILES
+    at = TILE_HEADER * (2 if mins else 1)
+    fifth = at + TILE * 16 if kind == Q5_0_TILES or kind == Q5_1_TILES else -1
+    zero = 128 if kind == Q8_0_TILES else (8 if kind == Q4_0_TILES else (16 if kind == Q5_0_TILES else 0))
+    return at, fifth, zero, mins
 
 
 @kernel
@@ -592,38 +697,46 @@ def tile_row_value(tile, k, r, j, kind):
         return q4_k_tile_value(tile, k, r, j)
     if kind == Q6_K_TILES:
         return q6_k_tile_value(tile, k, r, j)
-    size, _ = tile_block(kind)
-    return tile_value(tile, k, r, j, kind == Q4_0_TILES), tile_half(tile, k * size, r), ZERO
+    at, _, _, mins = legacy_tile_fields(kind)
+    offset = -tile_half(tile, k * TILE * kind + TILE_HEADER, r) if mins else ZERO
+    return tile_value(tile, k, r, j, kind), tile_half(tile, k * TILE * kind, r), offset
 
 
 @kernel
-def tile_value(tile, k, r, j, nibbles):
-    """Value j (0..31) of row r in block k of a tile, as the signed integer q - zero."""
-    size = TILE_HEADER + TILE * (16 if nibbles else 32)
-    if nibbles:
-        byte = I32(tile[k * size + TILE_HEADER + 64 * (j % 16 // 4) + 4 * r + j % 4])
-        return (byte >> I32(4 * (j // 16)) & I32(15)) - I32(8)
-    return I32(tile[k * size + TILE_HEADER + 64 * (j // 4) + 4 * r + j % 4]) - I32(128)
+def tile_value(tile, k, r, j, kind):
+    """Value j (0..31) of row r in block k of a 32-value format's tile, as the signed integer
+    q - zero."""
+    at, fifth, zero, _ = legacy_tile_fields(kind)
+    block = k * TILE * kind
+    if kind == Q8_0_TILES:
+        return I32(tile[block + at + 64 * (j // 4) + 4 * r + j % 4]) - I32(zero)
+    q = I32(tile[block + at + 64 * (j % 16 // 4) + 4 * r + j % 4]) >> I32(4 * (j // 16)) & I32(15)
+    if fifth >= 0:
+        q |= (I32(tile[block + fifth + 4 * r + j % 4]) >> I32(j // 4) & I32(1)) << I32(4)
+    return q - I32(zero)
 
 
 @kernel
 def tile_dot(tile, k, r, x, kind):
     """Row r of block k of a tile of `kind` . x (the block's int8 inputs), without x's scale:
-    exact int32 sums, then the block's scales in float."""
+    exact int32 sums, then the block's scales (and min) in float."""
     if kind == Q4_K_TILES:
         return q4_k_tile_dot(tile, k, r, x)
     if kind == Q6_K_TILES:
         return q6_k_tile_dot(tile, k, r, x)
-    size, values = tile_block(kind)
     dot = I32(0)
-    for j in range(values):
-        dot += tile_value(tile, k, r, j, kind == Q4_0_TILES) * I32(x[j])
-    return tile_half(tile, k * size, r) * np.float32(dot)
+    total = I32(0)
+    for j in range(QK):
+        dot += tile_value(tile, k, r, j, kind) * I32(x[j])
+        total += I32(x[j])
+    _, _, _, mins = legacy_tile_fields(kind)
+    m = tile_half(tile, k * TILE * kind + TILE_HEADER, r) if mins else ZERO
+    return tile_half(tile, k * TILE * kind, r) * np.float32(dot) + m * np.float32(total)
 
 
 @kernel
 def rows_tiles(out, w, xq, xd, t0, t1, pair, kind):
-    """The tiles' rows in portable loops (tests; a CPU without AVX-512 VNNI never repacks): block
+    """The tiles' rows in portable loops (tests; a CPU without the tiles' SIMD never repacks): block
     by block, tile_dot times x's scale.  out (B, d), w the tiles of `kind`, xq (B, n) int8, xd
     (B, n / values a block)"""
     B, d = out.shape
@@ -645,6 +758,24 @@ def rows_tiles(out, w, xq, xd, t0, t1, pair, kind):
 def embed_q4_0_tiles(out, table, tokens):
     """out[b] = row tokens[b] of a Q4_0 tiled table.  out (B, n), table: (rows, n) Q4_0 tiles"""
     embed_tiles(out, table.w, tokens, Q4_0_TILES)
+
+
+@kernel
+def embed_q4_1_tiles(out, table, tokens):
+    """out[b] = row tokens[b] of a Q4_1 tiled table.  out (B, n), table: (rows, n) Q4_1 tiles"""
+    embed_tiles(out, table.w, tokens, Q4_1_TILES)
+
+
+@kernel
+def embed_q5_0_tiles(out, table, tokens):
+    """out[b] = row tokens[b] of a Q5_0 tiled table.  out (B, n), table: (rows, n) Q5_0 tiles"""
+    embed_tiles(out, table.w, tokens, Q5_0_TILES)
+
+
+@kernel
+def embed_q5_1_tiles(out, table, tokens):
+    """out[b] = row tokens[b] of a Q5_1 tiled table.  out (B, n), table: (rows, n) Q5_1 tiles"""
+    embed_tiles(out, table.w, tokens, Q5_1_TILES)
 
 
 @kernel

@@ -11,20 +11,23 @@ rows, and its float work (one convert, one multiply by the 16 rows' scales times
 one add) is shared by 16 rows: the products dominate.
 
 The K-quants' tiles (Q4_K, Q6_K) are laid out and multiplied super-block by super-block: see
-their intrinsics below. A Q4_0 or Q8_0 tile is 16 rows; its blocks follow each other, each
-TILE_HEADER bytes of the 16 rows' fp16 scales d and then the values:
+their intrinsics below. A tile of a 32-value format (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) is 16 rows;
+its blocks follow each other, each the 16 rows' source blocks rearranged (16 times the bytes):
+the 16 rows' fp16 scales d (TILE_HEADER bytes), their fp16 mins m (Q4_1, Q5_1), the values,
+then the fifth bits (Q5_0, Q5_1):
 
-    nibbles (Q4_0):  4 x 64 bytes, byte 64 j + 4 r + i = row r's nibble byte 4 j + i
-                     (low nibble: value 4 j + i; high nibble: value 16 + 4 j + i)
-    bytes (Q8_0):    8 x 64 bytes, byte 64 j + 4 r + i = row r's q[4 j + i] + 128 (unsigned)
+    nibbles:      4 x 64 bytes, byte 64 j + 4 r + i = row r's nibble byte 4 j + i
+                  (low nibble: value 4 j + i, of quad j; high nibble: value 16 + 4 j + i, quad 4 + j)
+    bytes (Q8_0): 8 x 64 bytes, byte 64 j + 4 r + i = row r's q[4 j + i] + 128 (unsigned)
+    fifth bits:   64 bytes, bit g of byte 4 r + i = the fifth bit of row r's value 4 g + i
 
-vpdpbusd multiplies unsigned by signed bytes: the weights are the unsigned side (Q4_0's q in
-0..15, Q8_0's q + 128) and the input x (int8 per 32 values, formats/gguf_legacy.quantize_q8_32)
-the signed, so each block's int32 lanes start at -8 * sum(x) (Q4_0's q - 8) or -128 * sum(x)
-and end exact: sum over the block of (q - zero) * x. Per input and block, in float:
-acc += float(lanes) * (d * d_x). Inputs go TOKENS at a time (their accumulators and the decoded
-weights fill the 32 vector registers), the rest one at a time. One input streams the tiles
-from DRAM, a tile and its pair in turn (formats/blocks.chunk_rows): each block is read with a
+vpdpbusd multiplies unsigned by signed bytes: the weights are the unsigned side (q in 0..15 or
+0..31, Q8_0's q + 128) and the input x (int8 per 32 values, formats/gguf_legacy.quantize_q8_32)
+the signed, so each block's int32 lanes start at -zero * sum(x) (8 for Q4_0, 16 for Q5_0, 128
+for Q8_0; 0 for the formats with a min) and end exact: sum over the block of (q - zero) * x. Per
+input and block, in float: acc += float(lanes) * (d * d_x) (+ m * d_x * sum(x)). Inputs go
+TOKENS at a time (their accumulators and the decoded weights fill the vector registers), the
+rest one at a time. One input streams the tiles from DRAM, a tile and its pair in turn (formats/blocks.chunk_rows): each block is read with a
 prefetch of the same block of the tile the pass takes next, so both streams stay in flight
 (benchmarks/performance.md). Only kernels compiled with fastmath use this: the float sums run
 in another order than the portable loops'.
@@ -40,31 +43,57 @@ from __future__ import annotations
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import simd
-from .vnni_gguf import _CONTRACT, _F16, _F32, _I8, _I16, _I32, _I64, _IR, _arguments, _each_pass, _named, _signature, _vec
+from .vnni_gguf import (_CONTRACT, _F16, _F32, _I8, _I16, _I32, _I64, _IR, Legacy, _arguments, _each_pass, _named,
+                        _signature, _vec)
 
 TILE = 16  # rows a tile
 TILE_HEADER = 2 * TILE  # bytes of the 16 fp16 scales that start each block of a tile
 TOKENS = 8 if simd.VNNI512 else 4  # inputs a pass over a tile (AVX2 has 16 vector registers, not 32)
 
 
-def tile_block_bytes(nibbles: bool) -> int:
-    """Bytes per 32-value block of a tile: scales, then 16 rows' values."""
-    return TILE_HEADER + TILE * (16 if nibbles else 32)
+def tile_block_bytes(fmt: Legacy) -> int:
+    """Bytes per 32-value block of a tile: the 16 rows' source blocks, rearranged."""
+    return TILE * fmt.size
 
 
-def _tiles_intrinsic(nibbles: bool):
-    """tiles(out, w, xq, xd, x8, t0, t1, pair): out[b, 16 i + r] = row 16 i + r . x_b for every
-    input b, the tiles i of a range (formats/blocks.chunk_rows over tiles) and r < 16 while
-    16 i + r < d.  out (B, d) float32 with unit column stride, w (tiles, n / 32 * block bytes)
-    uint8 (the layout above), xq (B, n) int8, xd (B, n / 32) float32, x8 (B, n / 32) int32
-    (-8 times the sums of xq); shapes checked by the caller"""
-    size = tile_block_bytes(nibbles)
-    pieces = 4 if nibbles else 8  # 64-byte loads a block
+def tile_fields(fmt: Legacy) -> tuple[int, int | None]:
+    """The byte offsets in a tile's block of the values (after the 16 rows' d, and m) and of the
+    fifth bits (None: a format without)."""
+    header = TILE_HEADER * (1 if fmt.m is None else 2)
+    return header, None if fmt.qh is None else header + TILE * (32 if fmt.int8 else 16)
 
-    def typer(typingctx, out, w, xq, xd, x8, t0, t1, pair):
-        return _signature(codegen, (out, w, xq, xd, x8, t0, t1, pair), (types.int8, types.float32, types.int32), tiles=True)
+
+@intrinsic
+def legacy_tiles(typingctx, operand, out, w, xq, xd, x8, xds, t0, t1, pair):
+    """legacy_tiles(operand, out, w, xq, xd, x8, xds, t0, t1, pair): out[b, 16 i + r] = row
+    16 i + r . x_b for every input b, the tiles i of a range (formats/blocks.chunk_rows over
+    tiles) and r < 16 while 16 i + r < d. The tiles' source format is the `layout` (a Legacy) of
+    the operand's class: only its type is read, so each format compiles its own code.
+    out (B, d) float32 with unit column stride, w (tiles, n / 32 * 16 * block bytes) uint8 (the
+    layout above), xq (B, n) int8, xd (B, n / 32) float32, x8 (B, n / 32) int32 (-8 times the
+    sums of xq), xds (B, n / 32) float32 (xd times those sums); shapes checked by the caller"""
+    fmt = getattr(getattr(operand, "instance_class", None), "layout", None)
+    if not isinstance(fmt, Legacy):
+        return None
+    typed = _signature(None, (out, w, xq, xd, x8, xds, t0, t1, pair),
+                       (types.int8, types.float32, types.int32, types.float32), tiles=True)
+    if typed is None:
+        return None
+    codegen = _legacy_tiles_codegen(fmt)
+    return types.void(operand, *typed[0].args), lambda context, builder, sig, args: codegen(
+        context, builder, types.void(*sig.args[1:]), args[1:])
+
+
+def _legacy_tiles_codegen(fmt: Legacy):
+    size = tile_block_bytes(fmt)
+    values_at, fifth_at = tile_fields(fmt)
+    pieces = 8 if fmt.int8 else 4  # 64-byte loads of values a block
+    biased = fmt.int8 and not simd.VNNI512  # AVX2 multiplies Q8_0's q itself (dpbssd_biased), from 0
+    # the lanes start at -zero * sum(x), x8 shifted (Q8_0's tiles hold q + 128), or at 0 (a min)
+    start_shift = {8: 0, 16: 1, 128: 4}.get(128 if fmt.int8 else fmt.zero)
 
     def codegen(context, builder, signature, args):
         v = _IR(builder)
@@ -73,11 +102,15 @@ def _tiles_intrinsic(nibbles: bool):
         blocks = b.sdiv(arrays.shape(1, 1), _I64(size))
         rows = arrays.shape(0, 1)
         f16 = _vec(_F32, TILE)
-        biased = not (nibbles or simd.VNNI512)  # AVX2 multiplies Q8_0's q itself (dpbssd_biased), from 0
         dot = v.dpbssd_biased if biased else v.dpbusd
 
+        def fifth(high, g):
+            """Bit g of each byte of the fifth bits (value quad g's) at bit 4."""
+            moved = b.shl(high, v.splat_const(_I8, 4 - g, 64)) if g < 4 else b.lshr(high, v.splat_const(_I8, g - 4, 64))
+            return b.and_(moved, v.splat_const(_I8, 16, 64))
+
         def emit(tile, i, T, first, after):
-            inputs = [[arrays.row_pointer(k, b.add(first, _I64(t))) for k in (2, 3, 4)] for t in range(T)]
+            inputs = [[arrays.row_pointer(k, b.add(first, _I64(t))) for k in (2, 3, 4, 5)] for t in range(T)]
             accs = [cgutils.alloca_once_value(b, ir.Constant(f16, None)) for _ in range(T)]
             with cgutils.for_range(b, blocks) as loop:
                 k = loop.index
@@ -85,36 +118,39 @@ def _tiles_intrinsic(nibbles: bool):
                 if T == 1:  # one token streams the tiles: the next one's block meanwhile
                     v.prefetch(v.at(after, b.mul(k, _I64(size))), 0, size)
                 d = b.fpext(v.load(base, 0, _vec(_F16, TILE)), f16)
-                starts = []
-                for xq, xd, x8 in inputs:
-                    start = _I32(0) if biased else v.load(x8, b.mul(k, _I64(4)), _I32)
-                    starts.append(v.splat(start if nibbles else b.shl(start, _I32(4)), TILE))
-                lanes = starts
+                high = None if fifth_at is None else v.load(base, fifth_at, _vec(_I8, 64))
+                lanes = []
+                for xq, xd, x8, xds in inputs:
+                    start = _I32(0) if start_shift is None or biased else v.load(x8, b.mul(k, _I64(4)), _I32)
+                    lanes.append(v.splat(start if not start_shift else b.shl(start, _I32(start_shift)), TILE))
                 x_at = b.mul(k, _I64(32))
                 for j in range(pieces):
-                    w = v.load(base, TILE_HEADER + 64 * j, _vec(_I8, 64))
-                    if nibbles:
+                    w = v.load(base, values_at + 64 * j, _vec(_I8, 64))
+                    if fmt.int8:
+                        parts = ((w, 4 * j),)
+                    else:  # low nibbles: value quad j; high: quad 4 + j
                         parts = ((b.and_(w, v.splat_const(_I8, 15, 64)), 4 * j),
                                  (b.lshr(w, v.splat_const(_I8, 4, 64)), 16 + 4 * j))
-                    else:
-                        parts = ((w, 4 * j),)
                     for values, offset in parts:
-                        for t, (xq, _, _) in enumerate(inputs):
+                        if high is not None:
+                            values = b.or_(values, fifth(high, offset // 4))
+                        for t, (xq, _, _, _) in enumerate(inputs):
                             x4 = v.splat(v.load(xq, b.add(x_at, _I64(offset)), _I32), TILE)
                             lanes[t] = dot(lanes[t], values, x4)
-                for t, (_, xd, _) in enumerate(inputs):
+                m = None if fmt.m is None else b.fpext(v.load(base, TILE_HEADER, _vec(_F16, TILE)), f16)
+                for t, (_, xd, _, xds) in enumerate(inputs):
                     scale = b.fmul(d, v.splat(v.load(xd, b.mul(k, _I64(4)), _F32), TILE), flags=_CONTRACT)
-                    b.store(v.scaled(b.load(accs[t]), lanes[t], scale), accs[t])
+                    acc = v.scaled(b.load(accs[t]), lanes[t], scale)
+                    if m is not None:  # + m * xd * sum(x)
+                        acc = b.fadd(acc, b.fmul(m, v.splat(v.load(xds, b.mul(k, _I64(4)), _F32), TILE),
+                                                 flags=_CONTRACT), flags=_CONTRACT)
+                    b.store(acc, accs[t])
             _store_tile(b, arrays, accs, i, T, first, rows)
 
         _each_pass(builder, arrays, t0, t1, pair, emit, tokens_at_once=TOKENS)
         return context.get_dummy_value()
 
-    return typer
-
-
-q4_0_tiles = _named(_tiles_intrinsic(True), "q4_0_tiles")
-q8_0_tiles = _named(_tiles_intrinsic(False), "q8_0_tiles")
+    return codegen
 
 
 # ----------------------------------------------------------------------------------------------
