@@ -170,6 +170,13 @@ class _LegacyTiles(_Tiles):
 
     block_size = QK
 
+    def __init_subclass__(cls, **kwargs):
+        """A format's block bytes, tile bytes and kernels' names, from its source and name."""
+        super().__init_subclass__(**kwargs)
+        cls.block_bytes = cls.source.block_bytes
+        cls.tile_bytes = tile_block_bytes(cls.operand_class.layout)
+        cls.linear_kernel, cls.embed_kernel = f"linear_{cls.name}", f"embed_{cls.name}"
+
     @classmethod
     def _fields(cls):
         """(values' bytes in a source block, the tile's values offset, its fifth bits' offset)"""
@@ -266,11 +273,7 @@ class Q4_0TilesOperand(LegacyOperand):
 class Q4_0Tiles(_LegacyTiles):
     name = "q4_0_tiles"
     source = Q4_0
-    block_bytes = Q4_0.block_bytes
-    tile_bytes = tile_block_bytes(vnni_gguf.Q4_0)
     operand_class = Q4_0TilesOperand
-    linear_kernel = "linear_q4_0_tiles"
-    embed_kernel = "embed_q4_0_tiles"
 
 
 class Q8_0TilesOperand(LegacyOperand):
@@ -282,11 +285,7 @@ class Q8_0TilesOperand(LegacyOperand):
 class Q8_0Tiles(_LegacyTiles):
     name = "q8_0_tiles"
     source = Q8_0Block
-    block_bytes = Q8_0Block.block_bytes
-    tile_bytes = tile_block_bytes(vnni_gguf.Q8_0)
     operand_class = Q8_0TilesOperand
-    linear_kernel = "linear_q8_0_tiles"
-    embed_kernel = "embed_q8_0_tiles"
 
 
 class Q5_0TilesOperand(LegacyOperand):
@@ -298,11 +297,7 @@ class Q5_0TilesOperand(LegacyOperand):
 class Q5_0Tiles(_LegacyTiles):
     name = "q5_0_tiles"
     source = Q5_0
-    block_bytes = Q5_0.block_bytes
-    tile_bytes = tile_block_bytes(vnni_gguf.Q5_0)
     operand_class = Q5_0TilesOperand
-    linear_kernel = "linear_q5_0_tiles"
-    embed_kernel = "embed_q5_0_tiles"
 
 
 class Q4_1TilesOperand(LegacyOperand):
@@ -314,11 +309,7 @@ class Q4_1TilesOperand(LegacyOperand):
 class Q4_1Tiles(_LegacyTiles):
     name = "q4_1_tiles"
     source = Q4_1
-    block_bytes = Q4_1.block_bytes
-    tile_bytes = tile_block_bytes(vnni_gguf.Q4_1)
     operand_class = Q4_1TilesOperand
-    linear_kernel = "linear_q4_1_tiles"
-    embed_kernel = "embed_q4_1_tiles"
 
 
 class Q5_1TilesOperand(LegacyOperand):
@@ -330,11 +321,7 @@ class Q5_1TilesOperand(LegacyOperand):
 class Q5_1Tiles(_LegacyTiles):
     name = "q5_1_tiles"
     source = Q5_1
-    block_bytes = Q5_1.block_bytes
-    tile_bytes = tile_block_bytes(vnni_gguf.Q5_1)
     operand_class = Q5_1TilesOperand
-    linear_kernel = "linear_q5_1_tiles"
-    embed_kernel = "embed_q5_1_tiles"
 
 
 class _Q6_KLayout(_Tiles):
@@ -376,6 +363,7 @@ class Q6_KTilesOperand(NamedTuple):
     xsum: np.ndarray
     xu: np.ndarray
     stamp: np.ndarray
+    layout = vnni_tiles.Q6_K_TILE  # what k_quant_tiles compiles for (a class attribute, not a field)
 
 
 @repacks(Q6_K)
@@ -399,7 +387,7 @@ class Q6_KTiles(_Q6_KLayout):
 
 
 class Q4_KTilesOperand(KQuantOperand):
-    pass
+    layout = vnni_tiles.Q4_K_TILE  # what k_quant_tiles compiles for
 
 
 @repacks(Q4_K)
@@ -569,12 +557,10 @@ def k_quant_tiles(out, x, w, stamp, six):
     xq, xd, xsum, xu = q8_k_quantized(x, w.xq, w.xd, w.xsum, w.xu, w.stamp, stamp)
     for c in prange(row_chunks(B, tiles)):
         t0, t1, pair = chunk_rows(c, B, tiles)
-        if not TILES:
-            rows_tiles(out, w.w, xq, xd, t0, t1, pair, Q6_K_TILES if six else Q4_K_TILES)
-        elif six:
-            vnni_tiles.q6_k_tiles(out, w.w, xq, xd, xsum, t0, t1, pair)
+        if TILES:
+            vnni_tiles.k_quant_tiles(w, out, w.w, xq, xd, xsum, t0, t1, pair)
         else:
-            vnni_tiles.q4_k_tiles(out, w.w, xq, xd, xsum, t0, t1, pair)
+            rows_tiles(out, w.w, xq, xd, t0, t1, pair, Q6_K_TILES if six else Q4_K_TILES)
 
 
 @kernel

@@ -40,14 +40,17 @@ q's magnitude multiplies x with q's sign (_IR.dpbssd_biased), and its lanes star
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import simd
-from .vnni_gguf import (_CONTRACT, _F16, _F32, _I8, _I16, _I32, _I64, _IR, Legacy, _arguments, _each_pass, _named,
-                        _signature, _vec)
+from .vnni_gguf import (_CONTRACT, _F16, _F32, _I8, _I16, _I32, _I64, _IR, Legacy, _arguments, _each_pass, _signature,
+                        _vec)
 
 TILE = 16  # rows a tile
 TILE_HEADER = 2 * TILE  # bytes of the 16 fp16 scales that start each block of a tile
@@ -66,25 +69,31 @@ def tile_fields(fmt: Legacy) -> tuple[int, int | None]:
     return header, None if fmt.qh is None else header + TILE * (32 if fmt.int8 else 16)
 
 
+def _chosen_by_operand(operand, args, inputs, kind, make_codegen):
+    """The typing of an intrinsic f(operand, out, w, *inputs, t0, t1, pair) whose code is
+    make_codegen(layout) for the `layout` (an instance of `kind`) of the operand's class: only
+    the operand's type is read, so each format's callers compile its code alone. None (no
+    match) for anything else (_signature)."""
+    layout = getattr(getattr(operand, "instance_class", None), "layout", None)
+    typed = _signature(None, args, inputs, tiles=True) if isinstance(layout, kind) else None
+    if typed is None:
+        return None
+    codegen = make_codegen(layout)
+    return types.void(operand, *typed[0].args), lambda context, builder, signature, values: codegen(
+        context, builder, types.void(*signature.args[1:]), values[1:])
+
+
 @intrinsic
 def legacy_tiles(typingctx, operand, out, w, xq, xd, x8, xds, t0, t1, pair):
     """legacy_tiles(operand, out, w, xq, xd, x8, xds, t0, t1, pair): out[b, 16 i + r] = row
     16 i + r . x_b for every input b, the tiles i of a range (formats/blocks.chunk_rows over
-    tiles) and r < 16 while 16 i + r < d. The tiles' source format is the `layout` (a Legacy) of
-    the operand's class: only its type is read, so each format compiles its own code.
-    out (B, d) float32 with unit column stride, w (tiles, n / 32 * 16 * block bytes) uint8 (the
-    layout above), xq (B, n) int8, xd (B, n / 32) float32, x8 (B, n / 32) int32 (-8 times the
-    sums of xq), xds (B, n / 32) float32 (xd times those sums); shapes checked by the caller"""
-    fmt = getattr(getattr(operand, "instance_class", None), "layout", None)
-    if not isinstance(fmt, Legacy):
-        return None
-    typed = _signature(None, (out, w, xq, xd, x8, xds, t0, t1, pair),
-                       (types.int8, types.float32, types.int32, types.float32), tiles=True)
-    if typed is None:
-        return None
-    codegen = _legacy_tiles_codegen(fmt)
-    return types.void(operand, *typed[0].args), lambda context, builder, sig, args: codegen(
-        context, builder, types.void(*sig.args[1:]), args[1:])
+    tiles) and r < 16 while 16 i + r < d, for the tiles of the format that is the `layout` (a
+    Legacy) of the operand's class.  out (B, d) float32 with unit column stride, w (tiles, n /
+    32 * 16 * block bytes) uint8 (the layout above), xq (B, n) int8, xd (B, n / 32) float32,
+    x8 (B, n / 32) int32 (-8 times the sums of xq), xds (B, n / 32) float32 (xd times those
+    sums); shapes checked by the caller"""
+    return _chosen_by_operand(operand, (out, w, xq, xd, x8, xds, t0, t1, pair),
+                              (types.int8, types.float32, types.int32, types.float32), Legacy, _legacy_tiles_codegen)
 
 
 def _legacy_tiles_codegen(fmt: Legacy):
@@ -165,17 +174,31 @@ Q4_K_TILE_BYTES = 320 + 16 * 128
 Q4_K_AHEAD = 2  # super-blocks ahead that one token's pass prefetches (benchmarks/performance.md)
 
 
-def _k_tiles_intrinsic(tile_bytes: int, super_block, ahead: int = 0):
-    """The frame of a K-quant tiles intrinsic, (out, w, xq, xd, xsum, t0, t1, pair) as tiles()
-    above with the K-quants' input (gguf_kquants: xq (B, n) int8, xd (B, n / 256) float32, xsum
-    (B, n / 16) int16): the passes over tiles and inputs (K_TOKENS inputs a pass), the loop over
-    super-blocks of `tile_bytes`, prefetching `ahead` of them and the same super-block of the
-    tile the pass takes next for one input (it streams the tiles from DRAM:
-    benchmarks/performance.md), and the stores. super_block(v, base, s, inputs,
-    accs) adds super-block s (at byte pointer base) times every input into its accumulator."""
+@dataclass(frozen=True)
+class KTile:
+    """A K-quant tile's layout: bytes a super-block of 16 rows, the code that multiplies one
+    (super_block(v, base, s, inputs, accs) adds super-block s at byte pointer base times every
+    input into its accumulator), and the super-blocks one input's pass prefetches ahead."""
 
-    def typer(typingctx, out, w, xq, xd, xsum, t0, t1, pair):
-        return _signature(codegen, (out, w, xq, xd, xsum, t0, t1, pair), (types.int8, types.float32, types.int16), tiles=True)
+    tile_bytes: int
+    super_block: Callable
+    ahead: int = 0
+
+
+@intrinsic
+def k_quant_tiles(typingctx, operand, out, w, xq, xd, xsum, t0, t1, pair):
+    """k_quant_tiles(operand, out, w, xq, xd, xsum, t0, t1, pair), as legacy_tiles for the
+    K-quant tiles whose KTile is the `layout` of the operand's class, with the K-quants' input
+    (gguf_kquants: xq (B, n) int8, xd (B, n / 256) float32, xsum (B, n / 16) int16)"""
+    return _chosen_by_operand(operand, (out, w, xq, xd, xsum, t0, t1, pair),
+                              (types.int8, types.float32, types.int16), KTile, _k_tiles_codegen)
+
+
+def _k_tiles_codegen(layout: KTile):
+    """The passes over tiles and inputs (K_TOKENS inputs a pass), the loop over super-blocks,
+    prefetching `ahead` of them and the same super-block of the tile the pass takes next for
+    one input (it streams the tiles from DRAM: benchmarks/performance.md), and the stores."""
+    tile_bytes, ahead = layout.tile_bytes, layout.ahead
 
     def codegen(context, builder, signature, args):
         v, b = _IR(builder), builder
@@ -192,13 +215,13 @@ def _k_tiles_intrinsic(tile_bytes: int, super_block, ahead: int = 0):
                     if ahead:
                         v.prefetch(base, ahead * tile_bytes, tile_bytes)
                     v.prefetch(v.at(after, b.mul(loop.index, _I64(tile_bytes))), 0, tile_bytes)
-                super_block(v, base, loop.index, inputs, accs)
+                layout.super_block(v, base, loop.index, inputs, accs)
             _store_tile(b, arrays, accs, i, T, first, rows)
 
         _each_pass(builder, arrays, t0, t1, pair, emit, tokens_at_once=K_TOKENS)
         return context.get_dummy_value()
 
-    return typer
+    return codegen
 
 
 def _store_tile(b, arrays, accs, i, T, first, rows):
@@ -219,7 +242,7 @@ def _store_tile(b, arrays, accs, i, T, first, rows):
 
 
 def _q4_k_super_block(v, base, s, inputs, accs):
-    """One super-block of Q4_K tiles (q4_k_tiles below) times each input, into accs. Its
+    """One super-block of Q4_K tiles (Q4_K_TILE below) times each input, into accs. Its
     super-blocks (Q4_K_TILE_BYTES each) hold the 16 rows' fp16 d (bytes 0..31) and dmin
     (32..63), their scales and mins as bytes, sub-blocks in pairs (byte 64 + 32 c + 2 r + e:
     row r's scale of sub-block 2 c + e; the mins alike from 192), then the nibbles: byte
@@ -267,7 +290,7 @@ def _q4_k_super_block(v, base, s, inputs, accs):
         b.store(v.scaled(b.load(accs[t]), main[t], scale), accs[t])
 
 
-q4_k_tiles = _named(_k_tiles_intrinsic(Q4_K_TILE_BYTES, _q4_k_super_block, Q4_K_AHEAD), "q4_k_tiles")
+Q4_K_TILE = KTile(Q4_K_TILE_BYTES, _q4_k_super_block, Q4_K_AHEAD)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,7 +301,7 @@ Q6_K_TILE_BYTES = 2336 + 16 * 64
 
 
 def _q6_k_super_block(v, base, s, inputs, accs):
-    """One super-block of Q6_K tiles (q6_k_tiles below) times each input, into accs. Its
+    """One super-block of Q6_K tiles (Q6_K_TILE below) times each input, into accs. Its
     super-blocks (Q6_K_TILE_BYTES each, the bytes of 16 source super-blocks) hold the 16 rows'
     fp16 d (bytes 0..31), their int8 scales with sub-blocks in pairs (byte 32 + 32 k + 2 r + e:
     row r's scale of sub-block 2 k + e), then each value's q (0..63) in value quads (4 g ..
@@ -330,4 +353,4 @@ def _q6_k_super_block(v, base, s, inputs, accs):
         b.store(v.scaled(b.load(accs[t]), exact, scale), accs[t])
 
 
-q6_k_tiles = _named(_k_tiles_intrinsic(Q6_K_TILE_BYTES, _q6_k_super_block), "q6_k_tiles")
+Q6_K_TILE = KTile(Q6_K_TILE_BYTES, _q6_k_super_block)
