@@ -136,6 +136,34 @@ class _IR:
                            self.pick(q, range(h, h + 32))) for h in range(0, n, 32)]
         return self.b.add(acc, self._pairs_then_quads(magnitude, self._joined(signs), acc.type))
 
+    def dot_sum(self, acc, pieces, top: int, scale=None):
+        """acc + scale * (the sum over pieces (unsigned, signed) of dpbusd's products), per int32
+        lane: the unsigned bytes at most `top`, the signed above -128; scale (None: 1) int32
+        lanes within int16. On AVX2 each piece is one vpmaddubsw, whose int16 pair sums are then
+        added in int16 as many at a time as cannot overflow (8 for 4-bit weights, 4 for 5-bit,
+        2 for 6-bit), and each such group takes one vpmaddwd, by the scale's words where there
+        is a scale: half the multiplies of a vpmaddwd a piece, and none to scale after."""
+        b, lanes = self.b, acc.type
+        if simd.VNNI512:
+            total = acc if scale is None else ir.Constant(lanes, None)
+            for unsigned, signed in pieces:
+                total = self.dpbusd(total, unsigned, signed)
+            return total if scale is None else b.add(acc, b.mul(total, scale))
+        n = lanes.count * 4
+        if scale is None:
+            words = self.splat_const(_I16, 1, n // 2)
+        else:  # each int32 lane as its value twice in int16 words
+            words = b.or_(b.and_(scale, self.splat_const(_I32, 0xFFFF, lanes.count)),
+                          b.shl(scale, self.splat_const(_I32, 16, lanes.count)))
+        group = max(1, 32767 // (2 * top * 127))
+        for first in range(0, len(pieces), group):
+            sums = None
+            for unsigned, signed in pieces[first:first + group]:
+                pairs = self._byte_pairs(unsigned, signed, n)
+                sums = pairs if sums is None else b.add(sums, pairs)
+            acc = b.add(acc, self._madd_words(sums, words, lanes))
+        return acc
+
     def dpwssd(self, acc, a, b):
         """acc + the sums of 2 products of int16 pairs, per int32 lane (AVX2: vpmaddwd)."""
         if not simd.VNNI512:
@@ -147,10 +175,14 @@ class _IR:
         """The sums of 4 products unsigned x signed byte per int32 lane, in AVX2's vpmaddubsw
         (int16 sums of pairs, saturating) and vpmaddwd (pairs of those)."""
         n = lanes.count * 4
+        return self._madd_words(self._byte_pairs(unsigned, signed, n), self.splat_const(_I16, 1, n // 2), lanes)
+
+    def _byte_pairs(self, unsigned, signed, n):
+        """(n / 2,) int16: the sums of 2 products unsigned x signed byte (AVX2's vpmaddubsw,
+        32 bytes at a time; saturating)."""
         unsigned, signed = self.b.bitcast(unsigned, _vec(_I8, n)), self.b.bitcast(signed, _vec(_I8, n))
-        pairs = [self.call("llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), self.pick(unsigned, range(h, h + 32)),
-                           self.pick(signed, range(h, h + 32))) for h in range(0, n, 32)]
-        return self._madd_words(self._joined(pairs), self.splat_const(_I16, 1, n // 2), lanes)
+        return self._joined([self.call("llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), self.pick(unsigned, range(h, h + 32)),
+                                       self.pick(signed, range(h, h + 32))) for h in range(0, n, 32)])
 
     def _madd_words(self, a, b, lanes):
         """The sums of 2 products of int16 pairs of a and b per int32 lane (AVX2's vpmaddwd, 8

@@ -111,7 +111,6 @@ def _legacy_tiles_codegen(fmt: Legacy):
         blocks = b.sdiv(arrays.shape(1, 1), _I64(size))
         rows = arrays.shape(0, 1)
         f16 = _vec(_F32, TILE)
-        dot = v.dpbssd_biased if biased else v.dpbusd
 
         def fifth(high, g):
             """Bit g of each byte of the fifth bits (value quad g's) at bit 4."""
@@ -133,6 +132,7 @@ def _legacy_tiles_codegen(fmt: Legacy):
                     start = _I32(0) if start_shift is None or biased else v.load(x8, b.mul(k, _I64(4)), _I32)
                     lanes.append(v.splat(start if not start_shift else b.shl(start, _I32(start_shift)), TILE))
                 x_at = b.mul(k, _I64(32))
+                products = [[] for _ in inputs]  # (weights, input bytes) per input
                 for j in range(pieces):
                     w = v.load(base, values_at + 64 * j, _vec(_I8, 64))
                     if fmt.int8:
@@ -144,8 +144,13 @@ def _legacy_tiles_codegen(fmt: Legacy):
                         if high is not None:
                             values = b.or_(values, fifth(high, offset // 4))
                         for t, (xq, _, _, _) in enumerate(inputs):
-                            x4 = v.splat(v.load(xq, b.add(x_at, _I64(offset)), _I32), TILE)
-                            lanes[t] = dot(lanes[t], values, x4)
+                            products[t].append((values, v.splat(v.load(xq, b.add(x_at, _I64(offset)), _I32), TILE)))
+                for t in range(len(inputs)):
+                    if biased:
+                        for values, x4 in products[t]:
+                            lanes[t] = v.dpbssd_biased(lanes[t], values, x4)
+                    else:
+                        lanes[t] = v.dot_sum(lanes[t], products[t], 255 if fmt.int8 else 15 if fifth_at is None else 31)
                 m = None if fmt.m is None else b.fpext(v.load(base, TILE_HEADER, _vec(_F16, TILE)), f16)
                 for t, (_, xd, _, xds) in enumerate(inputs):
                     scale = b.fmul(d, v.splat(v.load(xd, b.mul(k, _I64(4)), _F32), TILE), flags=_CONTRACT)
@@ -275,16 +280,16 @@ def _q4_k_super_block(v, base, s, inputs, accs):
     for c in range(4):
         pair_sc = b.bitcast(b.zext(v.load(base, Q4_K_SC + 32 * c, _vec(_I8, 32)), _vec(_I16, 32)), i16)
         sc = (b.and_(pair_sc, v.splat_const(_I32, 0xFFFF, TILE)), b.lshr(pair_sc, v.splat_const(_I32, 16, TILE)))
-        low, high = [zero] * T, [zero] * T
+        low, high = [[] for _ in range(T)], [[] for _ in range(T)]  # (weights, input bytes) per input
         for p in range(8):
             w = v.load(base, Q4_K_QS + 512 * c + 64 * p, _vec(_I8, 64))
             wl, wh = b.and_(w, v.splat_const(_I8, 15, 64)), b.lshr(w, v.splat_const(_I8, 4, 64))
             for t, (xq, _, _) in enumerate(inputs):
                 at = b.add(x_at, _I64(64 * c + 4 * p))
-                low[t] = v.dpbusd(low[t], wl, v.splat(v.load(xq, at, _I32), TILE))
-                high[t] = v.dpbusd(high[t], wh, v.splat(v.load(xq, b.add(at, _I64(32)), _I32), TILE))
+                low[t].append((wl, v.splat(v.load(xq, at, _I32), TILE)))
+                high[t].append((wh, v.splat(v.load(xq, b.add(at, _I64(32)), _I32), TILE)))
         for t in range(T):
-            main[t] = b.add(main[t], b.add(b.mul(low[t], sc[0]), b.mul(high[t], sc[1])))
+            main[t] = v.dot_sum(v.dot_sum(main[t], low[t], 15, sc[0]), high[t], 15, sc[1])
     for t in range(T):
         scale = b.fmul(d, v.splat(scales[t], TILE), flags=_CONTRACT)
         b.store(v.scaled(b.load(accs[t]), main[t], scale), accs[t])
@@ -339,14 +344,13 @@ def _q6_k_super_block(v, base, s, inputs, accs):
     for k in range(16):
         pair_k = pairs[k // 2]
         sc = b.ashr(pair_k if k % 2 else b.shl(pair_k, v.splat_const(_I32, 16, TILE)), v.splat_const(_I32, 16, TILE))
-        part = [zero] * T
+        part = [[] for _ in range(T)]  # (weights, input bytes) per input
         for g in range(4 * k, 4 * k + 4):
             w = quad(g)
             for t, (xq, _, _) in enumerate(inputs):
-                x4 = v.splat(v.load(xq, b.add(x_at, _I64(4 * g)), _I32), TILE)
-                part[t] = v.dpbusd(part[t], w, x4)
+                part[t].append((w, v.splat(v.load(xq, b.add(x_at, _I64(4 * g)), _I32), TILE)))
         for t in range(T):
-            main[t] = b.add(main[t], b.mul(part[t], sc))
+            main[t] = v.dot_sum(main[t], part[t], 63, sc)
     for t, (xq, xd, xsum) in enumerate(inputs):
         exact = b.sub(main[t], b.shl(offsets[t], v.splat_const(_I32, 5, TILE)))
         scale = b.fmul(d, v.splat(v.load(xd, b.mul(s, _I64(4)), _F32), TILE), flags=_CONTRACT)
