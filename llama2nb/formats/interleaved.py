@@ -1,21 +1,26 @@
-"""Q4_0, Q8_0, Q4_K and Q6_K matrices repacked at load into tiles of 16 interleaved rows (in memory only).
+"""Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K matrices repacked at load into tiles of 16 interleaved rows (in memory only).
 
 The GGUF formats' kernels read blocks as they lie in the file, one row at a time
-(gguf_legacy.py, gguf_kquants.py); on a CPU with AVX-512 VNNI, with fastmath, these matrices
-multiply faster with 16 rows interleaved (kernels/vnni_tiles.py says why and gives the
+(gguf_legacy.py, gguf_kquants.py); on a CPU with AVX-512 VNNI or AVX2, with fastmath, these
+matrices multiply faster with 16 rows interleaved (kernels/vnni_tiles.py says why and gives the
 layouts), as llama.cpp also repacks Q4_0. So `Transformer` asks `for_engine` (formats/base.py)
 for each matrix it multiplies by, and these formats answer by repacking: the same bits (4-bit
 values stay 4-bit, fp16 scales stay fp16; Q4_K's 6-bit scales and mins become bytes, 3% more;
-a Q6_K tile is its source's bytes rearranged), in anonymous memory in 2 MB pages, the rows
+the other tiles are their source's bytes rearranged, a Q5_0 or Q5_1 block's fifth bits
+regrouped by value quad), in anonymous memory in 2 MB pages, the rows
 padded to a multiple of 16. It costs a copy of those matrices in RAM and the time to make it,
 both counted (`Transformer.repacked_bytes`, `repack_seconds`, shown by `info`, `sample`'s note
 and the bench's load time and peak RSS), and nothing is repacked when the copies would not fit
 in the memory available; `repack=False` keeps the mapped path (the file's pages, read as they
 lie). Nothing here is a file format: these layouts are never written or read.
 
-One exception by measurement: for one token (generation), a Q6_K tile's 6-bit decode costs more
-than the tile saves, so a Q6_K tile keeps its mapped blocks beside it (BlockMatrix.mapped) and
-generation multiplies by those (benchmarks/performance.md).
+One exception by measurement: on AVX-512, for one token (generation), a Q6_K tile's 6-bit
+decode costs more than the tile saves, so a Q6_K tile keeps its mapped blocks beside it
+(BlockMatrix.mapped) and generation multiplies by those (benchmarks/performance.md).
+
+Which code a matmul compiles is chosen by its operand's type: each tile format's operand class
+names its layout (`layout`), which kernels/vnni_tiles.py's intrinsics read while Numba types
+the call, so a Q5_0 matmul compiles the Q5_0 code alone.
 
 The input is quantized once per stamp exactly as for the GGUF block formats, into the same
 scratch (gguf_legacy.q8_32_input, gguf_kquants.q8_k_input), so a model mixing tiles and blocks
