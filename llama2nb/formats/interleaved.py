@@ -269,64 +269,23 @@ class _Q4_KLayout(_Tiles):
         return part
 
 
-class Q4_0TilesOperand(LegacyOperand):
-    layout = vnni_gguf.Q4_0  # what legacy_tiles compiles for
+def _legacy_tile_format(label: str, source: type[QuantizedFormat], layout: vnni_gguf.Legacy) -> type[_LegacyTiles]:
+    """The tiles of a 32-value format, registered, and the class of their operands (a module
+    global, as Numba's cache finds classes by name), whose `layout` is what legacy_tiles
+    compiles for that format."""
+    stem = label.upper()
+    operand = type(f"{stem}TilesOperand", (LegacyOperand,), {"layout": layout, "__module__": __name__})
+    globals()[operand.__name__] = operand
+    tiles = type(f"{stem}Tiles", (_LegacyTiles,), {"name": f"{label}_tiles", "source": source,
+                                                   "operand_class": operand, "__module__": __name__})
+    return repacks(source)(register(tiles))
 
 
-@repacks(Q4_0)
-@register
-class Q4_0Tiles(_LegacyTiles):
-    name = "q4_0_tiles"
-    source = Q4_0
-    operand_class = Q4_0TilesOperand
-
-
-class Q8_0TilesOperand(LegacyOperand):
-    layout = vnni_gguf.Q8_0  # what legacy_tiles compiles for
-
-
-@repacks(Q8_0Block)
-@register
-class Q8_0Tiles(_LegacyTiles):
-    name = "q8_0_tiles"
-    source = Q8_0Block
-    operand_class = Q8_0TilesOperand
-
-
-class Q5_0TilesOperand(LegacyOperand):
-    layout = vnni_gguf.Q5_0  # what legacy_tiles compiles for
-
-
-@repacks(Q5_0)
-@register
-class Q5_0Tiles(_LegacyTiles):
-    name = "q5_0_tiles"
-    source = Q5_0
-    operand_class = Q5_0TilesOperand
-
-
-class Q4_1TilesOperand(LegacyOperand):
-    layout = vnni_gguf.Q4_1  # what legacy_tiles compiles for
-
-
-@repacks(Q4_1)
-@register
-class Q4_1Tiles(_LegacyTiles):
-    name = "q4_1_tiles"
-    source = Q4_1
-    operand_class = Q4_1TilesOperand
-
-
-class Q5_1TilesOperand(LegacyOperand):
-    layout = vnni_gguf.Q5_1  # what legacy_tiles compiles for
-
-
-@repacks(Q5_1)
-@register
-class Q5_1Tiles(_LegacyTiles):
-    name = "q5_1_tiles"
-    source = Q5_1
-    operand_class = Q5_1TilesOperand
+Q4_0Tiles = _legacy_tile_format("q4_0", Q4_0, vnni_gguf.Q4_0)
+Q4_1Tiles = _legacy_tile_format("q4_1", Q4_1, vnni_gguf.Q4_1)
+Q5_0Tiles = _legacy_tile_format("q5_0", Q5_0, vnni_gguf.Q5_0)
+Q5_1Tiles = _legacy_tile_format("q5_1", Q5_1, vnni_gguf.Q5_1)
+Q8_0Tiles = _legacy_tile_format("q8_0", Q8_0Block, vnni_gguf.Q8_0)
 
 
 class _Q6_KLayout(_Tiles):
