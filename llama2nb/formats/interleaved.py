@@ -647,7 +647,7 @@ def tile_row_value(tile, k, r, j, kind):
         return q4_k_tile_value(tile, k, r, j)
     if kind == Q6_K_TILES:
         return q6_k_tile_value(tile, k, r, j)
-    at, _, _, mins = legacy_tile_fields(kind)
+    _, _, _, mins = legacy_tile_fields(kind)
     offset = -tile_half(tile, k * TILE * kind + TILE_HEADER, r) if mins else ZERO
     return tile_value(tile, k, r, j, kind), tile_half(tile, k * TILE * kind, r), offset
 
