@@ -1,8 +1,9 @@
 """RunState (preallocated buffers and the KV cache) and the forward pass: token, pos -> logits.
 
 The layer code is written once, for any mix of weight formats: every matmul is
-`linear(out, x, w, stamp)` on a matrix that carries its own format (llama2nb.formats), resolved
-to that format's kernel when Numba compiles the layer. The arithmetic is in kernels/ and the
+`linear(out, x, w, stamp)` on a matrix that carries its own format (llama2nb.formats), bound
+once to that format's matmul, which is compiled on its own (jit.Bound): the layer code is
+compiled once for every mix of formats. The arithmetic is in kernels/ and the
 formats' modules; this module only orchestrates. The same code runs one token (generation) or a
 block of prompt tokens (prefill): activations carry a leading batch axis. A layer is three calls
 into compiled code: attention's input (rmsnorm, q k v, RoPE), attention, and the output
@@ -30,20 +31,21 @@ from .files import bytes_per_token, open_model, read_model
 from .files.llama2c import Checkpoint, TransformerWeights, available_memory, require_memory
 from .formats import Format, for_engine, format_of, linear, new_input, repacked_layout, stacked_for_engine
 from .kernels.common import add, rmsnorm, rope, split, swiglu
-from .kernels.jit import DEFAULT_FASTMATH, compile_ahead, compile_family, fastmath_name, kernel
+from .kernels.jit import DEFAULT_FASTMATH, NOTHING, Binding, Bound, compile_ahead, compile_family, fastmath_name, kernel
 from .mapping import Arena, Progress, fault_in
 
 
 @kernel
 def attention_input(x, xb, q, k, v, qkv, cos, sin, tick, eps, rms_att, wq, wk, wv):
     """Attention's input: rmsnorm, the q k v projections, RoPE, for a block of B tokens. k and v
-    are these positions' rows of the KV cache, written in place. wk None: wq is q, k and v's
-    matrices stacked (STACKS), multiplied into qkv and split from there.
+    are these positions' rows of the KV cache, written in place. Each w is bound to its format's
+    matmul (jit.Bound); wk NOTHING: wq is q, k and v's matrices stacked (STACKS), multiplied into
+    qkv and split from there.
     x, xb, q (B, dim), k, v (B, kv_dim), qkv (B, dim + 2 kv_dim), cos, sin (B, head_size // 2),
     tick (1,) int64"""
     rmsnorm(xb, x, rms_att, eps)  # xb (B, dim)
     stamp = new_input(tick)  # q, k and v share their input (and its quantized copies)
-    if wk is None:
+    if wk.code == 0:  # (NOTHING)
         linear(qkv, xb, wq, stamp)  # qkv (B, dim + 2 kv_dim)
         split(qkv, q, k, v)
     else:
@@ -56,14 +58,14 @@ def attention_input(x, xb, q, k, v, qkv, cos, sin, tick, eps, rms_att, wq, wk, w
 @kernel
 def attention_output_and_ffn(x, xb, xb2, hb, hb2, h13, tick, eps, wo, rms_ffn, w1, w2, w3):
     """Attention's output projection and residual, then the SwiGLU feed-forward and residual.
-    w3 None: w1 is w1's and w3's matrices stacked (STACKS), multiplied into h13.
+    w3 NOTHING: w1 is w1's and w3's matrices stacked (STACKS), multiplied into h13.
     x (B, dim) the residual stream, xb (B, dim) the attention output, hb, hb2 (B, hidden_dim),
     h13 (B, 2 hidden_dim)"""
     linear(xb2, xb, wo, new_input(tick))  # xb2 (B, dim)
     add(x, xb2)
     rmsnorm(xb, x, rms_ffn, eps)  # xb (B, dim)
     stamp = new_input(tick)
-    if w3 is None:
+    if w3.code == 0:  # (NOTHING)
         linear(h13, xb, w1, stamp)  # h13 (B, 2 hidden_dim)
         split(h13, hb, hb2, None)
     else:
@@ -281,10 +283,14 @@ class Transformer:
         self.kernels = compiled(self.fastmath, frozenset(self.weight_formats), parallel=self.threads > 1)
         self.family = family_name(self.fastmath, frozenset(self.weight_formats), parallel=self.threads > 1)
         self.eps = np.float32(c.norm_eps)
-        self._bind_weights()
         self._one_token = np.zeros(1, np.int64)
         self._entries: dict[tuple, Any] = {}  # call site -> compiled code (_call)
-        self.compile_seconds = self._warm_up() if warm_up else 0.0
+        self._bindings: list[Binding] = []  # what the bound matrices point into, kept alive
+        self.compile_seconds = 0.0
+        if warm_up:
+            self.compile_seconds = self._warm_up()
+        else:
+            self._args = self._arguments(self._bind)
 
     @classmethod
     def load(cls, path: str | os.PathLike, fastmath: bool | str = DEFAULT_FASTMATH, threads: int = 1,
@@ -322,28 +328,45 @@ class Transformer:
         fmt = format_of(matrix)
         return fmt.operand(matrix, self.state.scratch[fmt.scratch_key()])
 
-    def _bind_weights(self) -> None:
-        """Each layer's arguments gathered once (matrices as their formats' operands; a stack
-        in its first part's place and None in the others'), so the token loop only indexes lists."""
+    def _matrices(self) -> tuple[list[dict[str, Any]], Any]:
+        """Each layer's matrices by name, as their formats' operands (a stack in its first
+        part's place and None in the others'), and the classifier's."""
         w, op = self.weights, self._operand
-        layers = range(self.config.n_layers)
-        matrices = [{name: op(getattr(w, name)[l]) for name in LINEAR_FIELDS} for l in layers]
+        matrices = [{name: op(getattr(w, name)[l]) for name in LINEAR_FIELDS} for l in range(self.config.n_layers)]
         for l, named in enumerate(matrices):
             for whole, parts in STACKS.items():
                 if self.stacks[whole][l] is not None:
                     named.update({parts[0]: op(self.stacks[whole][l])}, **{part: None for part in parts[1:]})
-        self._attention_input = [(w.rms_att_weight[l], m["wq"], m["wk"], m["wv"]) for l, m in zip(layers, matrices)]
-        self._ffn = [(m["wo"], w.rms_ffn_weight[l], m["w1"], m["w2"], m["w3"]) for l, m in zip(layers, matrices)]
-        self._classifier = (w.rms_final_weight, op(w.wcls))
-        self._embedding = op(w.token_embedding_table)
+        return matrices, op(w.wcls)
+
+    def _bind(self, operand: Any) -> Bound:
+        """The operand bound to its format's matmul, compiled (or loaded) now if need be."""
+        binding = self.kernels.bind("linear", operand)
+        self._bindings.append(binding)
+        return binding.bound
+
+    def _arguments(self, bind) -> SimpleNamespace:
+        """The weights' arguments of each call, gathered once, every matrix as bind(operand) (a
+        Bound; NOTHING in place of a stack's later parts), so the token loop only indexes lists."""
+        w, (matrices, wcls) = self.weights, self._matrices()
+        b = [{name: NOTHING if m is None else bind(m) for name, m in named.items()} for named in matrices]
+        layers = range(self.config.n_layers)
+        return SimpleNamespace(
+            attention_input=[(w.rms_att_weight[l], b[l]["wq"], b[l]["wk"], b[l]["wv"]) for l in layers],
+            ffn=[(b[l]["wo"], w.rms_ffn_weight[l], b[l]["w1"], b[l]["w2"], b[l]["w3"]) for l in layers],
+            classifier=(w.rms_final_weight, bind(wcls)),
+            embed=getattr(self.kernels, format_of(w.token_embedding_table).embed_kernel),  # its format's embed
+            embedding=self._operand(w.token_embedding_table))
 
     def _warm_up(self) -> float:
         """Compile what a prompt block and a token call, in parallel processes where there are
-        several CPUs (jit.compile_ahead), then run a 2-token prefill and a token twice: the first
-        time compiles the rest (or loads from Numba's cache), the second is pure run time, and
-        the difference is what compiling cost."""
+        several CPUs (jit.compile_ahead), bind the matrices to their matmuls, then run a 2-token
+        prefill and a token twice: the first time compiles the rest (or loads from Numba's
+        cache), the second is pure run time, and the difference is what compiling cost."""
         started = time.perf_counter()
-        ahead = time.perf_counter() - started if compile_ahead(self._entry_points()) else 0.0
+        compile_ahead(self._compile_jobs())
+        self._args = self._arguments(self._bind)  # (each format's matmul, compiled ahead or loaded)
+        ahead = time.perf_counter() - started
         times = []
         for _ in range(2):
             started = time.perf_counter()
@@ -352,8 +375,16 @@ class Transformer:
             times.append(time.perf_counter() - started)
         return ahead + max(times[0] - times[1], 0.0)
 
-    def _entry_points(self) -> list[tuple[Any, tuple]]:
-        """(kernel, argument types) of every call a prompt block and a token make."""
+    def _compile_jobs(self) -> list[tuple[Any, tuple]]:
+        """(function, argument types) of each format's matmul the matrices are bound to, and of
+        every call a prompt block and a token make (the layer code typed with placeholders)."""
+        matrices, wcls = self._matrices()
+        operands = [m for named in matrices for m in named.values() if m is not None] + [wcls]
+        jobs = [job for m in operands for job in self.kernels.binding_jobs("linear", m)]
+        return jobs + self._entry_points(self._arguments(lambda operand: NOTHING))  # (a Bound's type)
+
+    def _entry_points(self, args: SimpleNamespace) -> list[tuple[Any, tuple]]:
+        """(kernel, argument types) of every call a prompt block and a token make with args."""
         found = []
 
         def record(site: tuple, kernel: Any, *args: Any) -> None:
@@ -361,7 +392,7 @@ class Transformer:
                 found.append((kernel, argument_types(kernel, args)))
 
         for tokens in (np.zeros(2, np.int64), self._one_token):
-            self._layers(tokens, 0, self.state.logits, record)
+            self._layers(tokens, 0, self.state.logits, record, args)
         return found
 
     def forward(self, token: int, pos: int) -> np.ndarray:
@@ -433,17 +464,17 @@ class Transformer:
             code = self._entries[site] = entry(kernel, args)
         code(*args)
 
-    def _layers(self, tokens: np.ndarray, pos: int, logits: np.ndarray | None, call=None) -> None:
-        c, s, k, eps, call = self.config, self.state, self.kernels, self.eps, call or self._call
+    def _layers(self, tokens: np.ndarray, pos: int, logits: np.ndarray | None, call=None, args=None) -> None:
+        c, s, k, eps, call, a = self.config, self.state, self.kernels, self.eps, call or self._call, args or self._args
         B = tokens.shape[0]
         x, xb, xb2, q, hb, hb2 = s.x[:B], s.xb[:B], s.xb2[:B], s.q[:B], s.hb[:B], s.hb2[:B]  # (B, ...)
         cos, sin = s.cos[pos:pos + B], s.sin[pos:pos + B]  # (B, head_size // 2) these positions' angles
-        call(("embed",), k.embed, x, self._embedding, tokens)  # the tokens' embeddings -> x (B, dim)
+        call(("embed",), a.embed, x, a.embedding, tokens)  # the tokens' embeddings -> x (B, dim)
         for l in range(c.n_layers):
             key_cache, value_cache = s.key_cache[l], s.value_cache[l]  # (seq_len, kv_dim) each
             # rmsnorm, q k v (k and v straight into these positions' cache rows), RoPE
             call(("input", l), k.attention_input, x, xb, q, key_cache[pos:pos + B], value_cache[pos:pos + B], s.qkv[:B],
-                 cos, sin, s.tick, eps, *self._attention_input[l])
+                 cos, sin, s.tick, eps, *a.attention_input[l])
             # causal attention over positions 0..pos(+b) -> xb (B, dim)
             if B == 1:
                 call(("attention",), k.attention, xb[0], q[0], key_cache, value_cache, s.att, pos, c.n_kv_heads)
@@ -451,10 +482,10 @@ class Transformer:
                 call(("attention_block",), k.attention_block, xb, q, key_cache, value_cache, s.att_block[:B],
                      s.transposed, pos, c.n_kv_heads)
             # output projection, residual, SwiGLU feed-forward, residual -> x (B, dim)
-            call(("ffn", l), k.attention_output_and_ffn, x, xb, xb2, hb, hb2, s.h13[:B], s.tick, eps, *self._ffn[l])
+            call(("ffn", l), k.attention_output_and_ffn, x, xb, xb2, hb, hb2, s.h13[:B], s.tick, eps, *a.ffn[l])
         # final rmsnorm and classifier, for the last token or all -> logits (1 or B, vocab_size)
         if logits is not None:
-            call(("classifier",), k.classifier, logits, x[B - logits.shape[0]:], s.tick, eps, *self._classifier)
+            call(("classifier",), k.classifier, logits, x[B - logits.shape[0]:], s.tick, eps, *a.classifier)
 
 
 def entry(kernel: Any, args: tuple) -> Any:

@@ -14,10 +14,11 @@ that depends on the encoding lives in the format's own module, behind the `Forma
   `operand(matrix, scratch)` (what compiled code receives), and two registered kernels, its
   `linear` (a matmul for one token or a block) and its `embed` (rows of the matrix as float32).
 
-The layer code calls `linear(out, x, w, stamp)` and `embed(out, table, tokens)` (jit.generic):
-compiled, each call is resolved by the operand's Numba type to its format's kernel, so the layer
-code is written once, every matrix carries its own format, and one model may mix formats per
-tensor. A float32 array is an F32 matrix; every other format's matrices are objects with a
+The layer code calls `linear(out, x, w, stamp)`, and the model `embed(out, table, tokens)`
+(jit.generic): each call runs the kernel of the operand's format. Compiled layer code receives
+each matrix bound to its format's matmul (jit.Bound: a pointer to the matmul compiled for that
+operand, and one to the operand), so the layer code is written and compiled once, every matrix
+carries its own format, and one model may mix formats per tensor. A float32 array is an F32 matrix; every other format's matrices are objects with a
 `format` attribute.
 
 `stamp` names the input x: formats that quantize activations (Q8_0) quantize x once, keep it in
@@ -198,10 +199,14 @@ def _kernel_of_type(attribute: str):
     return choose_type
 
 
-@generic(2, choose=lambda w: _format_class_of_operand(w).linear_kernel, choose_type=_kernel_of_type("linear_kernel"))
+_ROWS = types.float32[:, ::1]  # out and x, as compiled callers pass them
+
+
+@generic(2, choose=lambda w: _format_class_of_operand(w).linear_kernel, choose_type=_kernel_of_type("linear_kernel"),
+         bound=(_ROWS, _ROWS, None, types.int64))
 def linear(out, x, w, stamp):
-    """out = x @ w.T in w's format.  out (B, d), x (B, n), w an operand of a (d, n) matrix,
-    stamp the input's stamp (new_input)"""
+    """out = x @ w.T in w's format.  out (B, d), x (B, n), w an operand of a (d, n) matrix (in
+    compiled code, a jit.Bound of one), stamp the input's stamp (new_input)"""
 
 
 @generic(1, choose=lambda w: _format_class_of_operand(w).embed_kernel, choose_type=_kernel_of_type("embed_kernel"))

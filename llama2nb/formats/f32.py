@@ -74,7 +74,7 @@ F32_GEMM = False  # a compile-time constant (F32.constants): blocks of tokens by
 GEMM_TOKENS = 8  # the fewest tokens worth copying panels for
 
 
-@kernel
+@kernel(inline=True)  # (see jit.kernel)
 def matmul(out, x, w):
     """out = x @ w.T: every token's row times every weight row.  out (B, d), x (B, n), w (d, n)
 

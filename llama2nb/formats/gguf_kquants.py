@@ -156,7 +156,7 @@ class Q6_K(_KQuant):
 # The input: int8 per 256 values with sums per 16, once per stamp
 
 
-@kernel
+@kernel(inline=True)  # (see jit.kernel)
 def q8_k_input(out, x, w, xq, xd, xsum, xu, last, stamp, size):
     """Check the shapes (blocks.check_linear), quantize x into the scratch unless it holds this
     stamp's input already (`last`: the stamp it holds), and return the views the row kernels
@@ -167,7 +167,7 @@ def q8_k_input(out, x, w, xq, xd, xsum, xu, last, stamp, size):
     return q8_k_quantized(x, xq, xd, xsum, xu, last, stamp)
 
 
-@kernel
+@kernel(inline=True)  # (see jit.kernel)
 def q8_k_quantized(x, xq, xd, xsum, xu, last, stamp):
     """q8_k_input after its shape check (x's B * n values fit the scratch: the caller checked)."""
     B, n = x.shape

@@ -224,7 +224,7 @@ class Q5_1(_Legacy):
 # The input: int8 per 32 values, once per stamp
 
 
-@kernel
+@kernel(inline=True)  # (see jit.kernel)
 def q8_32_input(out, x, w, xq, xd, xsum, xu, xs, xds, x8, last, stamp, size):
     """Check the shapes (blocks.check_linear), quantize x into the scratch unless it holds this
     stamp's input already (`last`: the stamp it holds), and return the views the row kernels
@@ -236,7 +236,7 @@ def q8_32_input(out, x, w, xq, xd, xsum, xu, xs, xds, x8, last, stamp, size):
     return q8_32_quantized(x, xq, xd, xsum, xu, xs, xds, x8, last, stamp)
 
 
-@kernel
+@kernel(inline=True)  # (see jit.kernel)
 def q8_32_quantized(x, xq, xd, xsum, xu, xs, xds, x8, last, stamp):
     """q8_32_input after its shape check (x's B * n values fit the scratch: the caller checked)."""
     B, n = x.shape

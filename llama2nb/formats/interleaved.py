@@ -434,7 +434,7 @@ def gather_tiles(source, packed, rows_of, offsets, flip):
 # The matmuls: x quantized once per stamp (gguf_legacy, gguf_kquants), then the tiles in ranges
 
 
-@kernel
+@kernel(inline=True)  # (see jit.kernel)
 def tiles_input(out, x, w, xq, xd, xsum, xu, xs, xds, x8, last, stamp, size):
     """ValueError unless out (B, d) (unit column stride), x (B, n) and the tiles w (ceil(d / 16),
     n / 32 * size) agree and the B inputs fit the scratch; then gguf_legacy.q8_32_quantized."""
@@ -475,7 +475,7 @@ def linear_q8_0_tiles(out, x, w, stamp):
     legacy_tiles(out, x, w, stamp, Q8_0_TILES)
 
 
-@kernel
+@kernel(inline=True)  # (see jit.kernel)
 def legacy_tiles(out, x, w, stamp, kind):
     """The matmul of tiles of a 32-value format (`kind`: its block bytes): x quantized per 32
     values once per stamp, then the tiles in ranges (blocks.chunk_rows over tiles), by the
@@ -508,7 +508,7 @@ def linear_q6_k_tiles(out, x, w, stamp):
         k_quant_tiles(out, x, w, stamp, True)
 
 
-@kernel
+@kernel(inline=True)  # (see jit.kernel)
 def k_quant_tiles(out, x, w, stamp, six):
     """The Q4_K or Q6_K (six) tiles' matmul: x quantized per 256 values once per stamp, then
     the tiles in ranges (blocks.chunk_rows over tiles), by the VNNI intrinsic or the portable loops"""

@@ -8,9 +8,12 @@ call each other, so each copy is given globals in which its callees are the same
 compiled versions; registering is what puts a kernel there, so no hand-kept list can forget one.
 
 A `@generic` function picks its implementation by the type of one argument: `linear(out, x, w,
-stamp)` runs the matmul of w's weight format. Compiled, that choice is made while Numba types
-the caller (an `overload`), so the layer code is written once and specialised per format with no
-branch at run time; from Python, and under NUMBA_DISABLE_JIT, it is made per call.
+stamp)` runs the matmul of w's weight format. From Python it is chosen per call. Compiled code
+passes a `Bound` instead of the operand, made once per matrix by the family's `bind`: the
+address of the implementation for the operand's type, compiled on its own, and the address of
+the operand as compiled code holds it (kernels/pointers.py). So the layer code is written once
+and compiled once for every mix of formats, and each format's matmul is compiled once, not
+again into every caller (Numba compiles a jitted callee into each caller's code).
 
 Every variant is cached on disk (`cache=True`, where numba_cache finds a writable folder) under
 its own name. The name carries the fastmath setting and the constants the kernel's code reads,
@@ -32,6 +35,7 @@ for the longest share instead of the sum.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import multiprocessing
@@ -42,13 +46,17 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numba
+import numpy as np
+from numba.core import types as nb
+from numba.core.errors import TypingError
 from numba.extending import overload
 
 from ..errors import UsageError
 from ..numba_cache import cache_enabled, load_without_refresh
+from .pointers import call_address, loaded, native_size, store_native
 
 # off: IEEE semantics, as gcc -O3. reassoc: reassociate and contract into FMAs, which is what lets
 # LLVM vectorise a dot product's reduction (gcc's -funsafe-math-optimizations, near enough).
@@ -76,46 +84,94 @@ def fastmath_name(choice: bool | str | None) -> str:
 
 
 KERNELS: dict[str, Callable] = {}  # name -> plain Python function, every family compiles them all
+INLINED: set[str] = set()  # the kernels registered with inline=True
 
 
-def kernel(fn: Callable) -> Callable:
-    """Register `fn` to be compiled into every family under its own name."""
+def kernel(fn: Callable | None = None, *, inline: bool = False) -> Callable:
+    """Register `fn` to be compiled into every family under its own name. `@kernel(inline=True)`:
+    Numba inlines it into each caller before typing, rather than compiling it apart; for a body
+    that several formats' thin kernels share, which apart is compiled once on its own and then
+    again into each caller's code (the callers then compile it once each, and nothing else)."""
+    if fn is None:
+        return functools.partial(kernel, inline=inline)
     other = KERNELS.setdefault(fn.__name__, fn)
     if other is not fn:
         raise ValueError(f"kernel {fn.__name__}: defined twice ({other.__module__} and {fn.__module__})")
+    if inline:
+        INLINED.add(fn.__name__)
     return fn
+
+
+class Bound(NamedTuple):
+    """An operand bound to a generic's implementation for compiled callers (a family's `bind`):
+    `code` is the address of the family's implementation for the operand's type, compiled once
+    on its own, and `operand` the address of the operand as compiled code holds it
+    (Binding.native). Under NUMBA_DISABLE_JIT nothing has an address: code is 1 and operand the
+    operand itself. code 0 binds nothing: a placeholder the caller tests for."""
+
+    code: int
+    operand: Any
+
+
+NOTHING = Bound(0, 0)
+BOUND_TYPE = nb.NamedUniTuple(nb.int64, 2, Bound)  # Bound's type in compiled code
+
+
+@dataclass(frozen=True)
+class Binding:
+    """What a family's bind returns: the Bound to pass, and what it points into, to keep alive
+    while it is used (the native copy owns no reference to the operand's arrays)."""
+
+    bound: Bound
+    native: np.ndarray | None  # the operand as compiled code holds it (uint8)
+    operand: Any
 
 
 @dataclass(frozen=True)
 class Generic:
     """A function whose implementation is chosen by the type of its argument number `arg`:
     choose(value) and choose_type(numba_type) name the registered kernel to run (choose_type
-    returns None for a type no implementation takes)."""
+    returns None for a type no implementation takes). Compiled callers pass a Bound in that
+    argument's place and exactly the types `bound` lists in the others'."""
 
     name: str
     arg: int
     choose: Callable[[Any], str]
     choose_type: Callable[[Any], str | None]
+    bound: tuple[Any, ...] | None
 
     def bind(self, kernels: dict[str, Callable]) -> Callable:
         """The function for Python callers: one dispatch per call, to `kernels`."""
 
         def dispatch(*args):
+            if isinstance(args[self.arg], Bound):  # (uncompiled layer code: operand is the operand)
+                args = (*args[:self.arg], args[self.arg].operand, *args[self.arg + 1:])
             return kernels[self.choose(args[self.arg])](*args)
 
         dispatch.__name__ = dispatch.__qualname__ = self.name
         return dispatch
 
+    def bound_types(self) -> tuple[Any, ...]:
+        """The argument types of a compiled call: `bound`, with the Bound's type in place."""
+        return tuple(BOUND_TYPE if i == self.arg else ty for i, ty in enumerate(self.bound))
+
 
 GENERICS: dict[str, Generic] = {}
 
 
-def generic(arg: int, choose: Callable[[Any], str], choose_type: Callable[[Any], str | None]):
-    """Register the decorated function's name as a Generic dispatching on argument `arg`. The
-    decorated function documents the signature; what it becomes calls the plain kernels."""
+def generic(arg: int, choose: Callable[[Any], str], choose_type: Callable[[Any], str | None],
+            bound: tuple | None = None):
+    """Register the decorated function's name as a Generic dispatching on argument `arg`. With
+    `bound`, compiled callers may call it, passing a Bound as that argument and the others of the
+    Numba types `bound` lists (None in arg's place); without, only Python calls it. The decorated
+    function documents the signature; what it becomes calls the plain kernels."""
 
     def register(template: Callable) -> Callable:
-        g = GENERICS[template.__name__] = Generic(template.__name__, arg, choose, choose_type)
+        if bound is not None and (template.__code__.co_argcount not in _THROUGH
+                                  or len(bound) != template.__code__.co_argcount):
+            raise ValueError(f"generic {template.__name__}: expected {sorted(_THROUGH)} arguments, "
+                             f"each with a type in `bound`, found {template.__code__.co_argcount}")
+        g = GENERICS[template.__name__] = Generic(template.__name__, arg, choose, choose_type, bound)
         function = g.bind(KERNELS)
         function.__doc__ = template.__doc__
         return function
@@ -137,7 +193,8 @@ def _sources_hash() -> str:
 
 def compile_family(fastmath: str, constants: dict[str, Any], parallel: bool = False) -> types.SimpleNamespace:
     """Every registered kernel and generic, compiled (lazily, at first call) as @njit with the
-    named fastmath setting and `constants` in place of module globals of the same names."""
+    named fastmath setting and `constants` in place of module globals of the same names; and
+    `bind(generic, operand)` -> Binding, `binding_jobs(generic, operand)` -> compile_ahead's jobs."""
     flags = FASTMATH[fastmath_name(fastmath)]
     sources = _sources_hash()
 
@@ -152,37 +209,51 @@ def compile_family(fastmath: str, constants: dict[str, Any], parallel: bool = Fa
     for name, fn in KERNELS.items():
         namespace = {**fn.__globals__, **constants}
         namespaces.append(namespace)
-        clone = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
-        clone.__qualname__ = f"{fn.__name__}__{tag(name)}"
-        clone.__module__ = fn.__module__
         # only the functions with a prange loop are compiled parallel (the others would only warn)
-        threaded = parallel and "prange" in fn.__code__.co_names
-        compiled[name] = numba.njit(cache=cache_enabled(inspect.getsourcefile(fn)), parallel=threaded, **options)(clone)
-        load_without_refresh(compiled[name])  # a warm start loads without Numba's registry refresh
+        threaded = parallel and _runs_prange(name)
+        inline = "always" if name in INLINED else "never"
+        compiled[name] = _njit(fn, namespace, f"{fn.__name__}__{tag(name)}", dict(options, parallel=threaded, inline=inline))
     for name, g in GENERICS.items():
-        compiled[name] = _family_generic(g, compiled, tag, options, parallel)
+        compiled[name] = g.bind(compiled) if g.bound is None else _family_generic(g, compiled, f"{fastmath}_{sources}",
+                                                                                 options)
     for namespace in namespaces:  # callees resolve to this family's compiled copies
         namespace.update(compiled)
-    return types.SimpleNamespace(**compiled)
+    family = types.SimpleNamespace(**compiled)
+    family.bind, family.binding_jobs = _binder(compiled)
+    return family
+
+
+def _njit(fn: Callable, namespace: dict, qualname: str, options: dict[str, Any]) -> Callable:
+    """fn's code with `namespace` for globals, compiled under the name `qualname` (cached where
+    the disk cache works, under that name: it must name what the code depends on)."""
+    clone = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+    clone.__qualname__ = qualname
+    clone.__module__ = fn.__module__
+    dispatcher = numba.njit(cache=cache_enabled(inspect.getsourcefile(fn)), **options)(clone)
+    load_without_refresh(dispatcher)  # a warm start loads without Numba's registry refresh
+    return dispatcher
 
 
 def _names_used(name: str) -> set[str]:
-    """Every global name kernel (or generic) `name` reads, its callees' included: the constants
-    among them are all that its compiled code depends on, so families that agree on those share
-    its compiled code (on disk: a model of another format reuses the attention a first one
-    compiled). A generic may call any format's kernel: it reads every name."""
-    if name in GENERICS:
-        return {"*"} | set().union(*(_code_names(fn.__code__) for fn in KERNELS.values()))
+    """Every global name kernel `name` reads, its callees' included: the constants among them
+    are all that its compiled code depends on, so families that agree on those share its
+    compiled code (on disk: a model of another format reuses the layer code a first one
+    compiled). A generic's implementations are compiled apart and called through a pointer:
+    what they read is not the caller's."""
     seen, todo, names = {name}, [name], set()
     while todo:
         own = _code_names(KERNELS[todo.pop()].__code__)
         names |= own
-        if own & GENERICS.keys():
-            return _names_used(next(iter(own & GENERICS.keys())))
         for callee in own & KERNELS.keys() - seen:
             seen.add(callee)
             todo.append(callee)
     return names
+
+
+def _runs_prange(name: str) -> bool:
+    """Whether kernel `name` has a prange loop, in its own code or in the kernels inlined into it."""
+    own = _code_names(KERNELS[name].__code__)
+    return "prange" in own or any(_runs_prange(callee) for callee in own & INLINED if callee != name)
 
 
 def _code_names(code: types.CodeType) -> set[str]:
@@ -190,38 +261,92 @@ def _code_names(code: types.CodeType) -> set[str]:
     return set(code.co_names).union(*(_code_names(c) for c in code.co_consts if isinstance(c, types.CodeType)))
 
 
-def _family_generic(g: Generic, compiled: dict[str, Callable], tag: Callable[[str], str],
-                    options: dict[str, Any], parallel: bool) -> Callable:
+def _call_4(a0, a1, a2, a3):  # a compiled caller's call of a generic: to the code its Bound names
+    args = (a0, a1, a2, a3)
+    call_address(args[POSITION].code, args)  # noqa: F821 (POSITION: a global of each copy)
+
+
+def _through_4(a0, a1, a2, a3):  # that code, for one operand type: the operand read, its implementation called
+    code, args = LOAD((a0, a1, a2, a3))  # noqa: F821 (a global of each copy)
+    call_address(code, args)
+
+
+_CALLS = {4: _call_4}  # by the generic's number of arguments
+_THROUGH = {4: _through_4}
+
+
+def _family_generic(g: Generic, compiled: dict[str, Callable], tag: str, options: dict[str, Any]) -> Callable:
     """g for one family: from Python it dispatches per call to the family's kernels; in
-    compiled callers an overload resolves it by type, at compile time, to the same kernels.
-    The overload's implementation is the chosen kernel's own code, not a function calling it:
-    each level of calls compiles the callee's code again, into the caller's module (a threaded
-    family's kernels with a prange loop excepted: only their own dispatchers compile parallel).
-    It is cached, under a name of its own, after the kernel and the constants its code reads:
-    Numba names compiled code by qualified name and a per-process counter, so with one name for
-    code that differs, code loaded from the disk cache (named in another process) and code
-    compiled now could share a symbol, and a caller be linked to the wrong kernel."""
+    compiled callers, which pass a Bound, an overload calls the code the Bound points to. That
+    code, the implementation for the operand's type, is compiled on its own (_binder), so a
+    caller compiles none of it and one caller serves every weight format."""
     function = g.bind(compiled)
+    expected = g.bound_types()
 
     @overload(function, jit_options={**options, "cache": cache_enabled()}, strict=False)
     def typed(*args):
-        name = g.choose_type(args[g.arg])
-        if name is None:
+        if not isinstance(args[g.arg], nb.NamedUniTuple) or args[g.arg].instance_class is not Bound:
             return None
-        implementation = compiled[name]
-        if parallel and "prange" in implementation.py_func.__code__.co_names:
-
-            def body(*args):  # compiled parallel, as only the kernel's own dispatcher is
-                return implementation(*args)
-        else:
-            kernel = implementation.py_func
-            body = types.FunctionType(kernel.__code__, kernel.__globals__, kernel.__name__, kernel.__defaults__,
-                                      kernel.__closure__)
-            body.__module__ = kernel.__module__
-        body.__qualname__ = body.__name__ = f"{g.name}__{name}__{tag(name)}"
+        if tuple(args) != expected:
+            raise TypingError(f"{g.name}: compiled callers pass {', '.join(map(str, expected))}; "
+                              f"found {', '.join(map(str, args))}")
+        template = _CALLS[len(args)]
+        body = types.FunctionType(template.__code__, {"POSITION": g.arg, "call_address": call_address}, g.name)
+        body.__module__ = template.__module__
+        body.__qualname__ = f"{g.name}__through__{tag}"  # the same code in every family
         return body
 
     return function
+
+
+def _binder(compiled: dict[str, Callable]):
+    """A family's bind(generic, operand) -> Binding, and binding_jobs(generic, operand): the
+    (dispatcher, argument types) bind compiles, for compile_ahead. Bound.operand is the address
+    of a record (the address of the generic's implementation for the operand's Numba type, the
+    operand) and Bound.code that of a small function, one per type, that reads the record
+    (pointers.loaded) and calls the one with the other. Each is compiled once: a jitted callee
+    would be compiled into its caller's code again."""
+    through: dict[tuple[str, Any], Callable] = {}
+    sources = _sources_hash()
+    store = _njit(_store, {"store_native": store_native}, f"_store__{sources}", {})
+
+    def binding_jobs(name: str, operand: Any) -> list[tuple[Callable, tuple]]:
+        g, ty = GENERICS[name], numba.typeof(operand)
+        implementation = g.choose_type(ty)
+        if g.bound is None or implementation is None:
+            raise TypeError(f"{name}: expected an operand of a registered format, for compiled callers, found {ty}")
+        if (name, ty) not in through:  # the same code in every family: no fastmath, no constants
+            namespace = {"LOAD": loaded(g.arg, ty), "call_address": call_address}
+            digest = hashlib.sha256(str(ty).encode()).hexdigest()[:10]
+            through[name, ty] = _njit(_THROUGH[len(g.bound)], namespace, f"{name}__{digest}__{sources}", {})
+        operand_types = tuple(ty if i == g.arg else t for i, t in enumerate(g.bound))
+        return [(through[name, ty], g.bound_types()), (compiled[implementation], operand_types),
+                (store, (nb.uint8[::1], nb.Tuple((nb.int64, ty))))]
+
+    def bind(name: str, operand: Any) -> Binding:
+        if numba.config.DISABLE_JIT:
+            return Binding(Bound(1, operand), None, operand)
+        (code, argtypes), (implementation, operand_types), (_, (_, record)) = binding_jobs(name, operand)
+        native = np.zeros(native_size(record), np.uint8)
+        store(native, (_address(implementation, operand_types), operand))
+        return Binding(Bound(_address(code, argtypes), native.ctypes.data), native, operand)
+
+    return bind, binding_jobs
+
+
+def _store(native, record):  # (compiled by each _binder, under a name carrying the sources' hash)
+    store_native(native, record)  # noqa: F821 (a global of each copy)
+
+
+def _address(dispatcher: Any, argtypes: tuple) -> int:
+    """The address of dispatcher's code for exactly these argument types (compiled or loaded
+    now if need be), which must return nothing: what pointers.call_address calls."""
+    dispatcher.compile(argtypes)
+    result = dispatcher.overloads[argtypes]
+    if tuple(result.signature.args) != argtypes or result.signature.return_type != nb.none:
+        raise TypeError(f"{dispatcher.py_func.__name__}: expected code taking {argtypes} and returning nothing, "
+                        f"found {result.signature}")
+    return result.library.get_pointer_to_function(result.fndesc.llvm_func_name)
 
 
 COMPILE_JOBS_VARIABLE = "LLAMA2NB_COMPILE_JOBS"  # processes compile_ahead may use (1: compile in-process)
