@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml
 sample: $(STAMP)
 	$(BIN)/llama2nb sample
 
+# The suite in one process per core (pytest-xdist), sharing Numba's disk cache (saves are locked:
+# llama2nb/numba_cache.py); TEST_JOBS=0 runs it in this process.
+TEST_JOBS ?= auto
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/llama2nb bench $(if $(RUNC),--runc $(RUNC)) $(if $(RUNQ),--runq $(RUNQ)) $(BENCHFLAGS)

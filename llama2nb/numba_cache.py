@@ -17,17 +17,20 @@ The check is Numba's own: decorating a probe function whose code claims to live 
 `source_file`, so NUMBA_CACHE_DIR, NUMBA_CACHE_LOCATOR_CLASSES and the locators' order count
 exactly as they will for the real kernels. The answer is computed once per file.
 
-`load_without_refresh(dispatcher)`: loading a kernel from the disk cache, Numba first refreshes
+`load_without_refresh(dispatcher)` changes two things about a dispatcher's disk cache. Loading a
+kernel from it, Numba first refreshes
 its target context, which imports and installs every typing and lowering registry it has (linalg,
 random, typed containers, datetime, ...: ~0.1 s of a warm start's ~0.5 s, once per process).
 Those registries serve compiling, and a compile (a cache miss) refreshes them itself
 (numba.core.compiler.CompilerBase); running compiled code needs only the runtime (NRT)
 initialised, which the refresh did first. So llama2nb's kernels load with only that; should a
-load fail any other way, it is retried Numba's own way (refresh, then load).
+load fail any other way, it is retried Numba's own way (refresh, then load). Saving holds a lock
+that every other process respects (`saving_lock`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import stat
@@ -36,6 +39,11 @@ import tempfile
 from pathlib import Path
 
 import numba
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: saves are not locked
+    fcntl = None
 
 try:  # Numba's own cache class (numba.core.caching, 0.60 to 0.68 at least)
     from numba.core.caching import FunctionCache
@@ -118,8 +126,35 @@ if FunctionCache is not None and all(hasattr(FunctionCache, name) for name in
                     return self._load_overload(sig, target_context)
             except Exception:  # anything the registries might have been needed for: Numba's own way
                 return super().load_overload(sig, target_context)
+
+        def save_overload(self, sig, data):
+            with saving_lock(getattr(self, "_cache_path", None)):
+                super().save_overload(sig, data)
 else:
     _LoadWithoutRefresh = None
+
+
+@contextlib.contextmanager
+def saving_lock(folder: str | os.PathLike | None):
+    """Held while a compiled kernel is saved into the cache `folder`, by any process (an flock
+    on a file there): Numba reads a function's index, adds an entry naming a new data file and
+    writes both back, so two processes saving at once (two first runs, compile_ahead's
+    processes, test workers) could lose an entry or give two entries one data file. Nothing is
+    locked where flock is missing or the folder cannot be written (Numba then fails the save)."""
+    if fcntl is None or folder is None:
+        yield
+        return
+    try:
+        handle = open(os.path.join(folder, ".llama2nb-saving.lock"), "a")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def load_without_refresh(dispatcher) -> bool:

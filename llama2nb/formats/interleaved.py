@@ -42,7 +42,7 @@ from ..kernels.jit import kernel
 from ..kernels.vnni_tiles import (Q4_K_M, Q4_K_QS, Q4_K_SC, Q4_K_TILE_BYTES, Q6_K_HIGH, Q6_K_LOW, Q6_K_SC,
                                   Q6_K_TILE_BYTES, TILE, TILE_HEADER, tile_block_bytes, tile_fields)
 from ..mapping import anonymous
-from ..numba_cache import cache_enabled
+from ..numba_cache import cache_enabled, load_without_refresh
 from .base import register, repacks
 from .blocks import BlockMatrix, QuantizedFormat, chunk_rows, half_float, row_chunks
 from .gguf_kquants import QK_K, KQuantOperand, Q4_K, Q6_K, Q6_KOperand, linear_q6_k, q8_k_quantized, scales_and_mins
@@ -369,7 +369,9 @@ class Q4_KTiles(_Q4_KLayout):
 @functools.cache
 def compiled_helper(function):
     """A packing function compiled (once a process, cached on disk where numba_cache allows)."""
-    return numba.njit(cache=cache_enabled(__file__))(function)
+    dispatcher = numba.njit(cache=cache_enabled(__file__))(function)
+    load_without_refresh(dispatcher)  # (and saved under numba_cache.saving_lock)
+    return dispatcher
 
 
 def pack_q6_k_tiles(source, packed):

@@ -28,9 +28,8 @@ target (VNNI, F16C) are not part of the name of every kernel.
 
 `compile_ahead(jobs)` compiles the entry points a model will call, those not in the disk cache,
 in forked processes, one per CPU the process may use, each saving what it compiles to the cache
-(under a lock: Numba's index of a function is read, changed and written back); the caller then
-loads them. Numba compiles on one thread, so a first run that compiles several kernels waits
-for the longest share instead of the sum.
+(under numba_cache.saving_lock); the caller then loads them. Numba compiles on one thread, so a
+first run that compiles several kernels waits for the longest share instead of the sum.
 """
 
 from __future__ import annotations
@@ -387,8 +386,7 @@ def compile_ahead(jobs: list[tuple[Any, tuple]], workers: int | None = None) -> 
     _JOBS[:] = todo
     context = multiprocessing.get_context("fork")
     try:
-        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_compiling_process,
-                                 initargs=(context.Lock(),)) as pool:
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_compiling_process) as pool:
             done = list(pool.map(_compile_job, range(len(todo))))
     except BrokenProcessPool:  # a process died: what it did not save, the caller compiles
         return 0
@@ -419,22 +417,11 @@ def _threads_started() -> bool:
         return True
 
 
-def _compiling_process(lock) -> None:
-    """A compiling process's set-up. Every save to Numba's disk cache goes under `lock`, shared
-    by all of them, so that two saves to one function's index do not lose one (or name two
-    entries' data files alike). Its output goes nowhere: forked while another thread of the
-    parent (a progress display) may have held the lock of sys.stderr, it must not write there."""
-    from numba.core.caching import IndexDataCacheFile
-
+def _compiling_process() -> None:
+    """A compiling process's set-up: its output goes nowhere. Forked while another thread of the
+    parent (a progress display) may have held the lock of sys.stderr, it must not write there.
+    (Its saves to the disk cache take numba_cache.saving_lock, as every process's do.)"""
     sys.stdout = sys.stderr = open(os.devnull, "w")
-
-    save = IndexDataCacheFile.save
-
-    def locked(self, key, data):
-        with lock:
-            save(self, key, data)
-
-    IndexDataCacheFile.save = locked
 
 
 def _compile_job(index: int) -> bool:
