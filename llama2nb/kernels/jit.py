@@ -103,10 +103,11 @@ def kernel(fn: Callable | None = None, *, inline: bool = False) -> Callable:
 
 class Bound(NamedTuple):
     """An operand bound to a generic's implementation for compiled callers (a family's `bind`):
-    `code` is the address of the family's implementation for the operand's type, compiled once
-    on its own, and `operand` the address of the operand as compiled code holds it
-    (Binding.native). Under NUMBA_DISABLE_JIT nothing has an address: code is 1 and operand the
-    operand itself. code 0 binds nothing: a placeholder the caller tests for."""
+    `operand` is the address of a record (the address of the implementation compiled for the
+    operand's type, the operand as compiled code holds it: Binding.native), and `code` that of
+    a small function, one per type, which reads the record and calls the one with the other.
+    Under NUMBA_DISABLE_JIT nothing has an address: code is 1 and operand the operand itself.
+    code 0 binds nothing: a placeholder the caller tests for."""
 
     code: int
     operand: Any
@@ -122,7 +123,7 @@ class Binding:
     while it is used (the native copy owns no reference to the operand's arrays)."""
 
     bound: Bound
-    native: np.ndarray | None  # the operand as compiled code holds it (uint8)
+    native: np.ndarray | None  # the record Bound.operand points to (uint8)
     operand: Any
 
 
@@ -277,8 +278,8 @@ _THROUGH = {4: _through_4}
 def _family_generic(g: Generic, compiled: dict[str, Callable], tag: str, options: dict[str, Any]) -> Callable:
     """g for one family: from Python it dispatches per call to the family's kernels; in
     compiled callers, which pass a Bound, an overload calls the code the Bound points to. That
-    code, the implementation for the operand's type, is compiled on its own (_binder), so a
-    caller compiles none of it and one caller serves every weight format."""
+    code and the implementation it calls are compiled on their own (_binder), so a caller
+    compiles none of them and one caller serves every weight format."""
     function = g.bind(compiled)
     expected = g.bound_types()
 
