@@ -3,8 +3,8 @@
 The layer code is written once, for any mix of weight formats: every matmul is
 `linear(out, x, w, stamp)` on a matrix that carries its own format (llama2nb.formats), bound
 once to that format's matmul, which is compiled on its own (jit.Bound): the layer code is
-compiled once for every mix of formats. The arithmetic is in kernels/ and the
-formats' modules; this module only orchestrates. The same code runs one token (generation) or a
+compiled once for every mix of formats. The arithmetic is in kernels/ and the formats'
+modules; this module only orchestrates. The same code runs one token (generation) or a
 block of prompt tokens (prefill): activations carry a leading batch axis. A layer is three calls
 into compiled code: attention's input (rmsnorm, q k v, RoPE), attention, and the output
 projection with the feed-forward. Attention is called on its own because, compiled into a

@@ -18,9 +18,9 @@ The check is Numba's own: decorating a probe function whose code claims to live 
 exactly as they will for the real kernels. The answer is computed once per file.
 
 `load_without_refresh(dispatcher)` changes two things about a dispatcher's disk cache. Loading a
-kernel from it, Numba first refreshes
-its target context, which imports and installs every typing and lowering registry it has (linalg,
-random, typed containers, datetime, ...: ~0.1 s of a warm start's ~0.5 s, once per process).
+kernel from it, Numba first refreshes its target context, which imports and installs every
+typing and lowering registry it has (linalg, random, typed containers, datetime, ...: ~0.1 s of
+a warm start's ~0.5 s, once per process).
 Those registries serve compiling, and a compile (a cache miss) refreshes them itself
 (numba.core.compiler.CompilerBase); running compiled code needs only the runtime (NRT)
 initialised, which the refresh did first. So llama2nb's kernels load with only that; should a

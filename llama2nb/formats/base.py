@@ -18,8 +18,8 @@ The layer code calls `linear(out, x, w, stamp)`, and the model `embed(out, table
 (jit.generic): each call runs the kernel of the operand's format. Compiled layer code receives
 each matrix bound to its format's matmul (jit.Bound: a pointer to the matmul compiled for that
 operand, and one to the operand), so the layer code is written and compiled once, every matrix
-carries its own format, and one model may mix formats per tensor. A float32 array is an F32 matrix; every other format's matrices are objects with a
-`format` attribute.
+carries its own format, and one model may mix formats per tensor. A float32 array is an F32
+matrix; every other format's matrices are objects with a `format` attribute.
 
 `stamp` names the input x: formats that quantize activations (Q8_0) quantize x once, keep it in
 their scratch with its stamp, and reuse it while the stamp is unchanged (the q, k and v

@@ -167,9 +167,9 @@ def generic(arg: int, choose: Callable[[Any], str], choose_type: Callable[[Any],
     function documents the signature; what it becomes calls the plain kernels."""
 
     def register(template: Callable) -> Callable:
-        if bound is not None and (template.__code__.co_argcount not in _THROUGH
+        if bound is not None and (template.__code__.co_argcount not in _TEMPLATES
                                   or len(bound) != template.__code__.co_argcount):
-            raise ValueError(f"generic {template.__name__}: expected {sorted(_THROUGH)} arguments, "
+            raise ValueError(f"generic {template.__name__}: expected {sorted(_TEMPLATES)} arguments, "
                              f"each with a type in `bound`, found {template.__code__.co_argcount}")
         g = GENERICS[template.__name__] = Generic(template.__name__, arg, choose, choose_type, bound)
         function = g.bind(KERNELS)
@@ -271,8 +271,7 @@ def _through_4(a0, a1, a2, a3):  # that code, for one operand type: the operand 
     call_address(code, args)
 
 
-_CALLS = {4: _call_4}  # by the generic's number of arguments
-_THROUGH = {4: _through_4}
+_TEMPLATES = {4: (_call_4, _through_4)}  # by the generic's number of arguments
 
 
 def _family_generic(g: Generic, compiled: dict[str, Callable], tag: str, options: dict[str, Any]) -> Callable:
@@ -285,12 +284,12 @@ def _family_generic(g: Generic, compiled: dict[str, Callable], tag: str, options
 
     @overload(function, jit_options={**options, "cache": cache_enabled()}, strict=False)
     def typed(*args):
-        if not isinstance(args[g.arg], nb.NamedUniTuple) or args[g.arg].instance_class is not Bound:
+        if args[g.arg] != BOUND_TYPE:
             return None
         if tuple(args) != expected:
             raise TypingError(f"{g.name}: compiled callers pass {', '.join(map(str, expected))}; "
                               f"found {', '.join(map(str, args))}")
-        template = _CALLS[len(args)]
+        template, _ = _TEMPLATES[len(args)]
         body = types.FunctionType(template.__code__, {"POSITION": g.arg, "call_address": call_address}, g.name)
         body.__module__ = template.__module__
         body.__qualname__ = f"{g.name}__through__{tag}"  # the same code in every family
@@ -306,27 +305,20 @@ def _binder(compiled: dict[str, Callable]):
     operand) and Bound.code that of a small function, one per type, that reads the record
     (pointers.loaded) and calls the one with the other. Each is compiled once: a jitted callee
     would be compiled into its caller's code again."""
-    through: dict[tuple[str, Any], Callable] = {}
-    sources = _sources_hash()
-    store = _njit(_store, {"store_native": store_native}, f"_store__{sources}", {})
 
     def binding_jobs(name: str, operand: Any) -> list[tuple[Callable, tuple]]:
         g, ty = GENERICS[name], numba.typeof(operand)
         implementation = g.choose_type(ty)
         if g.bound is None or implementation is None:
             raise TypeError(f"{name}: expected an operand of a registered format, for compiled callers, found {ty}")
-        if (name, ty) not in through:  # the same code in every family: no fastmath, no constants
-            namespace = {"LOAD": loaded(g.arg, ty), "call_address": call_address}
-            digest = hashlib.sha256(str(ty).encode()).hexdigest()[:10]
-            through[name, ty] = _njit(_THROUGH[len(g.bound)], namespace, f"{name}__{digest}__{sources}", {})
         operand_types = tuple(ty if i == g.arg else t for i, t in enumerate(g.bound))
-        return [(through[name, ty], g.bound_types()), (compiled[implementation], operand_types),
-                (store, (nb.uint8[::1], nb.Tuple((nb.int64, ty))))]
+        return [(_through(name, ty), g.bound_types()), (compiled[implementation], operand_types),
+                (_store(), (nb.uint8[::1], nb.Tuple((nb.int64, ty))))]
 
     def bind(name: str, operand: Any) -> Binding:
         if numba.config.DISABLE_JIT:
             return Binding(Bound(1, operand), None, operand)
-        (code, argtypes), (implementation, operand_types), (_, (_, record)) = binding_jobs(name, operand)
+        (code, argtypes), (implementation, operand_types), (store, (_, record)) = binding_jobs(name, operand)
         native = np.zeros(native_size(record), np.uint8)
         store(native, (_address(implementation, operand_types), operand))
         return Binding(Bound(_address(code, argtypes), native.ctypes.data), native, operand)
@@ -334,8 +326,25 @@ def _binder(compiled: dict[str, Callable]):
     return bind, binding_jobs
 
 
-def _store(native, record):  # (compiled by each _binder, under a name carrying the sources' hash)
-    store_native(native, record)  # noqa: F821 (a global of each copy)
+@functools.cache
+def _through(name: str, ty: Any) -> Callable:
+    """Generic `name`'s small function for operands of Numba type ty: the same code in every
+    family (no fastmath, no constants), so one dispatcher per process serves them all."""
+    g = GENERICS[name]
+    namespace = {"LOAD": loaded(g.arg, ty), "call_address": call_address}
+    digest = hashlib.sha256(str(ty).encode()).hexdigest()[:10]
+    _, template = _TEMPLATES[len(g.bound)]
+    return _njit(template, namespace, f"{name}__{digest}__{_sources_hash()}", {})
+
+
+@functools.cache
+def _store() -> Callable:
+    """store_native compiled (under a name carrying the sources' hash), one dispatcher per process."""
+    return _njit(_store_native, {"store_native": store_native}, f"_store__{_sources_hash()}", {})
+
+
+def _store_native(native, record):
+    store_native(native, record)  # noqa: F821 (a global of the compiled copy)
 
 
 def _address(dispatcher: Any, argtypes: tuple) -> int:

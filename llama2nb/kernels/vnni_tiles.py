@@ -29,8 +29,8 @@ input and block, in float: acc += float(lanes) * (d * d_x) (+ m * d_x * sum(x)).
 TOKENS at a time (their accumulators and the decoded weights fill the vector registers), the
 rest one at a time. One input streams the tiles from DRAM, a tile and its pair in turn
 (formats/blocks.chunk_rows): each block is read with a prefetch of the same block of the tile
-the pass takes next, so both streams stay in flight (benchmarks/performance.md). Only kernels compiled with fastmath use this: the float sums run
-in another order than the portable loops'.
+the pass takes next, so both streams stay in flight (benchmarks/performance.md). Only kernels
+compiled with fastmath use this: the float sums run in another order than the portable loops'.
 
 Without AVX-512 VNNI, on AVX2 (simd.TILES_AVX2), the same IR builds with each vpdpbusd done by
 vpmaddubsw and vpmaddwd on 256-bit halves (_IR.dpbusd): exact while the int16 sums of two
