@@ -192,22 +192,25 @@ LINEAR_FIELDS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 STACKS = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
 
 
-def engine_weights(weights: TransformerWeights, fastmath: str,
-                   memory: int | None = None) -> tuple[TransformerWeights, dict[str, list], int]:
+def repack_bytes(weights: TransformerWeights, fastmath: str) -> int:
+    """The bytes engine_weights' repacked copies of these weights take (0: none to make)."""
+    return sum(layout.nbytes(m.shape) for m in _multiplied(weights) if (layout := repacked_layout(m, fastmath)))
+
+
+def _multiplied(weights: TransformerWeights) -> list:
+    """Every matrix the layers and the classifier multiply by."""
+    return [m for name in LINEAR_FIELDS for m in getattr(weights, name)] + [weights.wcls]
+
+
+def engine_weights(weights: TransformerWeights, fastmath: str) -> tuple[TransformerWeights, dict[str, list]]:
     """The weights with every matrix the layers and the classifier multiply by in the form the
-    engine multiplies by (formats.for_engine: as mapped, or repacked into new memory), each
-    layer's STACKS (by name, a whole per layer, or None where its parts stay apart) and the
-    bytes the repacked copies take (0: none to make). The embedding table stays as it is: it is
-    only read a row at a time. Nothing is repacked when the copies would need more than `memory`
-    bytes (None: no bound): the weights come back unchanged, with the bytes they would take."""
-    matrices = [m for name in LINEAR_FIELDS for m in getattr(weights, name)] + [weights.wcls]
-    needed = sum(layout.nbytes(m.shape) for m in matrices if (layout := repacked_layout(m, fastmath)) is not None)
+    engine multiplies by (formats.for_engine: as mapped, or repacked into new memory, one arena
+    of repack_bytes), and each layer's STACKS (by name, a whole per layer, or None where its
+    parts stay apart). The embedding table stays as it is: it is only read a row at a time."""
     stacks: dict[str, list] = {name: [None] * len(weights.wq) for name in STACKS}
-    if not needed or (memory is not None and needed > memory):
-        return weights, stacks, needed
     stacked = {part for parts in STACKS.values() for part in parts}
     fields: dict[str, list] = {name: [] for name in LINEAR_FIELDS}
-    arena = Arena(needed + 64 * (len(matrices) + 1))  # one mapping: 2 MB pages throughout
+    arena = Arena(repack_bytes(weights, fastmath) + 64 * (len(_multiplied(weights)) + 1))  # 2 MB pages throughout
     for layer in range(len(weights.wq)):
         for whole, parts in STACKS.items():
             views, stacks[whole][layer] = stacked_for_engine([getattr(weights, part)[layer] for part in parts],
@@ -216,7 +219,26 @@ def engine_weights(weights: TransformerWeights, fastmath: str,
                 fields[part].append(view)
         for name in (name for name in LINEAR_FIELDS if name not in stacked):
             fields[name].append(for_engine(getattr(weights, name)[layer], fastmath, arena))
-    return replace(weights, wcls=for_engine(weights.wcls, fastmath, arena), **fields), stacks, needed
+    return replace(weights, wcls=for_engine(weights.wcls, fastmath, arena), **fields), stacks
+
+
+def engine_examples(weights: TransformerWeights, fastmath: str) -> tuple[TransformerWeights, list]:
+    """What engine_weights would return, for its types only, made without packing: each matrix
+    it would repack replaced by its layout's `example` (a stack's whole has its parts' types),
+    so that everything can compile while, or before, the packers run; and the packers' jobs
+    (compile_ahead's (function, argument types))."""
+    layouts: dict[Any, Format] = {}
+
+    def example(m):
+        layout = repacked_layout(m, fastmath)
+        if layout is None:
+            return m
+        layouts.setdefault(layout, layout)
+        return layout.example(m)
+
+    examples = replace(weights, wcls=example(weights.wcls),
+                       **{name: [example(m) for m in getattr(weights, name)] for name in LINEAR_FIELDS})
+    return examples, [job for layout in layouts for job in layout.packing_jobs()]
 
 
 def kv_cache_detail(c: ModelConfig) -> str:
@@ -256,18 +278,9 @@ class Transformer:
         self.notes: list[str] = []  # what a user should know about how the model runs
         self.weights, self.repacked_bytes, self.repack_seconds = checkpoint.weights, 0, 0.0
         self.stacks: dict[str, list] = {name: [None] * checkpoint.config.n_layers for name in STACKS}
-        if repack:
-            started = time.perf_counter()
-            available = available_memory()  # what the copies may take, beside the run state
-            room = None if available is None else available - RunState.nbytes(self.config)
-            self.weights, self.stacks, needed = engine_weights(checkpoint.weights, self.fastmath, room)
-            self.repack_seconds = time.perf_counter() - started
-            if self.weights is not checkpoint.weights:
-                self.repacked_bytes = needed
-            elif needed:
-                self.notes.append("not repacked into 16-row tiles: the copies would not fit in the memory available "
-                                  "(reading the weights as mapped, slower)")
-        c, w = self.config, self.weights
+        repacking = repack and self._room_to_repack()
+        engine, packing_jobs = engine_examples(checkpoint.weights, self.fastmath) if repacking else (self.weights, [])
+        c, w = self.config, engine
         layers = [m for name in LINEAR_FIELDS for m in getattr(w, name)]
         self.weight_formats = {format_of(m) for m in (w.token_embedding_table, w.wcls, *layers)}
         self.bytes_per_token = bytes_per_token(checkpoint)
@@ -276,9 +289,6 @@ class Transformer:
             self.notes.append(f"threads: this model reads {self.bytes_per_token / 2**20:.1f} MiB a token, too little "
                               f"to split across threads (under {MIN_PARALLEL_BYTES >> 20} MiB): running on one")
             self.threads = 1
-        if self.repacked_bytes:
-            self.notes.append(f"repacked {self.repacked_bytes / 2**20:.0f} MiB of weights into 16-row tiles in "
-                              f"{self.repack_seconds:.2f} s (in RAM; --no-repack reads them as mapped)")
         self.state = RunState.allocate(c, self.weight_formats, str(checkpoint.path))
         self.kernels = compiled(self.fastmath, frozenset(self.weight_formats), parallel=self.threads > 1)
         self.family = family_name(self.fastmath, frozenset(self.weight_formats), parallel=self.threads > 1)
@@ -287,10 +297,38 @@ class Transformer:
         self._entries: dict[tuple, Any] = {}  # call site -> compiled code (_call)
         self._bindings: list[Binding] = []  # what the bound matrices point into, kept alive
         self.compile_seconds = 0.0
+        if warm_up:  # everything, the packers included, in parallel processes before packing
+            started = time.perf_counter()
+            compile_ahead(self._compile_jobs(engine, packing_jobs))
+            for packer, argument_types in packing_jobs:  # (loaded, or compiled here with one process)
+                packer.compile(argument_types)
+            self.compile_seconds = time.perf_counter() - started
+        if repacking:
+            self._repack()
         if warm_up:
-            self.compile_seconds = self._warm_up()
+            self.compile_seconds += self._warm_up()
         else:
             self._args = self._arguments(self._bind)
+
+    def _room_to_repack(self) -> bool:
+        """Whether the weights have matrices to repack (formats.for_engine) and their copies fit
+        in the memory available beside the run state (else a note says they are read as mapped)."""
+        needed = repack_bytes(self.checkpoint.weights, self.fastmath)
+        available = available_memory()
+        if needed and available is not None and needed > available - RunState.nbytes(self.config):
+            self.notes.append("not repacked into 16-row tiles: the copies would not fit in the memory available "
+                              "(reading the weights as mapped, slower)")
+            return False
+        return needed > 0
+
+    def _repack(self) -> None:
+        """Repack the weights (engine_weights), timed and counted."""
+        started = time.perf_counter()
+        self.weights, self.stacks = engine_weights(self.checkpoint.weights, self.fastmath)
+        self.repack_seconds = time.perf_counter() - started
+        self.repacked_bytes = repack_bytes(self.checkpoint.weights, self.fastmath)
+        self.notes.append(f"repacked {self.repacked_bytes / 2**20:.0f} MiB of weights into 16-row tiles in "
+                          f"{self.repack_seconds:.2f} s (in RAM; --no-repack reads them as mapped)")
 
     @classmethod
     def load(cls, path: str | os.PathLike, fastmath: bool | str = DEFAULT_FASTMATH, threads: int = 1,
@@ -328,27 +366,26 @@ class Transformer:
         fmt = format_of(matrix)
         return fmt.operand(matrix, self.state.scratch[fmt.scratch_key()])
 
-    def _matrices(self) -> tuple[list[dict[str, Any]], Any]:
-        """Each layer's matrices by name, as their formats' operands (a stack in its first
-        part's place and None in the others'), and the classifier's."""
-        w, op = self.weights, self._operand
-        matrices = [{name: op(getattr(w, name)[l]) for name in LINEAR_FIELDS} for l in range(self.config.n_layers)]
+    def _matrices(self, weights: TransformerWeights) -> tuple[list[dict[str, Any]], Any]:
+        """Each layer's matrices by name (a stack in its first part's place and None in the
+        others'), and the classifier."""
+        matrices = [{name: getattr(weights, name)[l] for name in LINEAR_FIELDS} for l in range(self.config.n_layers)]
         for l, named in enumerate(matrices):
             for whole, parts in STACKS.items():
                 if self.stacks[whole][l] is not None:
-                    named.update({parts[0]: op(self.stacks[whole][l])}, **{part: None for part in parts[1:]})
-        return matrices, op(w.wcls)
+                    named.update({parts[0]: self.stacks[whole][l]}, **{part: None for part in parts[1:]})
+        return matrices, weights.wcls
 
-    def _bind(self, operand: Any) -> Bound:
-        """The operand bound to its format's matmul, compiled (or loaded) now if need be."""
-        binding = self.kernels.bind("linear", operand)
+    def _bind(self, matrix: Any) -> Bound:
+        """The matrix's operand bound to its format's matmul, compiled (or loaded) now if need be."""
+        binding = self.kernels.bind("linear", self._operand(matrix))
         self._bindings.append(binding)
         return binding.bound
 
     def _arguments(self, bind) -> SimpleNamespace:
-        """The weights' arguments of each call, gathered once, every matrix as bind(operand) (a
+        """The weights' arguments of each call, gathered once, every matrix as bind(matrix) (a
         Bound; NOTHING in place of a stack's later parts), so the token loop only indexes lists."""
-        w, (matrices, wcls) = self.weights, self._matrices()
+        w, (matrices, wcls) = self.weights, self._matrices(self.weights)
         b = [{name: NOTHING if m is None else bind(m) for name, m in named.items()} for named in matrices]
         layers = range(self.config.n_layers)
         return SimpleNamespace(
@@ -359,29 +396,29 @@ class Transformer:
             embedding=self._operand(w.token_embedding_table))
 
     def _warm_up(self) -> float:
-        """Compile what a prompt block and a token call, in parallel processes where there are
-        several CPUs (jit.compile_ahead), bind the matrices to their matmuls, then run a 2-token
-        prefill and a token twice: the first time compiles the rest (or loads from Numba's
-        cache), the second is pure run time, and the difference is what compiling cost."""
+        """Bind the matrices to their matmuls (compiled ahead, or loaded from Numba's cache),
+        then run a 2-token prefill and a token twice: the first time compiles the rest (or loads
+        it), the second is pure run time, and the difference is what compiling cost."""
         started = time.perf_counter()
-        compile_ahead(self._compile_jobs())
-        self._args = self._arguments(self._bind)  # (each format's matmul, compiled ahead or loaded)
-        ahead = time.perf_counter() - started
+        self._args = self._arguments(self._bind)
+        bound = time.perf_counter() - started
         times = []
         for _ in range(2):
             started = time.perf_counter()
             self.prefill([0, 0])
             self.forward(0, 0)
             times.append(time.perf_counter() - started)
-        return ahead + max(times[0] - times[1], 0.0)
+        return bound + max(times[0] - times[1], 0.0)
 
-    def _compile_jobs(self) -> list[tuple[Any, tuple]]:
-        """(function, argument types) of each format's matmul the matrices are bound to, and of
-        every call a prompt block and a token make (the layer code typed with placeholders)."""
-        matrices, wcls = self._matrices()
-        operands = [m for named in matrices for m in named.values() if m is not None] + [wcls]
-        jobs = [job for m in operands for job in self.kernels.binding_jobs("linear", m)]
-        return jobs + self._entry_points(self._arguments(lambda operand: NOTHING))  # (a Bound's type)
+    def _compile_jobs(self, weights: TransformerWeights, packing_jobs: list = ()) -> list[tuple[Any, tuple]]:
+        """(function, argument types) of each format's matmul that weights' matrices are bound
+        to (engine_examples' stand-ins have the types of what they stand in for), then
+        packing_jobs, then every call a prompt block and a token make (the layer code typed with
+        placeholders): the longest to compile first, where compile_ahead's processes take them."""
+        matrices, wcls = self._matrices(weights)
+        operands = [self._operand(m) for named in matrices for m in named.values() if m is not None]
+        jobs = [job for operand in [*operands, self._operand(wcls)] for job in self.kernels.binding_jobs("linear", operand)]
+        return jobs + list(packing_jobs) + self._entry_points(self._arguments(lambda matrix: NOTHING))  # (a Bound's type)
 
     def _entry_points(self, args: SimpleNamespace) -> list[tuple[Any, tuple]]:
         """(kernel, argument types) of every call a prompt block and a token make with args."""

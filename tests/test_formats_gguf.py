@@ -483,6 +483,30 @@ def test_tiles_hold_the_source_blocks_bit_for_bit(name):
 
 
 @pytest.mark.parametrize("name", TILES)
+def test_a_tiles_example_has_the_types_of_what_pack_makes(name):
+    """example, the stand-in the matmuls are compiled for before the packers run
+    (forward.engine_examples), gives an operand of the Numba type of pack's and stack's, and
+    each packer of packing_jobs runs with its job's one signature, whether the source blocks
+    are mapped (read-only) or in memory."""
+    from dataclasses import replace
+
+    fmt = REGISTRY[name]()
+    rng = np.random.default_rng(5)
+    cols = 2 * fmt.block_size
+    m = random_matrix(fmt.source.name, 37, cols, rng)
+    assert not m.data.flags.writeable  # (as mapped)
+    scratch = fmt.scratch(2, cols)
+    expected = numba.typeof(fmt.operand(fmt.example(m), scratch))
+    made = [fmt.pack(m), fmt.pack(replace(m, data=m.data.copy()))]  # (as read into memory)
+    stacked = fmt.stack([random_matrix(fmt.source.name, 32, cols, rng), m])
+    if stacked is not None:
+        made += [*stacked[0], stacked[1]]
+    assert [numba.typeof(fmt.operand(x, scratch)) for x in made] == [expected] * len(made)
+    for packer, types in fmt.packing_jobs():
+        assert packer.signatures == [types], packer
+
+
+@pytest.mark.parametrize("name", TILES)
 def test_tiles_stack_matrices_that_share_an_input(name):
     """stack: the matrices' tiles in order in one buffer, each a view of its rows there, bit
     for bit its own pack; the whole's product is the parts' side by side, bit for bit. Not

@@ -15,7 +15,7 @@ from llama2nb import Transformer
 from llama2nb import forward as forward_module
 from llama2nb.kernels.jit import FASTMATH
 
-from .conftest import STORIES260K, TINY_MODELS, requires
+from .conftest import SHARED, STORIES260K, TINY_MODELS, requires
 from .reference import Reference
 
 POSITIONS = 72  # > 64, so the KV cache is exercised well past its first rows
@@ -179,7 +179,8 @@ def counted(jobs, workers=None):
     return ahead[-1]
 forward_compile_ahead, forward.compile_ahead = forward.compile_ahead, counted
 model = forward.Transformer.load(sys.argv[1])
-jobs = dict.fromkeys(model._compile_jobs())  # the layer code, each format's matmul and what binds it
+packers = forward.engine_examples(model.checkpoint.weights, model.fastmath)[1] if model.repacked_bytes else []
+jobs = dict.fromkeys(model._compile_jobs(model.weights, packers))  # the layer code, the matmuls, the packers
 kernels = {kernel for kernel, _ in jobs}
 print(json.dumps({"ahead": ahead, "entries": len(jobs),
                   "misses": sum(sum(k._cache_misses.values()) for k in kernels),
@@ -188,13 +189,17 @@ print(json.dumps({"ahead": ahead, "entries": len(jobs),
 """
 
 
-def test_a_first_load_compiles_its_kernels_in_parallel_processes(tiny_models, tmp_path):
+@pytest.mark.parametrize("name", ["v1-unshared-gqa", "gqa256-Q4_K_M.gguf"])
+def test_a_first_load_compiles_its_kernels_in_parallel_processes(tiny_models, tmp_path, name):
     """With an empty disk cache and two processes allowed, the entry points are compiled in
     forked processes (jit.compile_ahead) and the loading process only loads them from the cache,
-    to the logits of code compiled in-process."""
+    to the logits of code compiled in-process. A GGUF file's matmuls for the layouts it is
+    repacked into, and the packers, are compiled so too, before packing (engine_examples)."""
     import json
 
-    path = tiny_models["v1-unshared-gqa"]
+    path = tiny_models.get(name) or SHARED / "models" / "gguf" / name
+    if not path.exists():
+        pytest.skip(f"{path} not found")
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache"), "LLAMA2NB_COMPILE_JOBS": "2"}
     done = subprocess.run([sys.executable, "-c", COMPILE_AHEAD_SCRIPT, str(path)], capture_output=True, text=True,
                           env=env, cwd=Path(__file__).parent.parent)

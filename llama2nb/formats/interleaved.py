@@ -30,11 +30,11 @@ quantizes x once.
 from __future__ import annotations
 
 import functools
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numba
 import numpy as np
-from numba import prange
+from numba import prange, types
 
 from ..kernels import simd, vnni_gguf, vnni_tiles
 from ..kernels.common import ZERO
@@ -101,6 +101,16 @@ class _Tiles(QuantizedFormat):
             raise ValueError(f"operand: expected a 2-D {self!r} matrix, found {matrix!r}")
         return self.operand_class(matrix.data, *scratch)
 
+    def example(self, matrix: BlockMatrix) -> BlockMatrix:
+        """A stand-in for pack(matrix) with the same Numba types, made without packing (to
+        compile the matmuls while the packers compile: forward.engine_examples): one tile's
+        block of zeros."""
+        return BlockMatrix(self, anonymous(self.tile_bytes).reshape(1, -1), (TILE, self.block_size), _read_only(matrix.data))
+
+    def packing_jobs(self) -> list[tuple[Any, tuple]]:
+        """(function, argument types) of the compiled packers pack calls (jit.compile_ahead's jobs)."""
+        return [(compiled_helper(gather_tiles), GATHER_TYPES)]
+
     def pack(self, matrix: BlockMatrix, allocate=anonymous) -> BlockMatrix:
         """The source matrix as tiles (the layout: kernels/vnni_tiles.py), in new memory (from
         `allocate(nbytes)`), by a compiled pass (_pack_into) that makes no temporary the size of
@@ -126,7 +136,7 @@ class _Tiles(QuantizedFormat):
         parts, at = [], 0
         for matrix, count in zip(matrices, tiles):
             self._pack_into(matrix.data.reshape(matrix.shape[0], blocks, size), packed[at:at + count])
-            parts.append(BlockMatrix(self, packed[at:at + count].reshape(count, -1), matrix.shape, matrix.data))
+            parts.append(BlockMatrix(self, packed[at:at + count].reshape(count, -1), matrix.shape, _read_only(matrix.data)))
             at += count
         rows = sum(m.shape[0] for m in matrices)
         return parts, BlockMatrix(self, packed.reshape(at, -1), (rows, cols))
@@ -134,7 +144,7 @@ class _Tiles(QuantizedFormat):
     def _pack_into(self, source: np.ndarray, packed: np.ndarray) -> None:
         """packed (tiles, blocks, tile_bytes) from source (rows, blocks, source block bytes): a
         layout that only moves bytes (_arrange of _extend, with _flip) in one gather pass."""
-        compiled_helper(gather_tiles)(self._extend(source), packed, *self._gather_index(source.shape[2]))
+        compiled_helper(gather_tiles)(_read_only(self._extend(source)), packed, *self._gather_index(source.shape[2]))
 
     def _extend(self, source: np.ndarray) -> np.ndarray:
         """(rows, blocks, source block bytes) -> (rows, blocks, bytes): what _arrange reads."""
@@ -296,8 +306,11 @@ class _Q6_KLayout(_Tiles):
     block_size = QK_K
     tile_bytes = Q6_K_TILE_BYTES
 
+    def packing_jobs(self):
+        return [(compiled_helper(pack_q6_k_tiles), GATHER_TYPES[:2])]
+
     def _pack_into(self, source, packed):
-        compiled_helper(pack_q6_k_tiles)(source, packed)
+        compiled_helper(pack_q6_k_tiles)(_read_only(source), packed)
 
     def _untile(self, tile):
         blocks = tile.shape[0]
@@ -364,6 +377,18 @@ class Q4_KTiles(_Q4_KLayout):
     operand_class = Q4_KTilesOperand
     linear_kernel = "linear_q4_k_tiles"
     embed_kernel = "embed_q4_k_tiles"
+
+
+_BYTES = types.Array(types.uint8, 3, "C")
+# gather_tiles' argument types: its source is always read-only (_read_only), so that one compiled
+# code serves matrices as mapped and those _extend makes.
+GATHER_TYPES = (_BYTES.copy(readonly=True), _BYTES, types.int64[::1], types.int64[::1], types.uint8[::1])
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    view = array.view()
+    view.flags.writeable = False
+    return view
 
 
 @functools.cache

@@ -312,13 +312,13 @@ def _binder(compiled: dict[str, Callable]):
         if g.bound is None or implementation is None:
             raise TypeError(f"{name}: expected an operand of a registered format, for compiled callers, found {ty}")
         operand_types = tuple(ty if i == g.arg else t for i, t in enumerate(g.bound))
-        return [(_through(name, ty), g.bound_types()), (compiled[implementation], operand_types),
-                (_store(), (nb.uint8[::1], nb.Tuple((nb.int64, ty))))]
+        return [(compiled[implementation], operand_types), (_through(name, ty), g.bound_types()),
+                (_store(), (nb.uint8[::1], nb.Tuple((nb.int64, ty))))]  # (the longest to compile first)
 
     def bind(name: str, operand: Any) -> Binding:
         if numba.config.DISABLE_JIT:
             return Binding(Bound(1, operand), None, operand)
-        (code, argtypes), (implementation, operand_types), (store, (_, record)) = binding_jobs(name, operand)
+        (implementation, operand_types), (code, argtypes), (store, (_, record)) = binding_jobs(name, operand)
         native = np.zeros(native_size(record), np.uint8)
         store(native, (_address(implementation, operand_types), operand))
         return Binding(Bound(_address(code, argtypes), native.ctypes.data), native, operand)
