@@ -152,13 +152,14 @@ def test_add_is_exact(fastmath):
 
 def matmul_f32_error(fastmath):
     """Every tail of the blocking: B = 1 takes rows from quarters of w; a few tokens go 4 rows x
-    4 tokens at a time; with fastmath on AVX-512, 8 tokens or more go through kernels/gemm.py's
-    panels (32 rows, 256 columns a copy, 12 tokens then 4 then 1 a pass): odd sizes reach every
-    remainder, a partial panel and a partial column chunk."""
+    4 tokens at a time; with fastmath on AVX-512 or AVX2, 8 tokens or more go through
+    kernels/gemm.py's panels (32 rows and 12 tokens a pass on AVX-512, 16 and 6 on AVX2, then 4,
+    2 and 1 tokens; 256 columns a copy): odd sizes reach every remainder, a partial panel and a
+    partial column chunk."""
     rng = np.random.default_rng(8)
     kernels = compiled(fastmath, frozenset({F32()}))
     worst = 0.0
-    for B, n in ((1, 37), (3, 37), (4, 37), (9, 37), (29, 37), (17, 300), (12, 513)):
+    for B, n in ((1, 37), (3, 37), (4, 37), (9, 37), (14, 37), (29, 37), (17, 300), (12, 513)):
         for d in (1, 2, 7, 64, 71):
             x, w = rand(rng, B, n), rand(rng, d, n)
             w.flags.writeable = False  # as a mapped file's: the kernels the engine's fp32 models compile
@@ -168,11 +169,12 @@ def matmul_f32_error(fastmath):
     return worst
 
 
-def test_prompts_use_the_avx512_panels_with_fastmath_where_the_cpu_has_them():
+def test_prompts_use_the_panels_with_fastmath_where_the_cpu_has_avx512_or_avx2():
     def uses_panels(fastmath, **options):
         return compiled(fastmath, frozenset({F32()}), **options).matmul.py_func.__globals__["F32_GEMM"]
 
-    assert uses_panels("full") == uses_panels("reassoc") == simd.AVX512
+    assert simd.F32_PANELS == (simd.AVX512 or {"avx2", "fma"} <= simd.target_features())
+    assert uses_panels("full") == uses_panels("reassoc") == simd.F32_PANELS
     assert not uses_panels("off") and not uses_panels("full", vnni=False)
 
 

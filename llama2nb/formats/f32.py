@@ -44,11 +44,11 @@ class F32(Format):
         return matrix
 
     def constants(self, fastmath):
-        return {"F32_GEMM": simd.AVX512 and fastmath != "off"}
+        return {"F32_GEMM": simd.F32_PANELS and fastmath != "off"}
 
     def kernel_description(self, fastmath="full"):
         if self.constants(fastmath)["F32_GEMM"]:
-            return "float32 multiply-adds, vectorised; prompts in AVX-512 panels (with fastmath)"
+            return f"float32 multiply-adds, vectorised; prompts in {'AVX-512' if simd.AVX512 else 'AVX2'} panels (with fastmath)"
         return "float32 multiply-adds, vectorised with fastmath"
 
 

@@ -1,4 +1,4 @@
-"""The float32 matrix product of a block of tokens (prefill) in AVX-512, in LLVM IR (a Numba intrinsic).
+"""The float32 matrix product of a block of tokens (prefill) in AVX-512 or AVX2, in LLVM IR (a Numba intrinsic).
 
 Why: formats/f32.py's Numba loops multiply 4 tokens by 4 weight rows as 16 dot products, each
 ending in a horizontal sum, and read 8 vectors per 16 multiply-adds; they reach about half the
@@ -12,6 +12,8 @@ rows' column k, two vectors), and then every group of TOKENS tokens runs over it
 horizontal sums, and the outputs are stored as they lie. The copy is one pass over the weights
 per block of tokens, shared by every token of the block. Each output is one running sum over
 k in order, with fused multiply-adds: only kernels compiled with fastmath use this (F32_GEMM).
+On AVX2 (16 registers of 8 floats) a panel is 16 rows and a group 6 tokens: 12 accumulators,
+two loads and 6 broadcasts per 12 FMAs (LLVM splits each 16-lane vector in two).
 """
 
 from __future__ import annotations
@@ -20,11 +22,16 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 
+from . import simd
 from .vnni_gguf import _F32, _I32, _I64, _IR, _Arrays, _is_array, _named, _vec
 
-PANEL_ROWS = 32  # weight rows a panel: two 16-lane vectors
-PANEL_K = 256  # columns a panel holds: 32 KB, in L1 beside the tokens' 12 KB
-TOKENS = 12  # tokens a pass over a panel (2 x 12 accumulators of the 32 vector registers)
+# AVX-512: 32 weight rows a panel (two 16-lane vectors) and 12 tokens a pass over it, 24
+# accumulators of the 32 vector registers. AVX2: 16 rows (one 16-lane vector, two registers) and
+# 6 tokens, 12 accumulators of 16 registers (the shape of BLAS's 6 x 16 AVX2 kernels).
+PANEL_ROWS = 32 if simd.AVX512 else 16
+TOKENS = 12 if simd.AVX512 else 6
+HALVES = PANEL_ROWS // 16  # 16-lane vectors a panel's column
+PANEL_K = 256  # columns a panel holds: 32 KB (16 KB on AVX2), in L1 beside the tokens' 12 KB
 
 
 def _gemm_intrinsic():
@@ -49,7 +56,7 @@ def _gemm_intrinsic():
         panel = cgutils.alloca_once(b, ir.ArrayType(_vec(_F32, 16), PANEL_K * PANEL_ROWS // 16))
         panel.align = 64
         panel = b.bitcast(panel, _F32.as_pointer())
-        lanes = [v.const(_I32, range(16)), v.const(_I32, range(16, 32))]
+        lanes = [v.const(_I32, range(16 * h, 16 * h + 16)) for h in range(HALVES)]
 
         def ceil_div(a, c):
             return b.sdiv(b.add(a, _I64(c - 1)), _I64(c))
@@ -77,7 +84,7 @@ def _gemm_intrinsic():
 
 
 def _pack(b, v, arrays, panel, i, rows, k0, width):
-    """panel[k * 32 + r] = w[i + r, k0 + k] for k < width, r < rows; 0 for the rows past the
+    """panel[k * PANEL_ROWS + r] = w[i + r, k0 + k] for k < width, r < rows; 0 for the rows past the
     matrix (and for the columns past width up to a multiple of 16, which no pass reads): 16 x 16
     blocks, each 16 masked row loads, a transpose in 64 two-vector shuffles and 16 stores."""
     f16 = _vec(_F32, 16)
@@ -108,7 +115,7 @@ def _pack(b, v, arrays, panel, i, rows, k0, width):
 def _each_group(b, tokens, emit):
     """emit(T, first token) over every token: TOKENS at a time, then 4, then one at a time."""
     done = _I64(0)
-    for T in (TOKENS, 4, 1):
+    for T in (TOKENS, 4, 2, 1):
         groups = b.sdiv(b.sub(tokens, done), _I64(T))
         start = done
         with cgutils.for_range(b, groups) as g:
@@ -120,28 +127,28 @@ def _pass(b, v, arrays, panel, masks, i, k0, width, first, T, start):
     """out[start + t, i .. i + 31] (+)= x[start + t, k0 .. k0 + width) . the panel, t < T."""
     f16 = _vec(_F32, 16)
     outs = [[b.bitcast(arrays.out_pointer(b.add(start, _I64(t)), b.add(i, _I64(16 * h))), f16.as_pointer())
-             for h in range(2)] for t in range(T)]
+             for h in range(HALVES)] for t in range(T)]
     xs = [b.bitcast(arrays.row_pointer(1, b.add(start, _I64(t))), _F32.as_pointer()) for t in range(T)]
     zero = ir.Constant(f16, None)
     accs = []
     for t in range(T):
-        for h in range(2):
+        for h in range(HALVES):
             acc = cgutils.alloca_once_value(b, zero)
             with b.if_then(b.not_(first)):
                 b.store(_masked_load(v, outs[t][h], masks[h]), acc)
             accs.append(acc)
     with cgutils.for_range(b, width) as k:
         at = b.gep(panel, [b.mul(k.index, _I64(PANEL_ROWS))])
-        p = [b.load(b.bitcast(b.gep(at, [_I64(16 * h)]), f16.as_pointer()), align=64) for h in range(2)]
+        p = [b.load(b.bitcast(b.gep(at, [_I64(16 * h)]), f16.as_pointer()), align=64) for h in range(HALVES)]
         column = b.add(k0, k.index)
         for t in range(T):
             xv = v.splat(b.load(b.gep(xs[t], [column])), 16)
-            for h in range(2):
-                acc = accs[2 * t + h]
+            for h in range(HALVES):
+                acc = accs[HALVES * t + h]
                 b.store(v.call("llvm.fma.v16f32", f16, xv, p[h], b.load(acc)), acc)
     for t in range(T):
-        for h in range(2):
-            v.call("llvm.masked.store.v16f32.p0", ir.VoidType(), b.load(accs[2 * t + h]), outs[t][h], _I32(4), masks[h])
+        for h in range(HALVES):
+            v.call("llvm.masked.store.v16f32.p0", ir.VoidType(), b.load(accs[HALVES * t + h]), outs[t][h], _I32(4), masks[h])
 
 
 def _masked_load(v, pointer, mask):

@@ -51,6 +51,8 @@ VNNI = target_has_vnni()
 # kernels/vnni_gguf.py)
 VNNI512 = {"avx512f", "avx512bw", "avx512vl", "avx512vnni", "bmi2"} <= target_features()
 AVX512 = "avx512f" in target_features()  # 16 float lanes, masked loads and stores (kernels/gemm.py)
+# kernels/gemm.py's panels: in AVX-512, or in AVX2 with FMA (16 lanes as two 8-lane registers)
+F32_PANELS = AVX512 or {"avx2", "fma"} <= target_features()
 
 
 def vnni_chunk(group_size: int) -> int:
