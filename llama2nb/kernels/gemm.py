@@ -31,6 +31,7 @@ from .vnni_gguf import _F32, _I32, _I64, _IR, _Arrays, _is_array, _named, _vec
 PANEL_ROWS = 32 if simd.AVX512 else 16
 TOKENS = 12 if simd.AVX512 else 6
 HALVES = PANEL_ROWS // 16  # 16-lane vectors a panel's column
+PACK = 16 if simd.AVX512 else 8  # floats a vector register holds: the side of _pack's transposed blocks
 PANEL_K = 256  # columns a panel holds: 32 KB (16 KB on AVX2), in L1 beside the tokens' 12 KB
 
 
@@ -84,32 +85,48 @@ def _gemm_intrinsic():
 
 
 def _pack(b, v, arrays, panel, i, rows, k0, width):
-    """panel[k * PANEL_ROWS + r] = w[i + r, k0 + k] for k < width, r < rows; 0 for the rows past the
-    matrix (and for the columns past width up to a multiple of 16, which no pass reads): 16 x 16
-    blocks, each 16 masked row loads, a transpose in 64 two-vector shuffles and 16 stores."""
-    f16 = _vec(_F32, 16)
-    lanes = v.const(_I32, range(16))
-    with cgutils.for_range(b, b.sdiv(b.add(width, _I64(15)), _I64(16))) as blocks:
-        kk = b.mul(blocks.index, _I64(16))
-        columns = b.icmp_signed("<", lanes, v.splat(b.trunc(b.sub(width, kk), _I32), 16))
-        for g in range(PANEL_ROWS // 16):
+    """panel[k * PANEL_ROWS + r] = w[i + r, k0 + k] for k < width, r < rows (rows past the
+    matrix repeat row i: their lanes are never stored; the columns past width up to a multiple of
+    S hold zeros, and no pass reads them): S x S blocks, S the floats of a vector register (16 on
+    AVX-512, 8 on AVX2, so that a block's S vectors fit the registers), each S row loads (masked
+    only in the last block of a partial chunk), a transpose in S log2(S) two-vector shuffles and S
+    stores."""
+    S = PACK
+    vec = _vec(_F32, S)
+    starts = []  # w[i + r, k0] (row i past the matrix), computed once a chunk
+    for r in range(PANEL_ROWS):
+        row = b.select(b.icmp_signed("<", _I64(r), rows), b.add(i, _I64(r)), i)
+        starts.append(b.gep(b.bitcast(arrays.row_pointer(2, row), _F32.as_pointer()), [k0]))
+    with cgutils.for_range(b, b.sdiv(b.add(width, _I64(S - 1)), _I64(S))) as blocks:
+        kk = b.mul(blocks.index, _I64(S))
+        partial = b.icmp_signed("<", b.sub(width, kk), _I64(S))
+        columns = b.icmp_signed("<", v.const(_I32, range(S)), v.splat(b.trunc(b.sub(width, kk), _I32), S))
+        for g in range(PANEL_ROWS // S):
+            pointers = [b.bitcast(b.gep(starts[S * g + r], [kk]), vec.as_pointer()) for r in range(S)]
+            with b.if_else(partial) as (masked, whole):
+                with masked:
+                    in_part = [_masked_load(v, pointer, columns) for pointer in pointers]
+                    from_part = b.block
+                with whole:
+                    in_whole = [b.load(pointer, align=4) for pointer in pointers]
+                    from_whole = b.block
             vectors = []
-            for r in range(16):
-                row = b.add(i, _I64(16 * g + r))
-                inside = b.icmp_signed("<", _I64(16 * g + r), rows)
-                mask = b.and_(columns, v.splat(inside, 16))
-                at = b.bitcast(arrays.row_pointer(2, b.select(inside, row, i)), _F32.as_pointer())
-                vectors.append(_masked_load(v, b.bitcast(b.gep(at, [b.add(k0, kk)]), f16.as_pointer()), mask))
-            for h in (8, 4, 2, 1):  # swap the off-diagonal h x h blocks of every 2h x 2h block
-                for r in range(16):
+            for one, other in zip(in_part, in_whole):
+                vectors.append(b.phi(vec))
+                vectors[-1].add_incoming(one, from_part)
+                vectors[-1].add_incoming(other, from_whole)
+            h = S // 2
+            while h:  # swap the off-diagonal h x h blocks of every 2h x 2h block
+                for r in range(S):
                     if r & h:
                         continue
                     low, high = vectors[r], vectors[r + h]
-                    vectors[r] = b.shuffle_vector(low, high, v.const(_I32, [c if not c & h else 16 + c - h for c in range(16)]))
-                    vectors[r + h] = b.shuffle_vector(low, high, v.const(_I32, [c + h if not c & h else 16 + c for c in range(16)]))
-            for c in range(16):
-                at = b.gep(panel, [b.add(b.mul(b.add(kk, _I64(c)), _I64(PANEL_ROWS)), _I64(16 * g))])
-                b.store(vectors[c], b.bitcast(at, f16.as_pointer()), align=64)
+                    vectors[r] = b.shuffle_vector(low, high, v.const(_I32, [c if not c & h else S + c - h for c in range(S)]))
+                    vectors[r + h] = b.shuffle_vector(low, high, v.const(_I32, [c + h if not c & h else S + c for c in range(S)]))
+                h //= 2
+            for c in range(S):
+                at = b.gep(panel, [b.add(b.mul(b.add(kk, _I64(c)), _I64(PANEL_ROWS)), _I64(S * g))])
+                b.store(vectors[c], b.bitcast(at, vec.as_pointer()), align=4 * S)
 
 
 def _each_group(b, tokens, emit):
@@ -152,8 +169,9 @@ def _pass(b, v, arrays, panel, masks, i, k0, width, first, T, start):
 
 
 def _masked_load(v, pointer, mask):
-    f16 = _vec(_F32, 16)
-    return v.call("llvm.masked.load.v16f32.p0", f16, pointer, _I32(4), mask, ir.Constant(f16, None))
+    lanes = mask.type.count
+    vec = _vec(_F32, lanes)
+    return v.call(f"llvm.masked.load.v{lanes}f32.p0", vec, pointer, _I32(4), mask, ir.Constant(vec, None))
 
 
 f32_panels = _named(_gemm_intrinsic(), "f32_panels")
