@@ -340,16 +340,9 @@ def _each_pass(builder, arrays, k0, k1, pair, emit, tokens_at_once=TOKENS):
     prefetch: it may lie past the last row). Inputs outside, rows inside: a group's inputs stay
     in L1 while the range's rows (a few KB) pass over them."""
     tokens = arrays.shape(0)
-    per_k = builder.add(_I64(1), builder.zext(builder.icmp_signed(">", pair, _I64(0)), _I64))
 
     def rows(T, first):
-        with cgutils.for_range(builder, builder.sub(k1, k0)) as loop:
-            with cgutils.for_range(builder, per_k) as second:
-                i = builder.add(builder.add(k0, loop.index), builder.mul(second.index, pair))
-                paired = builder.and_(builder.icmp_signed("==", second.index, _I64(0)),
-                                      builder.icmp_signed(">", pair, _I64(0)))
-                after = builder.select(paired, builder.add(i, pair), builder.add(builder.add(k0, loop.index), _I64(1)))
-                emit(arrays.row_pointer(1, i), i, T, first, arrays.row_pointer(1, after))
+        _each_row(builder, arrays, k0, k1, pair, lambda row, i, after: emit(row, i, T, first, after))
 
     groups = builder.sdiv(tokens, _I64(tokens_at_once))
     with cgutils.for_range(builder, groups) as loop:
@@ -357,6 +350,19 @@ def _each_pass(builder, arrays, k0, k1, pair, emit, tokens_at_once=TOKENS):
     done = builder.mul(groups, _I64(tokens_at_once))
     with cgutils.for_range(builder, builder.sub(tokens, done)) as loop:
         rows(1, builder.add(done, loop.index))
+
+
+def _each_row(builder, arrays, k0, k1, pair, emit):
+    """emit(row pointer, i, after) for every row i of the range (rows k0..k1-1, each followed by
+    row i + pair when pair > 0: formats/blocks.chunk_rows), `after` pointing at the row taken
+    next (for a prefetch: it may lie past the last row)."""
+    per_k = builder.add(_I64(1), builder.zext(builder.icmp_signed(">", pair, _I64(0)), _I64))
+    with cgutils.for_range(builder, builder.sub(k1, k0)) as loop:
+        with cgutils.for_range(builder, per_k) as second:
+            i = builder.add(builder.add(k0, loop.index), builder.mul(second.index, pair))
+            paired = builder.and_(builder.icmp_signed("==", second.index, _I64(0)), builder.icmp_signed(">", pair, _I64(0)))
+            after = builder.select(paired, builder.add(i, pair), builder.add(builder.add(k0, loop.index), _I64(1)))
+            emit(arrays.row_pointer(1, i), i, arrays.row_pointer(1, after))
 
 
 def _is_array(ty, dtype, ndim, contiguous=True) -> bool:

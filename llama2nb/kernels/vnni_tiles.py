@@ -49,8 +49,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import simd
-from .vnni_gguf import (_CONTRACT, _F16, _F32, _I8, _I16, _I32, _I64, _IR, Legacy, _arguments, _each_pass, _signature,
-                        _vec)
+from .vnni_gguf import (_CONTRACT, _F16, _F32, _I8, _I16, _I32, _I64, _IR, Legacy, _arguments, _each_pass, _each_row,
+                        _signature, _vec)
 
 TILE = 16  # rows a tile
 TILE_HEADER = 2 * TILE  # bytes of the 16 fp16 scales that start each block of a tile
@@ -183,11 +183,17 @@ Q4_K_AHEAD = 2  # super-blocks ahead that one token's pass prefetches (benchmark
 class KTile:
     """A K-quant tile's layout: bytes a super-block of 16 rows, the code that multiplies one
     (super_block(v, base, s, inputs, accs) adds super-block s at byte pointer base times every
-    input into its accumulator), and the super-blocks one input's pass prefetches ahead."""
+    input into its accumulator), and the super-blocks one input's pass prefetches ahead. A
+    layout whose values cost more to decode than to multiply also has `quad(v, base, g)`, the
+    64 bytes of its value quad g (16 rows x 4 values, unsigned), and `quads`, how many a
+    super-block has: on AVX2 each super-block is then decoded once for many inputs
+    (_k_tiles_decoded_codegen) and super_block(..., quad) reads the decoded quads."""
 
     tile_bytes: int
     super_block: Callable
     ahead: int = 0
+    quad: Callable | None = None
+    quads: int = 0
 
 
 @intrinsic
@@ -202,8 +208,10 @@ def k_quant_tiles(typingctx, operand, out, w, xq, xd, xsum, t0, t1, pair):
 def _k_tiles_codegen(layout: KTile):
     """The passes over tiles and inputs (K_TOKENS inputs a pass), the loop over super-blocks,
     prefetching `ahead` of them and the same super-block of the tile the pass takes next for
-    one input (it streams the tiles from DRAM: benchmarks/performance.md), and the stores."""
+    one input (it streams the tiles from DRAM: benchmarks/performance.md), and the stores. On
+    AVX2 a layout with `quad` takes several inputs by _decoded_passes instead."""
     tile_bytes, ahead = layout.tile_bytes, layout.ahead
+    decoded = layout.quad is not None and not simd.VNNI512
 
     def codegen(context, builder, signature, args):
         v, b = _IR(builder), builder
@@ -223,10 +231,68 @@ def _k_tiles_codegen(layout: KTile):
                 layout.super_block(v, base, loop.index, inputs, accs)
             _store_tile(b, arrays, accs, i, T, first, rows)
 
-        _each_pass(builder, arrays, t0, t1, pair, emit, tokens_at_once=K_TOKENS)
+        if not decoded:
+            _each_pass(builder, arrays, t0, t1, pair, emit, tokens_at_once=K_TOKENS)
+            return context.get_dummy_value()
+        with b.if_else(b.icmp_signed("==", arrays.shape(0, 0), _I64(1))) as (one, several):
+            with one:
+                _each_row(builder, arrays, t0, t1, pair, lambda row, i, after: emit(row, i, 1, _I64(0), after))
+            with several:
+                _decoded_passes(v, arrays, t0, t1, pair, layout)
         return context.get_dummy_value()
 
     return codegen
+
+
+DECODED_INPUTS = 64  # inputs whose float sums a pass over decoded super-blocks keeps on the stack (4 KB)
+
+
+def _decoded_passes(v, arrays, t0, t1, pair, layout: KTile):
+    """Tiles outer: each super-block of a tile decoded once (layout.quad, into 4 KB on the
+    stack) for up to DECODED_INPUTS inputs, then multiplied by them K_TOKENS at a time (the
+    rest one at a time), their float sums on the stack until the tile's last super-block."""
+    tile_bytes, b = layout.tile_bytes, v.b
+    supers = b.sdiv(arrays.shape(1, 1), _I64(tile_bytes))
+    rows, tokens = arrays.shape(0, 1), arrays.shape(0, 0)
+    f16 = _vec(_F32, TILE)
+    decoded = cgutils.alloca_once(b, ir.ArrayType(_vec(_I8, 64), layout.quads))
+    sums = cgutils.alloca_once(b, ir.ArrayType(f16, DECODED_INPUTS))
+    decoded.align = sums.align = 64
+
+    def quad(g):
+        return b.load(b.gep(decoded, [_I64(0), _I64(g)]), align=64)
+
+    def sum_at(t):
+        return b.gep(sums, [_I64(0), t])
+
+    def tile(row, i, after):
+        chunks = b.sdiv(b.add(tokens, _I64(DECODED_INPUTS - 1)), _I64(DECODED_INPUTS))
+        with cgutils.for_range(b, chunks) as chunk:
+            first = b.mul(chunk.index, _I64(DECODED_INPUTS))
+            count = b.sub(tokens, first)
+            count = b.select(b.icmp_signed("<", count, _I64(DECODED_INPUTS)), count, _I64(DECODED_INPUTS))
+            with cgutils.for_range(b, count) as t:
+                b.store(ir.Constant(f16, None), sum_at(t.index), align=64)
+            with cgutils.for_range(b, supers) as loop:
+                base = v.at(row, b.mul(loop.index, _I64(tile_bytes)))
+                for g in range(layout.quads):
+                    b.store(layout.quad(v, base, g), b.gep(decoded, [_I64(0), _I64(g)]), align=64)
+
+                def group(T, start):
+                    inputs = [[arrays.row_pointer(k, b.add(first, b.add(start, _I64(t)))) for k in (2, 3, 4)]
+                              for t in range(T)]
+                    layout.super_block(v, base, loop.index, inputs, [sum_at(b.add(start, _I64(t))) for t in range(T)],
+                                       quad)
+
+                groups = b.sdiv(count, _I64(K_TOKENS))
+                with cgutils.for_range(b, groups) as g:
+                    group(K_TOKENS, b.mul(g.index, _I64(K_TOKENS)))
+                with cgutils.for_range(b, b.sub(count, b.mul(groups, _I64(K_TOKENS)))) as r:
+                    group(1, b.add(b.mul(groups, _I64(K_TOKENS)), r.index))
+            with cgutils.for_range(b, count) as t:
+                _store_tile(b, arrays, [sum_at(t.index)], i, 1, b.add(first, t.index), rows)
+
+    _each_row(b, arrays, t0, t1, pair, tile)
 
 
 def _store_tile(b, arrays, accs, i, T, first, rows):
@@ -305,7 +371,18 @@ Q6_K_SC, Q6_K_LOW, Q6_K_HIGH = 32, 288, 2336  # byte offsets in a tile's super-b
 Q6_K_TILE_BYTES = 2336 + 16 * 64
 
 
-def _q6_k_super_block(v, base, s, inputs, accs):
+def _q6_k_quad(v, base, g):
+    """The 64 bytes of a Q6_K tile super-block's value quad g: 16 rows x 4 values, q in 0..63."""
+    b = v.b
+    low = v.load(base, Q6_K_LOW + 64 * (g % 32), _vec(_I8, 64))
+    nibble = b.and_(low, v.splat_const(_I8, 15, 64)) if g < 32 else b.lshr(low, v.splat_const(_I8, 4, 64))
+    high = v.load(base, Q6_K_HIGH + 64 * (g % 16), _vec(_I8, 64))
+    shift = 2 * (g // 16)  # the pair's bits to bits 4..5
+    high = b.shl(high, v.splat_const(_I8, 4 - shift, 64)) if shift < 4 else b.lshr(high, v.splat_const(_I8, shift - 4, 64))
+    return b.or_(nibble, b.and_(high, v.splat_const(_I8, 0x30, 64)))
+
+
+def _q6_k_super_block(v, base, s, inputs, accs, quad=None):
     """One super-block of Q6_K tiles (Q6_K_TILE below) times each input, into accs. Its
     super-blocks (Q6_K_TILE_BYTES each, the bytes of 16 source super-blocks) hold the 16 rows'
     fp16 d (bytes 0..31), their int8 scales with sub-blocks in pairs (byte 32 + 32 k + 2 r + e:
@@ -320,16 +397,7 @@ def _q6_k_super_block(v, base, s, inputs, accs):
     b, T = v.b, len(inputs)
     f16, i16 = _vec(_F32, TILE), _vec(_I32, TILE)
     zero = ir.Constant(i16, None)
-
-    def quad(g):
-        """The 64 bytes of value quad g: 16 rows x 4 values, q in 0..63."""
-        low = v.load(base, Q6_K_LOW + 64 * (g % 32), _vec(_I8, 64))
-        nibble = b.and_(low, v.splat_const(_I8, 15, 64)) if g < 32 else b.lshr(low, v.splat_const(_I8, 4, 64))
-        high = v.load(base, Q6_K_HIGH + 64 * (g % 16), _vec(_I8, 64))
-        shift = 2 * (g // 16)  # the pair's bits to bits 4..5
-        high = b.shl(high, v.splat_const(_I8, 4 - shift, 64)) if shift < 4 else b.lshr(high, v.splat_const(_I8, shift - 4, 64))
-        return b.or_(nibble, b.and_(high, v.splat_const(_I8, 0x30, 64)))
-
+    quad = quad or (lambda g: _q6_k_quad(v, base, g))  # (decoded here, or read where decoded before)
     d = b.fpext(v.load(base, 0, _vec(_F16, TILE)), f16)
     x_at = b.mul(s, _I64(256))
     pairs = [b.bitcast(b.sext(v.load(base, Q6_K_SC + 32 * k, _vec(_I8, 32)), _vec(_I16, 32)), i16) for k in range(8)]
@@ -357,4 +425,4 @@ def _q6_k_super_block(v, base, s, inputs, accs):
         b.store(v.scaled(b.load(accs[t]), exact, scale), accs[t])
 
 
-Q6_K_TILE = KTile(Q6_K_TILE_BYTES, _q6_k_super_block)
+Q6_K_TILE = KTile(Q6_K_TILE_BYTES, _q6_k_super_block, quad=_q6_k_quad, quads=64)
