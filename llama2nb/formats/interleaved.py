@@ -144,7 +144,12 @@ class _Tiles(QuantizedFormat):
     def _pack_into(self, source: np.ndarray, packed: np.ndarray) -> None:
         """packed (tiles, blocks, tile_bytes) from source (rows, blocks, source block bytes): a
         layout that only moves bytes (_arrange of _extend, with _flip) in one gather pass."""
-        compiled_helper(gather_tiles)(_read_only(self._extend(source)), packed, *self._gather_index(source.shape[2]))
+        rows_of, offsets, flip = self._gather_index(source.shape[2])
+        source = _read_only(self._extend(source))
+        blocks, size = source.shape[1:]
+        at = (rows_of[0::2] * (blocks * size) + offsets[0::2]) // 2  # each unit's offset in a tile's rows, in units
+        compiled_helper(gather_tiles)(source, packed, source.reshape(-1).view(np.uint16), packed.reshape(-1).view(np.uint16),
+                                      rows_of, offsets, flip, at, flip.view(np.uint16))
 
     def _extend(self, source: np.ndarray) -> np.ndarray:
         """(rows, blocks, source block bytes) -> (rows, blocks, bytes): what _arrange reads."""
@@ -382,7 +387,8 @@ class Q4_KTiles(_Q4_KLayout):
 _BYTES = types.Array(types.uint8, 3, "C")
 # gather_tiles' argument types: its source is always read-only (_read_only), so that one compiled
 # code serves matrices as mapped and those _extend makes.
-GATHER_TYPES = (_BYTES.copy(readonly=True), _BYTES, types.int64[::1], types.int64[::1], types.uint8[::1])
+GATHER_TYPES = (_BYTES.copy(readonly=True), _BYTES, types.Array(types.uint16, 1, "C", readonly=True), types.uint16[::1],
+                types.int64[::1], types.int64[::1], types.uint8[::1], types.int64[::1], types.uint16[::1])
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
@@ -428,28 +434,23 @@ def pack_q6_k_tiles(source, packed):
                                                                | (q[4 * (b + 32) + i] >> 4) << 4 | (q[4 * (b + 48) + i] >> 4) << 6)
 
 
-def gather_tiles(source, packed, rows_of, offsets, flip):
+def gather_tiles(source, packed, source_units, packed_units, rows_of, offsets, flip, at, masks):
     """packed[t, k, j] = source[16 t + rows_of[j], k, offsets[j]] ^ flip[j] (0 past the last row),
-    in 2-byte units (every layout moves whole fp16 values and pairs or fours of bytes).
-    source (rows, blocks, bytes) uint8 C-contiguous, packed (tiles, blocks, tile bytes) uint8;
-    the index arrays (tile bytes,) from _Tiles._gather_index, which keeps them within the
-    rows' bytes of source"""
+    in 2-byte units for whole tiles (every layout moves whole fp16 values and pairs or fours of
+    bytes): unit u of a tile's block is source unit at[u] of its rows' block, XOR masks[u].
+    source (rows, blocks, bytes) uint8 C-contiguous, packed (tiles, blocks, tile bytes) uint8,
+    source_units and packed_units their uint16 views (1-D); the index arrays (tile bytes,) from
+    _Tiles._gather_index, which keeps them within the rows' bytes of source, at and masks
+    (tile bytes / 2,) from them (_Tiles._pack_into)"""
     rows, blocks, size = source.shape
     tiles, tile_bytes = packed.shape[0], packed.shape[2]
-    src = source.reshape(-1).view(np.uint16)
-    out = packed.reshape(-1).view(np.uint16)
     units = tile_bytes // 2
-    at = np.empty(units, np.int64)  # a unit's offset in the tile's first block, in units
-    mask = np.empty(units, np.uint16)
-    for u in range(units):
-        at[u] = (rows_of[2 * u] * blocks * size + offsets[2 * u]) // 2
-        mask[u] = np.uint16(flip[2 * u]) | np.uint16(flip[2 * u + 1]) << np.uint16(8)
     whole = rows // TILE
     for t in range(whole):
         for k in range(blocks):
             base, to = (t * TILE * blocks + k) * size // 2, (t * blocks + k) * units
             for u in range(units):
-                out[to + u] = src[base + at[u]] ^ mask[u]
+                packed_units[to + u] = source_units[base + at[u]] ^ masks[u]
     for t in range(whole, tiles):  # the last tile, short of rows
         for k in range(blocks):
             for j in range(tile_bytes):
