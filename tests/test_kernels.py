@@ -49,7 +49,10 @@ def family(fastmath: str, group_size: int = 0, vnni: bool = True):
 
 
 def err(ours, reference) -> float:
-    return float(np.max(np.abs(np.asarray(ours, np.float64) - reference)))
+    """The largest absolute difference; inf where any is not finite (a NaN must not vanish in
+    a max() over cases: max(0.0, nan) is 0.0)."""
+    diff = np.abs(np.asarray(ours, np.float64) - reference)
+    return float(diff.max()) if np.isfinite(diff).all() else float("inf")
 
 
 def rel_err(ours, reference) -> float:
