@@ -296,19 +296,22 @@ class Transformer:
         self._one_token = np.zeros(1, np.int64)
         self._entries: dict[tuple, Any] = {}  # call site -> compiled code (_call)
         self._bindings: list[Binding] = []  # what the bound matrices point into, kept alive
-        self.compile_seconds = 0.0
-        if warm_up:  # everything, the packers included, in parallel processes before packing
-            started = time.perf_counter()
-            compile_ahead(self._compile_jobs(engine, packing_jobs))
-            for packer, argument_types in packing_jobs:  # (loaded, or compiled here with one process)
-                packer.compile(argument_types)
-            self.compile_seconds = time.perf_counter() - started
+        self.compile_seconds = self._compile_ahead(engine, packing_jobs) if warm_up else 0.0
         if repacking:
             self._repack()
         if warm_up:
             self.compile_seconds += self._warm_up()
         else:
             self._args = self._arguments(self._bind)
+
+    def _compile_ahead(self, engine: TransformerWeights, packing_jobs: list) -> float:
+        """Compile everything, the packers included, in parallel processes before packing
+        (jit.compile_ahead; engine: engine_examples' weights); the seconds it took."""
+        started = time.perf_counter()
+        compile_ahead(self._compile_jobs(engine, packing_jobs))
+        for packer, argument_types in packing_jobs:  # (loaded, or compiled here with one process)
+            packer.compile(argument_types)
+        return time.perf_counter() - started
 
     def _room_to_repack(self) -> bool:
         """Whether the weights have matrices to repack (formats.for_engine) and their copies fit
