@@ -23,7 +23,7 @@ from numba import types
 from numba.core import cgutils
 
 from . import simd
-from .vnni_gguf import _F32, _I32, _I64, _IR, _Arrays, _is_array, _named, _vec
+from .vnni_gguf import _F32, _I32, _I64, _IR, _Arrays, _each_group, _is_array, _named, _vec
 
 # AVX-512: 32 weight rows a panel (two 16-lane vectors) and 12 tokens a pass over it, 24
 # accumulators of the 32 vector registers. AVX2: 16 rows (one 16-lane vector, two registers) and
@@ -78,7 +78,7 @@ def _gemm_intrinsic():
                 def emit(T, start):
                     _pass(b, v, arrays, panel, masks, i, k0, width, first, T, start)
 
-                _each_group(b, tokens, emit)
+                _each_group(b, tokens, (TOKENS, 4, 2, 1), emit)
         return context.get_dummy_value()
 
     return typer
@@ -127,17 +127,6 @@ def _pack(b, v, arrays, panel, i, rows, k0, width):
             for c in range(S):
                 at = b.gep(panel, [b.add(b.mul(b.add(kk, _I64(c)), _I64(PANEL_ROWS)), _I64(S * g))])
                 b.store(vectors[c], b.bitcast(at, vec.as_pointer()), align=4 * S)
-
-
-def _each_group(b, tokens, emit):
-    """emit(T, first token) over every token: TOKENS at a time, then 4, then one at a time."""
-    done = _I64(0)
-    for T in (TOKENS, 4, 2, 1):
-        groups = b.sdiv(b.sub(tokens, done), _I64(T))
-        start = done
-        with cgutils.for_range(b, groups) as g:
-            emit(T, b.add(start, b.mul(g.index, _I64(T))))
-        done = b.add(done, b.mul(groups, _I64(T)))
 
 
 def _pass(b, v, arrays, panel, masks, i, k0, width, first, T, start):

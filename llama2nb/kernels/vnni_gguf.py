@@ -339,17 +339,22 @@ def _each_pass(builder, arrays, k0, k1, pair, emit, tokens_at_once=TOKENS):
     inputs at a time, then one at a time; `after` points at the row the pass takes next (for a
     prefetch: it may lie past the last row). Inputs outside, rows inside: a group's inputs stay
     in L1 while the range's rows (a few KB) pass over them."""
-    tokens = arrays.shape(0)
-
     def rows(T, first):
         _each_row(builder, arrays, k0, k1, pair, lambda row, i, after: emit(row, i, T, first, after))
 
-    groups = builder.sdiv(tokens, _I64(tokens_at_once))
-    with cgutils.for_range(builder, groups) as loop:
-        rows(tokens_at_once, builder.mul(loop.index, _I64(tokens_at_once)))
-    done = builder.mul(groups, _I64(tokens_at_once))
-    with cgutils.for_range(builder, builder.sub(tokens, done)) as loop:
-        rows(1, builder.add(done, loop.index))
+    _each_group(builder, arrays.shape(0), (tokens_at_once, 1), rows)
+
+
+def _each_group(builder, count, sizes, emit):
+    """emit(T, first) over inputs 0..count-1 in groups: as many of sizes[0] as fit, then of
+    sizes[1], ... (the last size 1)."""
+    done = _I64(0)
+    for T in sizes:
+        groups = builder.sdiv(builder.sub(count, done), _I64(T))
+        start = done
+        with cgutils.for_range(builder, groups) as g:
+            emit(T, builder.add(start, builder.mul(g.index, _I64(T))))
+        done = builder.add(done, builder.mul(groups, _I64(T)))
 
 
 def _each_row(builder, arrays, k0, k1, pair, emit):

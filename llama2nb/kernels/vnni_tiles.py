@@ -49,8 +49,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import simd
-from .vnni_gguf import (_CONTRACT, _F16, _F32, _I8, _I16, _I32, _I64, _IR, Legacy, _arguments, _each_pass, _each_row,
-                        _signature, _vec)
+from .vnni_gguf import (_CONTRACT, _F16, _F32, _I8, _I16, _I32, _I64, _IR, Legacy, _arguments, _each_group, _each_pass,
+                        _each_row, _signature, _vec)
 
 TILE = 16  # rows a tile
 TILE_HEADER = 2 * TILE  # bytes of the 16 fp16 scales that start each block of a tile
@@ -187,7 +187,7 @@ class KTile:
     layout whose values cost more to decode than to multiply also has `quad(v, base, g)`, the
     64 bytes of its value quad g (16 rows x 4 values, unsigned), and `quads`, how many a
     super-block has: on AVX2 each super-block is then decoded once for many inputs
-    (_k_tiles_decoded_codegen) and super_block(..., quad) reads the decoded quads."""
+    (_decoded_passes) and super_block(..., quad) reads the decoded quads."""
 
     tile_bytes: int
     super_block: Callable
@@ -284,11 +284,7 @@ def _decoded_passes(v, arrays, t0, t1, pair, layout: KTile):
                     layout.super_block(v, base, loop.index, inputs, [sum_at(b.add(start, _I64(t))) for t in range(T)],
                                        quad)
 
-                groups = b.sdiv(count, _I64(K_TOKENS))
-                with cgutils.for_range(b, groups) as g:
-                    group(K_TOKENS, b.mul(g.index, _I64(K_TOKENS)))
-                with cgutils.for_range(b, b.sub(count, b.mul(groups, _I64(K_TOKENS)))) as r:
-                    group(1, b.add(b.mul(groups, _I64(K_TOKENS)), r.index))
+                _each_group(b, count, (K_TOKENS, 1), group)
             with cgutils.for_range(b, count) as t:
                 _store_tile(b, arrays, [sum_at(t.index)], i, 1, b.add(first, t.index), rows)
 
