@@ -227,13 +227,13 @@ def engine_examples(weights: TransformerWeights, fastmath: str) -> tuple[Transfo
     it would repack replaced by its layout's `example` (a stack's whole has its parts' types),
     so that everything can compile while, or before, the packers run; and the packers' jobs
     (compile_ahead's (function, argument types))."""
-    layouts: dict[Any, Format] = {}
+    layouts: set[Format] = set()
 
     def example(m):
         layout = repacked_layout(m, fastmath)
         if layout is None:
             return m
-        layouts.setdefault(layout, layout)
+        layouts.add(layout)
         return layout.example(m)
 
     examples = replace(weights, wcls=example(weights.wcls),
@@ -278,27 +278,25 @@ class Transformer:
         self.notes: list[str] = []  # what a user should know about how the model runs
         self.weights, self.repacked_bytes, self.repack_seconds = checkpoint.weights, 0, 0.0
         self.stacks: dict[str, list] = {name: [None] * checkpoint.config.n_layers for name in STACKS}
-        repacking = repack and self._room_to_repack()
-        engine, packing_jobs = engine_examples(checkpoint.weights, self.fastmath) if repacking else (self.weights, [])
-        c, w = self.config, engine
-        layers = [m for name in LINEAR_FIELDS for m in getattr(w, name)]
-        self.weight_formats = {format_of(m) for m in (w.token_embedding_table, w.wcls, *layers)}
+        to_repack = self._bytes_to_repack() if repack else 0  # (bytes)
+        engine, packing_jobs = engine_examples(checkpoint.weights, self.fastmath) if to_repack else (self.weights, [])
+        self.weight_formats = {format_of(m) for m in (engine.token_embedding_table, *_multiplied(engine))}
         self.bytes_per_token = bytes_per_token(checkpoint)
         self.threads = min(threads, numba.config.NUMBA_NUM_THREADS)
         if self.threads > 1 and self.bytes_per_token < MIN_PARALLEL_BYTES:
             self.notes.append(f"threads: this model reads {self.bytes_per_token / 2**20:.1f} MiB a token, too little "
                               f"to split across threads (under {MIN_PARALLEL_BYTES >> 20} MiB): running on one")
             self.threads = 1
-        self.state = RunState.allocate(c, self.weight_formats, str(checkpoint.path))
+        self.state = RunState.allocate(self.config, self.weight_formats, str(checkpoint.path))
         self.kernels = compiled(self.fastmath, frozenset(self.weight_formats), parallel=self.threads > 1)
         self.family = family_name(self.fastmath, frozenset(self.weight_formats), parallel=self.threads > 1)
-        self.eps = np.float32(c.norm_eps)
+        self.eps = np.float32(self.config.norm_eps)
         self._one_token = np.zeros(1, np.int64)
         self._entries: dict[tuple, Any] = {}  # call site -> compiled code (_call)
         self._bindings: list[Binding] = []  # what the bound matrices point into, kept alive
         self.compile_seconds = self._compile_ahead(engine, packing_jobs) if warm_up else 0.0
-        if repacking:
-            self._repack()
+        if to_repack:
+            self._repack(to_repack)
         if warm_up:
             self.compile_seconds += self._warm_up()
         else:
@@ -313,23 +311,24 @@ class Transformer:
             packer.compile(argument_types)
         return time.perf_counter() - started
 
-    def _room_to_repack(self) -> bool:
-        """Whether the weights have matrices to repack (formats.for_engine) and their copies fit
-        in the memory available beside the run state (else a note says they are read as mapped)."""
+    def _bytes_to_repack(self) -> int:
+        """The bytes the weights' repacked copies take (formats.for_engine), or 0 where there
+        are none, or they do not fit in the memory available beside the run state (then a note
+        says the weights are read as mapped)."""
         needed = repack_bytes(self.checkpoint.weights, self.fastmath)
         available = available_memory()
         if needed and available is not None and needed > available - RunState.nbytes(self.config):
             self.notes.append("not repacked into 16-row tiles: the copies would not fit in the memory available "
                               "(reading the weights as mapped, slower)")
-            return False
-        return needed > 0
+            return 0
+        return needed
 
-    def _repack(self) -> None:
-        """Repack the weights (engine_weights), timed and counted."""
+    def _repack(self, nbytes: int) -> None:
+        """Repack the weights (engine_weights, nbytes of copies), timed and counted."""
         started = time.perf_counter()
         self.weights, self.stacks = engine_weights(self.checkpoint.weights, self.fastmath)
         self.repack_seconds = time.perf_counter() - started
-        self.repacked_bytes = repack_bytes(self.checkpoint.weights, self.fastmath)
+        self.repacked_bytes = nbytes
         self.notes.append(f"repacked {self.repacked_bytes / 2**20:.0f} MiB of weights into 16-row tiles in "
                           f"{self.repack_seconds:.2f} s (in RAM; --no-repack reads them as mapped)")
 

@@ -312,7 +312,7 @@ class _Q6_KLayout(_Tiles):
     tile_bytes = Q6_K_TILE_BYTES
 
     def packing_jobs(self):
-        return [(compiled_helper(pack_q6_k_tiles), GATHER_TYPES[:2])]
+        return [(compiled_helper(pack_q6_k_tiles), PACKING_TYPES)]
 
     def _pack_into(self, source, packed):
         compiled_helper(pack_q6_k_tiles)(_read_only(source), packed)
@@ -384,11 +384,11 @@ class Q4_KTiles(_Q4_KLayout):
     embed_kernel = "embed_q4_k_tiles"
 
 
-_BYTES = types.Array(types.uint8, 3, "C")
-# gather_tiles' argument types: its source is always read-only (_read_only), so that one compiled
-# code serves matrices as mapped and those _extend makes.
-GATHER_TYPES = (_BYTES.copy(readonly=True), _BYTES, types.Array(types.uint16, 1, "C", readonly=True), types.uint16[::1],
-                types.int64[::1], types.int64[::1], types.uint8[::1], types.int64[::1], types.uint16[::1])
+# The packers' argument types: the source blocks always read-only (_read_only), so that one
+# compiled code serves matrices as mapped and those _extend makes, and the tiles.
+PACKING_TYPES = (types.Array(types.uint8, 3, "C", readonly=True), types.Array(types.uint8, 3, "C"))
+GATHER_TYPES = PACKING_TYPES + (types.Array(types.uint16, 1, "C", readonly=True), types.uint16[::1], types.int64[::1],
+                                types.int64[::1], types.uint8[::1], types.int64[::1], types.uint16[::1])
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
