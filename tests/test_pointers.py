@@ -72,7 +72,8 @@ def test_a_stored_value_is_read_back_and_its_function_called_through_its_address
 def test_compiled_callers_must_pass_the_bound_signature():
     family = compiled("off", frozenset())
     w = np.ones((4, 8), np.float32)
-    bound = family.bind("linear", w).bound
+    binding = family.bind("linear", w)  # kept while its Bound is used: it owns the record Bound.operand points to
+    bound = binding.bound
 
     @numba.njit
     def caller(out, x, w, stamp):
@@ -84,6 +85,7 @@ def test_compiled_callers_must_pass_the_bound_signature():
     assert np.array_equal(out, x @ w.T)
     with pytest.raises(TypingError, match="compiled callers pass"):  # a float64 input, not the bound types
         caller(out, np.ones((1, 8)), bound, np.int64(1))
+    del binding  # (only now)
 
 
 def test_the_layer_code_is_compiled_once_for_models_of_other_formats(tmp_path):
