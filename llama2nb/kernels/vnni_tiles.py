@@ -378,6 +378,17 @@ def _q6_k_quad(v, base, g):
     return b.or_(nibble, b.and_(high, v.splat_const(_I8, 0x30, 64)))
 
 
+# The order in which a Q6_K tile's super-block takes its value quads: (sub-block, its quads),
+# each group's products summed in int16 before one scaling by the sub-block's scale (_IR.dot_sum;
+# the int32 sums are exact in any order). With AVX-512's 32 registers, sub-block by sub-block.
+# AVX2 has 16, and each 16-row vector takes two: quads q, q + 16, q + 32, q + 48 share a byte of
+# upper bits and q, q + 32 a byte of nibbles, so taking those together (two q at a time, the two
+# quads of a sub-block) lets each loaded byte go after a few products; in sub-block order LLVM
+# kept them for later and spilled them (a matmul alone 15-20% slower: benchmarks/performance.md).
+Q6_K_ORDER = ([(k, range(4 * k, 4 * k + 4)) for k in range(16)] if simd.VNNI512 else
+              [((q + 16 * j) // 4, (q + 16 * j, q + 16 * j + 1)) for q in range(0, 16, 2) for j in (0, 2, 1, 3)])
+
+
 def _q6_k_super_block(v, base, s, inputs, accs, quad=None):
     """One super-block of Q6_K tiles (Q6_K_TILE below) times each input, into accs. Its
     super-blocks (Q6_K_TILE_BYTES each, the bytes of 16 source super-blocks) hold the 16 rows'
@@ -405,11 +416,11 @@ def _q6_k_super_block(v, base, s, inputs, accs, quad=None):
             total = v.dpwssd(total, pairs[k], sums)
         offsets.append(total)
     main = [zero] * T
-    for k in range(16):
+    for k, quads in Q6_K_ORDER:
         pair_k = pairs[k // 2]
         sc = b.ashr(pair_k if k % 2 else b.shl(pair_k, v.splat_const(_I32, 16, TILE)), v.splat_const(_I32, 16, TILE))
         part = [[] for _ in range(T)]  # (weights, input bytes) per input
-        for g in range(4 * k, 4 * k + 4):
+        for g in quads:
             w = quad(g)
             for t, (xq, _, _) in enumerate(inputs):
                 part[t].append((w, v.splat(v.load(xq, b.add(x_at, _I64(4 * g)), _I32), TILE)))
