@@ -183,9 +183,17 @@ def _sources_hash() -> str:
     # intrinsics (simd.py, vnni_gguf.py, ...) are compiled into their callers: every module of
     # this folder is part of every family
     files = {inspect.getsourcefile(f) for f in KERNELS.values()} | set(map(str, Path(__file__).parent.glob("*.py")))
-    digest = hashlib.sha256(str(numba.config.OPT).encode())
-    digest.update(f"{numba.config.CPU_NAME}|{numba.config.CPU_FEATURES}".encode())  # the target CPU
-    for path in sorted(files):
+    return _hash_of(tuple(sorted(files)), str(numba.config.OPT), f"{numba.config.CPU_NAME}|{numba.config.CPU_FEATURES}")
+
+
+@functools.cache
+def _hash_of(files: tuple[str, ...], opt: str, cpu: str) -> str:
+    """The hash of these source files' contents, the optimisation level and the target CPU, read
+    once per process for each set of files (the set grows as modules registering kernels import;
+    the modules a process runs are the ones it read first)."""
+    digest = hashlib.sha256(opt.encode())
+    digest.update(cpu.encode())
+    for path in files:
         with open(path, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:10]
