@@ -17,6 +17,15 @@ The check is Numba's own: decorating a probe function whose code claims to live 
 `source_file`, so NUMBA_CACHE_DIR, NUMBA_CACHE_LOCATOR_CLASSES and the locators' order count
 exactly as they will for the real kernels. The answer is computed once per file.
 
+Compiled kernels must compute the same whether compiled in this process or loaded from the
+cache. Numba links a copy of each callee into every caller's module as `linkonce_odr` (weak in
+the object): a call left after inlining binds to whichever definition of that symbol was loaded
+first: the callee's own compile in a fresh process, a caller's copy (optimised with the caller)
+in a warm one. With fastmath those differ in the last bits (a tiny test model's logits by 1.7e-6
+between a first and a second run). `keep_linked_copies_private()`, installed on import, makes
+the copies left in an optimised module internal, so each caller calls its own copy, cached with
+it: the same code in every process.
+
 `load_without_refresh(dispatcher)` changes two things about a dispatcher's disk cache. Loading a
 kernel from it, Numba first refreshes its target context, which imports and installs every
 typing and lowering registry it has (linalg, random, typed containers, datetime, ...: ~0.1 s of
@@ -50,6 +59,12 @@ try:  # Numba's own cache class (numba.core.caching, 0.60 to 0.68 at least)
     from numba.core.runtime.nrt import rtsys
 except ImportError:  # another layout: kernels load Numba's own way
     FunctionCache = rtsys = None
+
+try:  # the module Numba optimises and links per compiled function (numba.core.codegen)
+    from llvmlite.binding import Linkage
+    from numba.core.codegen import CPUCodeLibrary
+except ImportError:  # another layout: Numba's own linking
+    CPUCodeLibrary = Linkage = None
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 _PROBE = "def _llama2nb_cache_probe():\n    pass\n"
@@ -166,3 +181,25 @@ def load_without_refresh(dispatcher) -> bool:
         return False
     cache.__class__ = _LoadWithoutRefresh
     return True
+
+
+def keep_linked_copies_private() -> bool:
+    """After Numba optimises a compiled function's module, make the callees' copies linked into
+    it internal (see the module doc); once per process. False where Numba's codegen is not the
+    one expected (then calls bind as Numba binds them)."""
+    optimize = getattr(CPUCodeLibrary, "_optimize_final_module", None)
+    if optimize is None or getattr(optimize, "keeps_linked_copies_private", False):
+        return optimize is not None
+
+    def optimize_then_keep_copies_private(library):
+        optimize(library)
+        for function in library._final_module.functions:
+            if not function.is_declaration and function.linkage == Linkage.linkonce_odr:
+                function.linkage = "internal"
+
+    optimize_then_keep_copies_private.keeps_linked_copies_private = True
+    CPUCodeLibrary._optimize_final_module = optimize_then_keep_copies_private
+    return True
+
+
+keep_linked_copies_private()

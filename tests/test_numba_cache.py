@@ -123,13 +123,16 @@ print(hashlib.sha256(logits.tobytes()).hexdigest(), "numba.np.linalg" in sys.mod
 
 
 def test_a_warm_start_loads_kernels_without_numba_s_registry_refresh(tmp_path):
-    """Once a process has filled the disk cache (or found it full), the next loads the same
-    kernels without Numba's refresh (numba.np.linalg, which only the refresh imports, stays
-    unimported) and computes the same logits. (A miss compiles as before: every other test
-    that compiles a family goes through the same cache class.)"""
+    """A first process compiles into an empty disk cache; the next loads the same kernels
+    without Numba's refresh (numba.np.linalg, which only the refresh imports, stays unimported)
+    and computes the same logits, bit for bit, with fastmath: a caller's cached code calls its
+    own copies of its callees, as when it was compiled (numba_cache.keep_linked_copies_private;
+    without it the logits differed by 2e-6). (A miss compiles as before: every other test that
+    compiles a family goes through the same cache class.)"""
     model = write_tiny_model(tmp_path / "model", seq_len=32)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}  # empty: the first run compiles
     runs = [subprocess.run([sys.executable, "-c", WARM_SCRIPT, str(model)], capture_output=True, text=True,
-                           cwd=REPO, timeout=600) for _ in range(2)]
+                           cwd=REPO, timeout=600, env=env) for _ in range(2)]
     assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-2000:]
     first, warm = (r.stdout.split() for r in runs)
     assert first[0] == warm[0] and first[2] == warm[2] == "_LoadWithoutRefresh"
