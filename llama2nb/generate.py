@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Protocol, Union
+from typing import Callable, Generator, Iterable, Iterator, Protocol, Union
 
 import numpy as np
 
@@ -287,10 +287,7 @@ def chat(model: Model, tokenizer: Tokenizer, sampler: Sampler, read_user: Callab
     def body(run: Generation) -> Iterator[Event]:
         if notice:
             yield NoticeEvent(notice)
-        stats = run.stats
-        pos = 0
-        pending = prompt
-        nxt = EOS_ID
+        stats, pos, pending = run.stats, 0, prompt
         while True:
             if pos >= steps:  # a reply took the last positions: no room for another turn
                 stats.stop_reason = reason
@@ -311,40 +308,48 @@ def chat(model: Model, tokenizer: Tokenizer, sampler: Sampler, read_user: Callab
                 break
             stats.prompt_tokens += len(turn)
             yield TurnEvent("assistant")
-            decoder = tokenizer.stream(prev_token=None)
-            decoder.push(BOS_ID)  # strip the leading space of the answer's first piece
-            # feed the turn in blocks; run.c samples after every position and ignores all
-            # but the last sample, so draw those coins unused to keep the RNG in step
-            for token in turn[1:]:
-                sampler.observe(token)  # (BOS is a delimiter, not text to penalise)
-            logits = _prefill(model, turn, pos)
-            pos = stats.positions = pos + len(turn)
-            sampler.skip(len(turn) - 1)
-            nxt = sampler.sample(logits)  # the answer's first token
-            # the assistant's turn, until EOS or the end of steps; like run.c, a token
-            # sampled at the last position is still shown
-            while nxt != EOS_ID:
-                token = nxt
-                sampler.observe(token)
-                text = decoder.push(token)
-                run._emitted(sampled=True, pos=pos)
-                yield TokenEvent(token, text, pos, prompt=False)
-                if pos >= steps:
-                    break
-                nxt = sampler.sample(model.forward(token, pos))
-                pos += 1
-                stats.positions = pos
-            tail = decoder.flush()
-            if tail:
-                yield TokenEvent(-1, tail, pos, prompt=False)
-            if nxt == EOS_ID and pos < steps:
-                model.forward(EOS_ID, pos)  # run.c feeds EOS back and samples (unused)
-                sampler.skip(1)
-                pos += 1
-                stats.positions = pos
+            pos = yield from _reply(run, model, tokenizer, sampler, turn, pos, steps)
         run._finish(pos)
 
     return Generation(body, steps)
+
+
+def _reply(run: Generation, model: Model, tokenizer: Tokenizer, sampler: Sampler, turn: list[int], pos: int,
+           steps: int) -> Generator[Event, None, int]:
+    """The assistant's turn after the user's `turn` (its tokens, BOS first) from position pos:
+    the turn in blocks, then tokens sampled until EOS or `steps` positions (like run.c, a token
+    sampled at the last position is still shown), EOS fed back; returns the next position."""
+    stats = run.stats
+    decoder = tokenizer.stream(prev_token=None)
+    decoder.push(BOS_ID)  # strip the leading space of the answer's first piece
+    # feed the turn in blocks; run.c samples after every position and ignores all but the last
+    # sample, so draw those coins unused to keep the RNG in step
+    for token in turn[1:]:
+        sampler.observe(token)  # (BOS is a delimiter, not text to penalise)
+    logits = _prefill(model, turn, pos)
+    pos = stats.positions = pos + len(turn)
+    sampler.skip(len(turn) - 1)
+    nxt = sampler.sample(logits)  # the answer's first token
+    while nxt != EOS_ID:
+        token = nxt
+        sampler.observe(token)
+        text = decoder.push(token)
+        run._emitted(sampled=True, pos=pos)
+        yield TokenEvent(token, text, pos, prompt=False)
+        if pos >= steps:
+            break
+        nxt = sampler.sample(model.forward(token, pos))
+        pos += 1
+        stats.positions = pos
+    tail = decoder.flush()
+    if tail:
+        yield TokenEvent(-1, tail, pos, prompt=False)
+    if nxt == EOS_ID and pos < steps:
+        model.forward(EOS_ID, pos)  # run.c feeds EOS back and samples (unused)
+        sampler.skip(1)
+        pos += 1
+        stats.positions = pos
+    return pos
 
 
 def _prefill(model: Model, tokens: list[int], pos: int) -> np.ndarray:
