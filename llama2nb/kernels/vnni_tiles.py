@@ -432,4 +432,8 @@ def _q6_k_super_block(v, base, s, inputs, accs, quad=None):
         b.store(v.scaled(b.load(accs[t]), exact, scale), accs[t])
 
 
-Q6_K_TILE = KTile(Q6_K_TILE_BYTES, _q6_k_super_block, quad=_q6_k_quad, quads=64)
+# Super-blocks ahead that one token's pass over Q6_K tiles prefetches, as Q4_K's: on AVX2, where
+# one token reads the tiles (benchmarks/performance.md); with AVX-512 VNNI one token reads the
+# mapped rows instead (linear_q6_k_tiles), which prefetch their own.
+Q6_K_AHEAD = 0 if simd.VNNI512 else 2
+Q6_K_TILE = KTile(Q6_K_TILE_BYTES, _q6_k_super_block, Q6_K_AHEAD, quad=_q6_k_quad, quads=64)
