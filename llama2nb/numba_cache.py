@@ -23,8 +23,9 @@ the object): a call left after inlining binds to whichever definition of that sy
 first: the callee's own compile in a fresh process, a caller's copy (optimised with the caller)
 in a warm one. With fastmath those differ in the last bits (a tiny test model's logits by 1.7e-6
 between a first and a second run). `keep_linked_copies_private()`, installed on import, makes
-the copies left in an optimised module internal, so each caller calls its own copy, cached with
-it: the same code in every process.
+the copies left in an optimised module internal for its machine code, so each caller calls its
+own copy, cached with it: the same code in every process (the module later callers link in keeps
+them linkonce_odr, so they merge there as before).
 
 `load_without_refresh(dispatcher)` changes two things about a dispatcher's disk cache. Loading a
 kernel from it, Numba first refreshes its target context, which imports and installs every
@@ -185,20 +186,39 @@ def load_without_refresh(dispatcher) -> bool:
 
 def keep_linked_copies_private() -> bool:
     """After Numba optimises a compiled function's module, make the callees' copies linked into
-    it internal (see the module doc); once per process. False where Numba's codegen is not the
-    one expected (then calls bind as Numba binds them)."""
+    it internal for its own machine code (see the module doc), and linkonce_odr again in the
+    module later callers link in (Numba's `_get_module_for_linking`), so that they merge there
+    as before instead of each caller carrying every callee's private copies; once per process.
+    False where Numba's codegen is not the one expected (then calls bind as Numba binds them)."""
     optimize = getattr(CPUCodeLibrary, "_optimize_final_module", None)
-    if optimize is None or getattr(optimize, "keeps_linked_copies_private", False):
-        return optimize is not None
+    for_linking = getattr(CPUCodeLibrary, "_get_module_for_linking", None)
+    if optimize is None or for_linking is None:
+        return False
+    if getattr(optimize, "keeps_linked_copies_private", False):
+        return True
 
     def optimize_then_keep_copies_private(library):
         optimize(library)
+        library.private_copies = []
         for function in library._final_module.functions:
             if not function.is_declaration and function.linkage == Linkage.linkonce_odr:
                 function.linkage = "internal"
+                library.private_copies.append(function.name)
+
+    def module_for_linking(library):
+        module = for_linking(library)
+        copies = getattr(library, "private_copies", None)
+        if copies:  # (once: the module is kept as the library's shared module)
+            if module is library._final_module:
+                module = library._shared_module = module.clone()
+            for name in copies:
+                module.get_function(name).linkage = "linkonce_odr"
+            library.private_copies = None
+        return module
 
     optimize_then_keep_copies_private.keeps_linked_copies_private = True
     CPUCodeLibrary._optimize_final_module = optimize_then_keep_copies_private
+    CPUCodeLibrary._get_module_for_linking = module_for_linking
     return True
 
 
