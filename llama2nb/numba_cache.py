@@ -21,8 +21,8 @@ Compiled kernels must compute the same whether compiled in this process or loade
 cache. Numba links a copy of each callee into every caller's module as `linkonce_odr` (weak in
 the object): a call left after inlining binds to whichever definition of that symbol was loaded
 first: the callee's own compile in a fresh process, a caller's copy (optimised with the caller)
-in a warm one. With fastmath those differ in the last bits (a tiny test model's logits by 1.7e-6
-between a first and a second run). `keep_linked_copies_private()`, installed on import, makes
+in a warm one. With fastmath those differ in the last bits, so a first run's logits differed
+from a second's (test_numba_cache). `keep_linked_copies_private()`, installed on import, makes
 the copies left in an optimised module internal for its machine code, so each caller calls its
 own copy, cached with it: the same code in every process (the module later callers link in keeps
 them linkonce_odr, so they merge there as before).

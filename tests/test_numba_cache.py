@@ -127,7 +127,7 @@ def test_a_warm_start_loads_kernels_without_numba_s_registry_refresh(tmp_path):
     without Numba's refresh (numba.np.linalg, which only the refresh imports, stays unimported)
     and computes the same logits, bit for bit, with fastmath: a caller's cached code calls its
     own copies of its callees, as when it was compiled (numba_cache.keep_linked_copies_private;
-    without it the logits differed by 2e-6). (A miss compiles as before: every other test that
+    without it the logits differed in the last bits). (A miss compiles as before: every other test that
     compiles a family goes through the same cache class.)"""
     model = write_tiny_model(tmp_path / "model", seq_len=32)
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}  # empty: the first run compiles

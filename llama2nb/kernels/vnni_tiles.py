@@ -384,7 +384,7 @@ def _q6_k_quad(v, base, g):
 # AVX2 has 16, and each 16-row vector takes two: quads q, q + 16, q + 32, q + 48 share a byte of
 # upper bits and q, q + 32 a byte of nibbles, so taking those together (two q at a time, the two
 # quads of a sub-block) lets each loaded byte go after a few products; in sub-block order LLVM
-# kept them for later and spilled them (a matmul alone 15-20% slower: benchmarks/performance.md).
+# kept them for later and spilled them (benchmarks/performance.md).
 Q6_K_ORDER = ([(k, range(4 * k, 4 * k + 4)) for k in range(16)] if simd.VNNI512 else
               [((q + 16 * j) // 4, (q + 16 * j, q + 16 * j + 1)) for q in range(0, 16, 2) for j in (0, 2, 1, 3)])
 
