@@ -177,13 +177,18 @@ K_TOKENS = 4 if simd.VNNI512 else 2  # inputs a pass: each holds a few int32 acc
 Q4_K_SC, Q4_K_M, Q4_K_QS = 64, 192, 320  # byte offsets in a tile's super-block
 Q4_K_TILE_BYTES = 320 + 16 * 128
 Q4_K_AHEAD = 2  # super-blocks ahead that one token's pass prefetches (benchmarks/performance.md)
+# Whether one token's pass over Q4_K tiles prefetches at all. With AVX-512 VNNI (measured on a
+# Zen 5) the prefetches make it stream faster; on AVX2 (a Zen 3) the hardware prefetcher alone
+# streams it faster than with them (benchmarks/performance.md).
+Q4_K_PREFETCH = simd.VNNI512
 
 
 @dataclass(frozen=True)
 class KTile:
     """A K-quant tile's layout: bytes a super-block of 16 rows, the code that multiplies one
     (super_block(v, base, s, inputs, accs) adds super-block s at byte pointer base times every
-    input into its accumulator), and the super-blocks one input's pass prefetches ahead. A
+    input into its accumulator), whether one input's pass prefetches (`prefetch`: the same
+    super-block of the tile it takes next) and how many super-blocks ahead (`ahead`). A
     layout whose values cost more to decode than to multiply also has `quad(v, base, g)`, the
     64 bytes of its value quad g (16 rows x 4 values, unsigned), and `quads`, how many a
     super-block has: on AVX2 each super-block is then decoded once for many inputs
@@ -191,6 +196,7 @@ class KTile:
 
     tile_bytes: int
     super_block: Callable
+    prefetch: bool = True
     ahead: int = 0
     quad: Callable | None = None
     quads: int = 0
@@ -207,10 +213,11 @@ def k_quant_tiles(typingctx, operand, out, w, xq, xd, xsum, t0, t1, pair):
 
 def _k_tiles_codegen(layout: KTile):
     """The passes over tiles and inputs (K_TOKENS inputs a pass), the loop over super-blocks,
-    prefetching `ahead` of them and the same super-block of the tile the pass takes next for
-    one input (it streams the tiles from DRAM: benchmarks/performance.md), and the stores. On
+    for one input (it streams the tiles from DRAM: benchmarks/performance.md) prefetching, if
+    the layout does, `ahead` of them and the same super-block of the tile the pass takes next,
+    and the stores. On
     AVX2 a layout with `quad` takes several inputs by _decoded_passes instead."""
-    tile_bytes, ahead = layout.tile_bytes, layout.ahead
+    tile_bytes, ahead, prefetch = layout.tile_bytes, layout.ahead, layout.prefetch
     decoded = layout.quad is not None and not simd.VNNI512
 
     def codegen(context, builder, signature, args):
@@ -224,7 +231,7 @@ def _k_tiles_codegen(layout: KTile):
             accs = [cgutils.alloca_once_value(b, ir.Constant(_vec(_F32, TILE), None)) for _ in range(T)]
             with cgutils.for_range(b, supers) as loop:
                 base = v.at(tile, b.mul(loop.index, _I64(tile_bytes)))
-                if T == 1:  # one token streams the tiles: this one's ahead, and the next one's
+                if T == 1 and prefetch:  # one token streams the tiles: this one's ahead, and the next one's
                     if ahead:
                         v.prefetch(base, ahead * tile_bytes, tile_bytes)
                     v.prefetch(v.at(after, b.mul(loop.index, _I64(tile_bytes))), 0, tile_bytes)
@@ -357,7 +364,7 @@ def _q4_k_super_block(v, base, s, inputs, accs):
         b.store(v.scaled(b.load(accs[t]), main[t], scale), accs[t])
 
 
-Q4_K_TILE = KTile(Q4_K_TILE_BYTES, _q4_k_super_block, Q4_K_AHEAD)
+Q4_K_TILE = KTile(Q4_K_TILE_BYTES, _q4_k_super_block, Q4_K_PREFETCH, Q4_K_AHEAD)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,4 +443,4 @@ def _q6_k_super_block(v, base, s, inputs, accs, quad=None):
 # one token reads the tiles (benchmarks/performance.md); with AVX-512 VNNI one token reads the
 # mapped rows instead (linear_q6_k_tiles), which prefetch their own.
 Q6_K_AHEAD = 0 if simd.VNNI512 else 2
-Q6_K_TILE = KTile(Q6_K_TILE_BYTES, _q6_k_super_block, Q6_K_AHEAD, quad=_q6_k_quad, quads=64)
+Q6_K_TILE = KTile(Q6_K_TILE_BYTES, _q6_k_super_block, True, Q6_K_AHEAD, quad=_q6_k_quad, quads=64)
