@@ -189,10 +189,11 @@ class KTile:
     (super_block(v, base, s, inputs, accs) adds super-block s at byte pointer base times every
     input into its accumulator), whether one input's pass prefetches (`prefetch`: the same
     super-block of the tile it takes next) and how many super-blocks ahead (`ahead`). A
-    layout whose values cost more to decode than to multiply also has `quad(v, base, g)`, the
-    64 bytes of its value quad g (16 rows x 4 values, unsigned), and `quads`, how many a
-    super-block has: on AVX2 each super-block is then decoded once for many inputs
-    (_decoded_passes) and super_block(..., quad) reads the decoded quads."""
+    layout with `quad(v, base, g)`, the 64 bytes of its value quad g (16 rows x 4 values,
+    unsigned), and `quads`, how many a super-block has, is decoded once a super-block for many
+    inputs on AVX2 (_decoded_passes; super_block(..., quad) reads the decoded quads): with 16
+    vector registers a pass takes only K_TOKENS inputs, and each would decode, and read from
+    L2, the tiles again (benchmarks/performance.md)."""
 
     tile_bytes: int
     super_block: Callable
@@ -315,7 +316,15 @@ def _store_tile(b, arrays, accs, i, T, first, rows):
                     b.store(value, b.gep(b.bitcast(at, _F32.as_pointer()), [lane.index]))
 
 
-def _q4_k_super_block(v, base, s, inputs, accs):
+def _q4_k_quad(v, base, g):
+    """The 64 bytes of a Q4_K tile super-block's value quad g: 16 rows x 4 values, q in 0..15
+    (quads 16 c + p and 16 c + 8 + p: the low and high nibbles of the nibble bytes 512 c + 64 p)."""
+    b = v.b
+    w = v.load(base, Q4_K_QS + 512 * (g // 16) + 64 * (g % 8), _vec(_I8, 64))
+    return b.lshr(w, v.splat_const(_I8, 4, 64)) if g % 16 >= 8 else b.and_(w, v.splat_const(_I8, 15, 64))
+
+
+def _q4_k_super_block(v, base, s, inputs, accs, quad=None):
     """One super-block of Q4_K tiles (Q4_K_TILE below) times each input, into accs. Its
     super-blocks (Q4_K_TILE_BYTES each) hold the 16 rows' fp16 d (bytes 0..31) and dmin
     (32..63), their scales and mins as bytes, sub-blocks in pairs (byte 64 + 32 c + 2 r + e:
@@ -351,8 +360,11 @@ def _q4_k_super_block(v, base, s, inputs, accs):
         sc = (b.and_(pair_sc, v.splat_const(_I32, 0xFFFF, TILE)), b.lshr(pair_sc, v.splat_const(_I32, 16, TILE)))
         low, high = [[] for _ in range(T)], [[] for _ in range(T)]  # (weights, input bytes) per input
         for p in range(8):
-            w = v.load(base, Q4_K_QS + 512 * c + 64 * p, _vec(_I8, 64))
-            wl, wh = b.and_(w, v.splat_const(_I8, 15, 64)), b.lshr(w, v.splat_const(_I8, 4, 64))
+            if quad is None:
+                w = v.load(base, Q4_K_QS + 512 * c + 64 * p, _vec(_I8, 64))
+                wl, wh = b.and_(w, v.splat_const(_I8, 15, 64)), b.lshr(w, v.splat_const(_I8, 4, 64))
+            else:  # read where decoded before
+                wl, wh = quad(16 * c + p), quad(16 * c + 8 + p)
             for t, (xq, _, _) in enumerate(inputs):
                 at = b.add(x_at, _I64(64 * c + 4 * p))
                 low[t].append((wl, v.splat(v.load(xq, at, _I32), TILE)))
@@ -364,7 +376,7 @@ def _q4_k_super_block(v, base, s, inputs, accs):
         b.store(v.scaled(b.load(accs[t]), main[t], scale), accs[t])
 
 
-Q4_K_TILE = KTile(Q4_K_TILE_BYTES, _q4_k_super_block, Q4_K_PREFETCH, Q4_K_AHEAD)
+Q4_K_TILE = KTile(Q4_K_TILE_BYTES, _q4_k_super_block, Q4_K_PREFETCH, Q4_K_AHEAD, quad=_q4_k_quad, quads=64)
 
 
 # ----------------------------------------------------------------------------------------------
